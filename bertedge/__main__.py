@@ -1,0 +1,3 @@
+from bertedge.cli import main
+
+main()

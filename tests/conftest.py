@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from tiny import make_tiny_model, sentiment_rows, write_csv
+
+
+@pytest.fixture(autouse=True)
+def offline_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No hub access and caches in tmp_path: a test that tries to download fails."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random BERT sequence classifier (read-only: copy before changing it)."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_bert"), arch="bert")
+
+
+@pytest.fixture(scope="session")
+def tiny_distilbert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random DistilBERT sequence classifier (no token_type_ids)."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_distilbert"), arch="distilbert")
+
+
+@pytest.fixture(scope="session")
+def sentiment_csv(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(train.csv, eval.csv) of learnable synthetic sentiment data."""
+    d = tmp_path_factory.mktemp("data")
+    return (write_csv(d / "train.csv", sentiment_rows(200, seed=1)),
+            write_csv(d / "eval.csv", sentiment_rows(60, seed=2)))
