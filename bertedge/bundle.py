@@ -1,0 +1,376 @@
+"""The packaged bundle: everything `predict` needs in one folder (or one .tar.gz / .zip).
+
+A bundle holds `model.onnx` (the chosen export artifact), `tokenizer.json` and `manifest.json`:
+task, labels, max length, model type, graph inputs, quantization, provenance (the artifact's
+validation figures), the bertedge version, and the size and SHA-256 of every file. Opening a
+bundle verifies all of it, so a truncated copy or a flipped bit fails loudly at load.
+
+This module sits on the runtime side of the dependency wall: stdlib, onnxruntime and
+bertedge's numpy-only modules. It never imports torch or transformers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import enum
+import hashlib
+import json
+import shutil
+import tarfile
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from bertedge import __version__
+from bertedge.errors import BertedgeError
+from bertedge.tasks import get_task
+
+MANIFEST = "manifest.json"
+MODEL = "model.onnx"
+TOKENIZER = "tokenizer.json"
+FORMAT = "bertedge-bundle"
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("format", "format_version", "task", "labels", "max_length", "model_type",
+                 "inputs", "files")
+REBUILD = "rebuild it with `bertedge package EXPORT_DIR --out BUNDLE` or copy it again"
+
+
+class ArchiveFormat(str, enum.Enum):
+    """How a bundle is shipped: a folder, or one archive file."""
+
+    TAR_GZ = "tar.gz"
+    ZIP = "zip"
+
+
+@dataclass
+class PackageArgs:
+    """Options of `bertedge package`."""
+
+    export_dir: Path  # folder written by `bertedge export` (export-report.json, model-*.onnx, ...)
+    out: Path  # bundle folder, or archive path when archive is set / out ends in .tar.gz or .zip
+    artifact: str | None = None  # artifact name (or file) from export-report.json; None: "recommended"
+    archive: ArchiveFormat | None = None  # ship as one archive file instead of a folder
+    force: bool = False  # package an artifact that failed (or skipped) validation
+
+    def __post_init__(self) -> None:
+        self.export_dir = Path(self.export_dir)
+        self.out = Path(self.out)
+        if self.archive is None:
+            self.archive = archive_format_of(self.out)
+        elif not isinstance(self.archive, ArchiveFormat):
+            self.archive = ArchiveFormat(self.archive)
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified bundle folder and its manifest."""
+
+    root: Path
+    manifest: dict[str, Any]
+
+    @property
+    def model_path(self) -> Path:
+        return self.root / MODEL
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.root / TOKENIZER
+
+
+def archive_format_of(path: Path) -> ArchiveFormat | None:
+    """The archive format a path's name implies, if any.
+
+    >>> archive_format_of(Path("b.tar.gz")), archive_format_of(Path("b.zip")), archive_format_of(Path("b"))
+    (<ArchiveFormat.TAR_GZ: 'tar.gz'>, <ArchiveFormat.ZIP: 'zip'>, None)
+    """
+    name = path.name.lower()
+    if name.endswith((".tar.gz", ".tgz")):
+        return ArchiveFormat.TAR_GZ
+    if name.endswith(".zip"):
+        return ArchiveFormat.ZIP
+    return None
+
+
+def sha256_of(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks so large models hash in constant memory."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def package(args: PackageArgs) -> Path:
+    """Build a bundle from an export folder: the chosen artifact as model.onnx, plus manifest.
+
+    Returns:
+        The bundle folder, or the archive file when an archive format was asked for.
+
+    Raises:
+        BertedgeError: every problem with the export folder or the artifact choice, at once.
+    """
+    report, meta = read_export(args.export_dir)
+    record = choose_artifact(report, args.artifact, args.force)
+    model_file = args.export_dir / str(record["file"])
+    if not model_file.is_file():
+        raise BertedgeError(f"artifact '{record['name']}' file '{model_file}' is missing",
+                            "run `bertedge export` again")
+    provenance = {
+        "export_dir": str(args.export_dir.resolve()),
+        "recommended": report.get("recommended"),
+        "artifact": record,
+        "forced": bool(args.force and not record.get("passed")),
+        "source": {k: report[k] for k in ("model", "base_model", "eval") if k in report},
+    }
+    fields = {
+        "task": meta["task"], "labels": list(meta["labels"]), "max_length": int(meta["max_length"]),
+        "model_type": meta.get("model_type", "bert"), "precision": record.get("precision"),
+        "quantization": record.get("quantization"), "provenance": provenance,
+    }
+    if args.archive is None:
+        return build_bundle(args.out, model_file, args.export_dir / TOKENIZER, **fields)
+    with tempfile.TemporaryDirectory(prefix="bertedge-bundle-") as tmp:
+        folder = build_bundle(Path(tmp) / "bundle", model_file, args.export_dir / TOKENIZER, **fields)
+        return archive_bundle(folder, archive_path(args.out, args.archive), args.archive)
+
+
+def read_export(export_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(export-report.json, bertedge.json) of an export folder; every missing piece listed."""
+    if not export_dir.is_dir():
+        raise BertedgeError(f"export folder '{export_dir}' does not exist",
+                            "run `bertedge export MODEL_DIR --out EXPORT_DIR` first")
+    needed = ("export-report.json", "bertedge.json", TOKENIZER)
+    missing = [n for n in needed if not (export_dir / n).is_file()]
+    if missing:
+        raise BertedgeError(f"'{export_dir}' is not a complete export folder (missing {', '.join(missing)})",
+                            "run `bertedge export MODEL_DIR --out EXPORT_DIR` again")
+    report, meta = (read_json(export_dir / n) for n in needed[:2])
+    problems = [f"bertedge.json has no '{k}'" for k in ("task", "labels", "max_length") if k not in meta]
+    if not isinstance(report.get("artifacts"), list) or not report["artifacts"]:
+        problems.append("export-report.json lists no artifacts")
+    if problems:
+        raise BertedgeError(f"export folder '{export_dir}': {'; '.join(problems)}",
+                            "run `bertedge export` again")
+    get_task(meta["task"])
+    return report, meta
+
+
+def choose_artifact(report: dict[str, Any], name: str | None, force: bool) -> dict[str, Any]:
+    """The export-report record to ship: by name (or file), default the recommended one."""
+    artifacts: list[dict[str, Any]] = report["artifacts"]
+    wanted = name or report.get("recommended")
+    if not wanted:
+        raise BertedgeError("export-report.json recommends no artifact",
+                            f"pick one with --artifact ({', '.join(a['name'] for a in artifacts)})")
+    record = next((a for a in artifacts if wanted in (a.get("name"), a.get("file"))), None)
+    passing = [a["name"] for a in artifacts if a.get("passed")]
+    if record is None:
+        raise BertedgeError(f"no artifact named '{wanted}' in the export",
+                            f"use --artifact with one of: {', '.join(a['name'] for a in artifacts)}")
+    if not record.get("passed") and not force:
+        why = "failed validation" if record.get("validated") else "was not validated"
+        raise BertedgeError(
+            f"artifact '{record['name']}' {why} (label agreement {record.get('label_agreement')})",
+            f"pick a passing one with --artifact ({', '.join(passing) or 'none passed'}) "
+            "or ship it anyway with --force")
+    return record
+
+
+def build_bundle(out: Path, model: Path, tokenizer: Path, *, task: str, labels: list[str],
+                 max_length: int, model_type: str, precision: str | None = None,
+                 quantization: str | None = None,
+                 provenance: dict[str, Any] | None = None) -> Path:
+    """Write a bundle folder from a model file and a tokenizer (export can call this directly).
+
+    An existing bundle at `out` is replaced; any other non-empty folder is refused.
+    """
+    get_task(task)
+    if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise BertedgeError(f"'{out}' exists and is not a bundle; refusing to overwrite it",
+                            "choose another --out or empty that folder")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (MODEL, TOKENIZER, MANIFEST):
+        (out / name).unlink(missing_ok=True)
+    shutil.copyfile(model, out / MODEL)
+    shutil.copyfile(tokenizer, out / TOKENIZER)
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "bertedge_version": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "task": task, "labels": list(labels), "max_length": int(max_length), "model_type": model_type,
+        "inputs": graph_inputs(out / MODEL), "precision": precision, "quantization": quantization,
+        "provenance": provenance or {},
+        "files": {n: {"sha256": sha256_of(out / n), "bytes": (out / n).stat().st_size}
+                  for n in (MODEL, TOKENIZER)},
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+def graph_inputs(model: Path) -> list[str]:
+    """The ONNX graph's input names, read through onnxruntime (the `onnx` package is build-only)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own untyped errors for bad models
+        raise BertedgeError(f"'{model}' is not a loadable ONNX model ({e})",
+                            "run `bertedge export` again") from None
+    return [i.name for i in session.get_inputs()]
+
+
+def archive_path(out: Path, fmt: ArchiveFormat) -> Path:
+    """`out` with the archive suffix added when it does not already carry it.
+
+    >>> archive_path(Path("b"), ArchiveFormat.ZIP), archive_path(Path("b.tar.gz"), ArchiveFormat.TAR_GZ)
+    (PosixPath('b.zip'), PosixPath('b.tar.gz'))
+    """
+    return out if archive_format_of(out) == fmt else out.with_name(f"{out.name}.{fmt.value}")
+
+
+def archive_bundle(folder: Path, dest: Path, fmt: ArchiveFormat) -> Path:
+    """Pack a bundle folder's files, flat, into one .tar.gz or .zip file."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    names = [MANIFEST, MODEL, TOKENIZER]
+    if fmt is ArchiveFormat.TAR_GZ:
+        with tarfile.open(dest, "w:gz") as tar:
+            for n in names:
+                tar.add(folder / n, arcname=n)
+    else:
+        with zipfile.ZipFile(dest, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for n in names:
+                zf.write(folder / n, arcname=n)
+    return dest
+
+
+# ----------------------------------------------------------------------------- opening
+
+
+@contextlib.contextmanager
+def open_bundle(path: str | Path) -> Iterator[Bundle]:
+    """Verify a bundle folder or archive and yield it; an archive lives in a temp dir meanwhile.
+
+    Load what you need (session, tokenizer) inside the `with` block: an extracted archive is
+    deleted when it ends.
+
+    Raises:
+        BertedgeError: missing bundle, bad manifest, or a file that is missing, truncated or corrupt.
+    """
+    path = Path(path)
+    fmt = archive_format_of(path) if path.is_file() else None
+    if path.is_dir():
+        yield verify_bundle(path)
+    elif fmt is not None:
+        with tempfile.TemporaryDirectory(prefix="bertedge-bundle-") as tmp:
+            yield verify_bundle(extract_archive(path, fmt, Path(tmp)))
+    elif path.exists():
+        raise BertedgeError(f"'{path}' is neither a bundle folder nor a .tar.gz / .zip bundle",
+                            "point at the --out of `bertedge package`")
+    else:
+        raise BertedgeError(f"bundle '{path}' does not exist",
+                            "build one with `bertedge package EXPORT_DIR --out BUNDLE`")
+
+
+def extract_archive(archive: Path, fmt: ArchiveFormat, dest: Path) -> Path:
+    """Extract a bundle archive's plain files into dest; the bundle root (dest or its one subfolder)."""
+    try:
+        if fmt is ArchiveFormat.TAR_GZ:
+            with tarfile.open(archive, "r:gz") as tar:
+                for member in tar.getmembers():
+                    if member.isfile():
+                        source = tar.extractfile(member)
+                        assert source is not None  # isfile() members always have data
+                        write_member(dest, member.name, source)
+        else:
+            with zipfile.ZipFile(archive) as zf:
+                for info in zf.infolist():
+                    if not info.is_dir():
+                        with zf.open(info) as source:
+                            write_member(dest, info.filename, source)
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        raise BertedgeError(f"bundle archive '{archive}' is truncated or corrupt ({e})", REBUILD) from None
+    subdirs = [d for d in dest.iterdir() if d.is_dir()]
+    if not (dest / MANIFEST).is_file() and len(subdirs) == 1:
+        return subdirs[0]  # an archive of the folder itself, e.g. `tar czf b.tar.gz bundle/`
+    return dest
+
+
+def write_member(dest: Path, name: str, source: IO[bytes]) -> None:
+    """Stream one archive member to disk; names that climb out of dest or are absolute are refused."""
+    parts = Path(name).parts
+    if Path(name).is_absolute() or ".." in parts or len(parts) > 2:
+        raise BertedgeError(f"bundle archive member '{name}' has an unsafe path",
+                            "only use archives made by `bertedge package`")
+    target = dest.joinpath(*parts)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with target.open("wb") as f:
+        shutil.copyfileobj(source, f, 1 << 20)
+
+
+def verify_bundle(root: Path) -> Bundle:
+    """Check the manifest and the size and SHA-256 of every file it lists; one error with all problems."""
+    manifest = read_manifest(root)
+    problems = []
+    for name, expected in manifest["files"].items():
+        problem = check_file(root, name, expected)
+        if problem:
+            problems.append(problem)
+    if problems:
+        raise BertedgeError(f"bundle '{root}': {'; '.join(problems)}", REBUILD)
+    return Bundle(root=root, manifest=manifest)
+
+
+def read_manifest(root: Path) -> dict[str, Any]:
+    """manifest.json, with its schema checked (required keys, format, version, listed files)."""
+    if not (root / MANIFEST).is_file():
+        raise BertedgeError(f"'{root}' is not a bertedge bundle (no {MANIFEST})",
+                            "build one with `bertedge package EXPORT_DIR --out BUNDLE`")
+    manifest = read_json(root / MANIFEST)
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    if missing or manifest.get("format") != FORMAT:
+        raise BertedgeError(f"'{root / MANIFEST}' is not a bertedge manifest "
+                            f"(missing {', '.join(missing) or 'nothing'}; format {manifest.get('format')!r})",
+                            REBUILD)
+    if int(manifest["format_version"]) > FORMAT_VERSION:
+        raise BertedgeError(f"bundle format {manifest['format_version']} is newer than this bertedge "
+                            f"({__version__}, format {FORMAT_VERSION})", "upgrade: pip install -U bertedge")
+    unlisted = [n for n in (MODEL, TOKENIZER) if n not in manifest["files"]]
+    if unlisted:
+        raise BertedgeError(f"'{root / MANIFEST}' has no checksum for {', '.join(unlisted)}", REBUILD)
+    get_task(manifest["task"])
+    return manifest
+
+
+def check_file(root: Path, name: str, expected: dict[str, Any]) -> str | None:
+    """What is wrong with one bundle file (missing / truncated / corrupt), or None."""
+    path = root / name
+    if not path.is_file():
+        return f"file '{name}' is missing"
+    size = path.stat().st_size
+    if "bytes" in expected and size != int(expected["bytes"]):
+        state = "truncated" if size < int(expected["bytes"]) else "the wrong size"
+        return f"file '{name}' is {state} ({size} bytes, manifest says {expected['bytes']})"
+    actual = sha256_of(path)
+    if actual != expected.get("sha256"):
+        return (f"file '{name}' is corrupt (SHA-256 {actual[:12]}..., "
+                f"manifest says {str(expected.get('sha256'))[:12]}...)")
+    return None
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a file, or a BertedgeError naming the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BertedgeError(f"'{path}' is not valid JSON ({e})", REBUILD) from None
+    if not isinstance(data, dict):
+        raise BertedgeError(f"'{path}' does not hold a JSON object", REBUILD)
+    return data

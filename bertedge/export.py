@@ -1,0 +1,799 @@
+"""bertedge export: PyTorch model folder -> validated ONNX artifacts (fp32, fused, INT8, FP16).
+
+Every artifact is checked against PyTorch before the export folder appears: max |output
+difference| on real and on random inputs, label agreement, and the task metric on `--eval`
+data. INT8 runs a fallback search (`bertedge.quantize`) against an accuracy budget. The
+folder is built next to `--out` and moved into place only when everything succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bertedge import quantize as q
+from bertedge.data import Columns, load_text_classification, seeded_subset
+from bertedge.errors import BertedgeError
+from bertedge.tasks import ModelInfo, Task, read_model_info
+
+Feeds = dict[str, np.ndarray]
+Outputs = dict[str, np.ndarray]
+Run = Callable[[Feeds], Outputs]
+
+SUPPORTED_MODEL_TYPES = {"bert": "bert", "distilbert": "bert"}  # config model_type -> ORT optimizer type
+ARTIFACT_FILES = {"fp32": "model.onnx", "fused": "model-fused.onnx", "int8": "model-int8.onnx",
+                  "int8-static": "model-int8-static.onnx", "fp16": "model-fp16.onnx"}
+COPIED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                "vocab.txt", "bertedge.json")
+# Used for label agreement when the user gives neither --eval nor --calibration.
+BUILTIN_SENTENCES = (
+    "The service was quick and the staff were friendly.", "I would not recommend this to anyone.",
+    "It arrived late and the box was damaged.", "An absolute delight from start to finish.",
+    "The plot was thin but the acting saved it.", "Battery life is shorter than advertised.",
+    "What time does the museum open on Sundays?", "She moved to Berlin in 2019 to work at Siemens.",
+    "Terrible sound quality, returned it the next day.", "A solid, dependable choice for the price.",
+    "The meeting has been moved to Thursday afternoon.", "Honestly the best pizza I have had in years.",
+    "The instructions were confusing and incomplete.", "Paris is the capital of France.",
+    "Not bad, though the sequel was better.", "The update fixed every crash I had seen.",
+)
+
+
+class Optimization(str, Enum):
+    """Graph optimization applied after export."""
+
+    NONE = "none"
+    FUSED = "fused"  # onnxruntime transformer optimizer: Attention, SkipLayerNorm, BiasGelu, ...
+
+
+class Quantization(str, Enum):
+    """Which INT8 artifact to build."""
+
+    NONE = "none"
+    DYNAMIC = "dynamic"
+    STATIC = "static"
+
+
+@dataclass
+class ExportArgs:
+    """Everything `bertedge export` needs."""
+
+    model_dir: Path  # output of `bertedge finetune`, or any HF model folder with a head
+    out: Path  # export folder to create
+    optimization: Optimization = Optimization.FUSED  # also write model-fused.onnx
+    quantize: Quantization = Quantization.DYNAMIC  # INT8 variant to build
+    fp16: bool = False  # also write model-fp16.onnx for the CUDA execution provider
+    opset: int = 17  # ONNX opset for the legacy TorchScript exporter
+    calibration: Path | None = None  # texts for static INT8 calibration (and agreement if no --eval)
+    calibration_rows: int = 200  # calibration rows drawn (seeded) from --calibration
+    eval_file: Path | None = None  # labelled data: metric of every artifact vs PyTorch
+    max_eval_rows: int = 0  # seeded subset of --eval (0 = all rows)
+    columns: Columns = field(default_factory=Columns)  # column names in --eval / --calibration
+    max_accuracy_drop: float = 0.5  # budget in metric points for lossy artifacts (with --eval)
+    min_agreement: float = 0.95  # label agreement gate for lossy artifacts (without --eval)
+    per_channel: bool = False  # start the INT8 search per-channel
+    reduce_range: bool = False  # start the INT8 search with 7-bit weights
+    int8_operators: tuple[str, ...] = ()  # op types to quantize; () = onnxruntime default
+    search_all: bool = False  # try every INT8 candidate and keep the best passer
+    require_int8: bool = False  # fail the export when no INT8 candidate meets the budget
+    atol: float = 1e-3  # max |output diff| allowed for fp32 and fused graphs
+    batch_size: int = 32  # validation batch size
+    seed: int = 0  # seeds random inputs and row subsets
+    overwrite: bool = False  # replace an existing --out folder
+
+    def __post_init__(self) -> None:
+        self.model_dir, self.out = Path(self.model_dir), Path(self.out)
+        self.optimization = Optimization(self.optimization)
+        self.quantize = Quantization(self.quantize)
+        problems = []
+        if not 14 <= self.opset <= 20:
+            problems.append(f"--opset {self.opset} is outside 14..20")
+        if self.calibration_rows < 1 or self.batch_size < 1 or self.max_eval_rows < 0:
+            problems.append("--calibration-rows and --batch-size must be >= 1, --max-eval-rows >= 0")
+        if not 0.0 <= self.min_agreement <= 1.0:
+            problems.append(f"--min-agreement {self.min_agreement} is not between 0 and 1")
+        if self.atol <= 0:
+            problems.append("--atol must be positive")
+        if self.quantize is Quantization.STATIC and self.calibration is None:
+            problems.append("--quantize static needs --calibration FILE (texts from your data)")
+        if self.require_int8 and self.quantize is Quantization.NONE:
+            problems.append("--require-int8 contradicts --quantize none")
+        if self.out.resolve() == self.model_dir.resolve():
+            problems.append("--out must differ from the model folder")
+        if problems:
+            raise BertedgeError("; ".join(problems), "fix the options above (see `bertedge export --help`)")
+
+
+@dataclass
+class ArtifactReport:
+    """One validated artifact, as written to export-report.json."""
+
+    name: str
+    file: str
+    precision: str
+    optimization: str
+    quantization: dict[str, object] | None = None
+    size_mb: float = 0.0
+    max_abs_diff_real: float | None = None
+    max_abs_diff_random: float | None = None
+    label_agreement: float = 0.0
+    metric: dict[str, object] | None = None
+    passed: bool = False
+    validated: bool = False
+    notes: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class ExportReport:
+    """The export-report.json contents; `recommended` names the artifact to package."""
+
+    model_dir: str
+    task: str
+    labels: list[str]
+    opset: int
+    input_names: list[str]
+    output_names: list[str]
+    cpu: dict[str, object]
+    onnxruntime_version: str
+    gate: str = ""
+    validation_inputs: str = ""
+    artifacts: list[ArtifactReport] = field(default_factory=list)
+    int8_search: list[dict[str, object]] = field(default_factory=list)
+    recommended: str = ""
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def artifact(self, name: str) -> ArtifactReport | None:
+        """The artifact called `name`, if it was built."""
+        return next((a for a in self.artifacts if a.name == name), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- source model
+
+
+@dataclass
+class Source:
+    """The PyTorch side: model, tokenizer and what the graph's inputs are."""
+
+    info: ModelInfo
+    model: Any  # transformers.PreTrainedModel, in eval mode
+    tokenizer: Any  # transformers.PreTrainedTokenizerBase
+    input_names: list[str]
+
+
+def load_source(model_dir: Path) -> Source:
+    """Load model and tokenizer from a model folder, turning every failure into a BertedgeError."""
+    if not model_dir.is_dir():
+        raise BertedgeError(f"model folder '{model_dir}' does not exist", "pass the --out folder of `bertedge finetune`")
+    info = read_model_info(model_dir)
+    if info.model_type not in SUPPORTED_MODEL_TYPES:
+        raise BertedgeError(
+            f"model_type '{info.model_type}' in {model_dir / 'config.json'} is not supported",
+            f"export one of: {', '.join(SUPPORTED_MODEL_TYPES)}",
+        )
+    if not (model_dir / "tokenizer.json").is_file():
+        raise BertedgeError(
+            f"'{model_dir}' has no tokenizer.json (the runtime needs the fast tokenizer file)",
+            "re-save the tokenizer with `AutoTokenizer.from_pretrained(...).save_pretrained(dir)`",
+        )
+    model, tokenizer = _load_pretrained(model_dir, info.task)
+    return Source(info, model, tokenizer, _input_names(model))
+
+
+def _load_pretrained(model_dir: Path, task: Task) -> tuple[Any, Any]:
+    import transformers
+
+    try:
+        model = getattr(transformers, task.hf_auto_class).from_pretrained(model_dir).eval()
+    except Exception as e:  # truncated safetensors, missing weights, mismatched shapes ...
+        raise BertedgeError(
+            f"cannot load the weights in '{model_dir}' ({type(e).__name__}: {_first_line(e)})",
+            "restore model.safetensors or re-run `bertedge finetune`",
+        ) from None
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    except Exception as e:
+        raise BertedgeError(
+            f"cannot load the tokenizer in '{model_dir}' ({type(e).__name__}: {_first_line(e)})",
+            "restore tokenizer.json / tokenizer_config.json",
+        ) from None
+    return model, tokenizer
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else "no message"
+
+
+def _input_names(model: Any) -> list[str]:
+    """The encoder inputs this architecture's forward() accepts (DistilBERT: no token_type_ids)."""
+    import inspect
+
+    accepted = inspect.signature(model.forward).parameters
+    return [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in accepted]
+
+
+# ----------------------------------------------------------------------------- inputs and eval
+
+
+def tokenize(tokenizer: Any, texts: Sequence[str], pairs: Sequence[str] | None, max_length: int,
+             batch_size: int) -> list[Feeds]:
+    """Tokenize into int64 batches, each padded to its longest row."""
+    batches = []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(list(texts[i:i + batch_size]),
+                        list(pairs[i:i + batch_size]) if pairs is not None else None,
+                        padding=True, truncation=True, max_length=max_length, return_tensors="np")
+        batches.append({k: np.asarray(v, dtype=np.int64) for k, v in enc.items()})
+    return batches
+
+
+def random_batches(vocab_size: int, max_length: int, seed: int) -> list[Feeds]:
+    """Random token ids with ragged attention masks: inputs no tokenizer would make."""
+    rng = np.random.default_rng(seed)
+    batches = []
+    for batch, seq in ((4, 16), (2, min(max_length, 64))):
+        lengths = rng.integers(2, seq + 1, size=batch)
+        lengths[0] = seq  # one full row so the padded length is really `seq`
+        mask = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int64)
+        ids = rng.integers(0, vocab_size, size=(batch, seq), dtype=np.int64) * mask
+        batches.append({"input_ids": ids, "attention_mask": mask,
+                        "token_type_ids": np.zeros_like(ids)})
+    return batches
+
+
+@dataclass
+class EvalSet:
+    """Tokenized labelled data and gold answers for one task's metric."""
+
+    batches: list[Feeds]
+    gold: Any
+    rows: int
+    source: str
+
+
+def load_classification_eval(path: Path, args: ExportArgs, source: Source) -> EvalSet:
+    """Labelled text-classification rows, labels mapped onto the model's label names."""
+    examples = load_text_classification(path, args.columns, label_names=list(source.info.labels))
+    examples = seeded_subset(examples, args.max_eval_rows, args.seed)
+    batches = tokenize(source.tokenizer, examples.texts, examples.pairs, source.info.max_length,
+                       args.batch_size)
+    return EvalSet(batches, np.asarray(examples.labels, dtype=np.int64), len(examples), str(path))
+
+
+def accuracy(outputs: Sequence[Outputs], batches: Sequence[Feeds], gold: Any) -> float:
+    """Share of rows whose argmax logit is the gold label.
+
+    >>> accuracy([{"logits": np.array([[0.0, 1.0], [2.0, 0.0]])}], [{}], np.array([1, 1]))
+    0.5
+    """
+    predicted = np.concatenate([o["logits"].argmax(-1) for o in outputs])
+    return float((predicted == np.asarray(gold)).mean())
+
+
+# Per task: how --eval rows are read, and the metric (higher is better, on a 0..1 scale).
+# NER (entity F1) and QA (SQuAD F1) plug in here without touching validation or the search.
+EvalLoader = Callable[[Path, ExportArgs, Source], EvalSet]
+MetricFn = Callable[[Sequence[Outputs], Sequence[Feeds], Any], float]
+EVAL_LOADERS: dict[str, EvalLoader] = {"classification": load_classification_eval}
+METRICS: dict[str, MetricFn] = {"classification": accuracy}
+
+
+def evaluate(run: Run, eval_set: EvalSet, task: Task) -> float:
+    """The task metric of one runner (PyTorch or an ONNX session) on the eval set."""
+    outputs = [run(b) for b in eval_set.batches]
+    return METRICS[task.name](outputs, eval_set.batches, eval_set.gold)
+
+
+def load_eval(args: ExportArgs, source: Source) -> EvalSet | None:
+    """The --eval set, or None; a task without an eval loader is a clear error."""
+    if args.eval_file is None:
+        return None
+    name = source.info.task.name
+    if name not in EVAL_LOADERS or name not in METRICS:
+        raise BertedgeError(f"--eval is not supported for the {name} task yet", "leave out --eval")
+    return EVAL_LOADERS[name](args.eval_file, args, source)
+
+
+def load_calibration(args: ExportArgs, source: Source) -> list[Feeds]:
+    """Up to --calibration-rows texts (labels not needed) from --calibration, tokenized."""
+    if args.calibration is None:
+        return []
+    examples = load_text_classification(args.calibration, args.columns, require_labels=False)
+    examples = seeded_subset(examples, args.calibration_rows, args.seed)
+    return tokenize(source.tokenizer, examples.texts, examples.pairs, source.info.max_length,
+                    args.batch_size)
+
+
+# ----------------------------------------------------------------------------- runners, comparison
+
+
+def torch_runner(source: Source) -> Run:
+    """Run the PyTorch model on a feed, returning the task's outputs as numpy."""
+    import torch
+
+    names = source.info.task.output_names
+
+    def run(feeds: Feeds) -> Outputs:
+        with torch.no_grad():
+            out = source.model(**{n: torch.from_numpy(_feed(feeds, n)) for n in source.input_names})
+        return {n: getattr(out, n).numpy() for n in names}
+
+    return run
+
+
+def ort_runner(path: Path, providers: Sequence[str] = ("CPUExecutionProvider",)) -> Run:
+    """Run an ONNX file with onnxruntime, feeding the graph's own input names."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=list(providers))
+    inputs = [i.name for i in session.get_inputs()]
+    outputs = [o.name for o in session.get_outputs()]
+
+    def run(feeds: Feeds) -> Outputs:
+        values = session.run(outputs, {n: _feed(feeds, n) for n in inputs})
+        return {n: np.asarray(v, dtype=np.float32) for n, v in zip(outputs, values)}
+
+    return run
+
+
+def _feed(feeds: Feeds, name: str) -> np.ndarray:
+    return feeds[name] if name in feeds else np.zeros_like(feeds["input_ids"])
+
+
+def _valid(x: np.ndarray, mask: np.ndarray, per_token: bool) -> np.ndarray:
+    """Values at real tokens only: padding positions of per-token outputs are meaningless."""
+    return x[mask.astype(bool)] if per_token else x
+
+
+def max_abs_diff(ref: Sequence[Outputs], got: Sequence[Outputs], batches: Sequence[Feeds],
+                 per_token: bool) -> float:
+    """Largest |reference - candidate| over every output, batch and real position."""
+    diffs = [np.abs(_valid(r[n], b["attention_mask"], per_token) - _valid(g[n], b["attention_mask"], per_token))
+             for r, g, b in zip(ref, got, batches) for n in r]
+    return float(max((d.max() for d in diffs if d.size), default=0.0))
+
+
+def predictions(x: np.ndarray, mask: np.ndarray, per_token: bool) -> np.ndarray:
+    """Argmax labels: one per row, one per real token (NER), or one position per row (QA span ends).
+
+    >>> predictions(np.array([[1.0, 9.0, 5.0]]), np.array([[1, 0, 1]]), per_token=True).tolist()
+    [2]
+    """
+    if not per_token:
+        return x.argmax(-1)
+    if x.ndim == 2:  # (batch, sequence) position scores: never pick a padding position
+        return np.where(mask.astype(bool), x, -np.inf).argmax(-1)
+    return x.argmax(-1)[mask.astype(bool)]
+
+
+def label_agreement(ref: Sequence[Outputs], got: Sequence[Outputs], batches: Sequence[Feeds],
+                    per_token: bool) -> float:
+    """Share of predictions (rows, or real tokens) equal between reference and candidate."""
+    same = total = 0
+    for r, g, b in zip(ref, got, batches):
+        for n in r:
+            a = predictions(r[n], b["attention_mask"], per_token)
+            c = predictions(g[n], b["attention_mask"], per_token)
+            same, total = same + int((a == c).sum()), total + a.size
+    return same / total if total else 1.0
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+@dataclass
+class Reference:
+    """PyTorch outputs and gates every artifact is validated against."""
+
+    task: Task
+    real: list[Feeds]
+    random: list[Feeds]
+    ref_real: list[Outputs]
+    ref_random: list[Outputs]
+    eval_set: EvalSet | None
+    pytorch_metric: float | None
+    args: ExportArgs
+
+    def check(self, report: ArtifactReport, run: Run, lossy: bool) -> ArtifactReport:
+        """Fill `report` with diffs, agreement and metric, and decide `passed`."""
+        per_token = self.task.per_token_outputs
+        got_real = [run(b) for b in self.real]
+        got_random = [run(b) for b in self.random]
+        report.max_abs_diff_real = max_abs_diff(self.ref_real, got_real, self.real, per_token)
+        report.max_abs_diff_random = max_abs_diff(self.ref_random, got_random, self.random, per_token)
+        report.label_agreement = label_agreement(self.ref_real, got_real, self.real, per_token)
+        report.metric = self._metric(got_real)
+        report.validated = True
+        report.passed, why = self._gate(report, lossy)
+        report.notes = "; ".join(x for x in (report.notes, why) if x)
+        return report
+
+    def _metric(self, got_real: list[Outputs]) -> dict[str, object] | None:
+        if self.eval_set is None or self.pytorch_metric is None:
+            return None
+        value = METRICS[self.task.name](got_real, self.real, self.eval_set.gold)
+        return {"name": self.task.metric, "value": value, "pytorch_value": self.pytorch_metric,
+                "drop_points": round((self.pytorch_metric - value) * 100, 4)}
+
+    def _gate(self, r: ArtifactReport, lossy: bool) -> tuple[bool, str]:
+        if not lossy:
+            worst = max(r.max_abs_diff_real or 0.0, r.max_abs_diff_random or 0.0)
+            ok = worst <= self.args.atol
+            return ok, "" if ok else f"failed parity: max |diff| {worst:.2e} > atol {self.args.atol:g}"
+        if r.metric is not None:
+            drop = float(r.metric["drop_points"])  # type: ignore[arg-type]
+            ok = drop <= self.args.max_accuracy_drop
+            return ok, "" if ok else f"failed budget: {drop:.2f} point drop > {self.args.max_accuracy_drop:g}"
+        ok = r.label_agreement >= self.args.min_agreement
+        return ok, "" if ok else f"failed budget: agreement {r.label_agreement:.4f} < {self.args.min_agreement:g}"
+
+    def gate_text(self) -> str:
+        """How lossy artifacts (INT8, FP16) are judged, for the report."""
+        a = self.args
+        if self.eval_set is not None:
+            return (f"lossy artifacts: {self.task.metric} drop <= {a.max_accuracy_drop:g} points on "
+                    f"{self.eval_set.source} ({self.eval_set.rows} rows); fp32/fused: max |diff| <= {a.atol:g}")
+        return (f"no --eval: lossy artifacts gated on label agreement >= {a.min_agreement:g} with PyTorch "
+                f"on real inputs; fp32/fused: max |diff| <= {a.atol:g}")
+
+
+def build_reference(args: ExportArgs, source: Source, eval_set: EvalSet | None,
+                    calibration: list[Feeds]) -> tuple[Reference, str]:
+    """Run PyTorch once on real and random inputs; real = eval rows > calibration rows > built-ins."""
+    if eval_set is not None:
+        real, what = eval_set.batches, f"{eval_set.rows} rows of {eval_set.source}"
+    elif calibration:
+        real, what = calibration, f"{sum(len(b['input_ids']) for b in calibration)} rows of {args.calibration}"
+    else:
+        real = tokenize(source.tokenizer, BUILTIN_SENTENCES, None, source.info.max_length, args.batch_size)
+        what = f"{len(BUILTIN_SENTENCES)} built-in English sentences (no --eval or --calibration given)"
+    random = random_batches(int(source.model.config.vocab_size), source.info.max_length, args.seed)
+    run = torch_runner(source)
+    ref_real = [run(b) for b in real]
+    metric = (METRICS[source.info.task.name](ref_real, real, eval_set.gold)
+              if eval_set is not None else None)
+    ref = Reference(source.info.task, real, random, ref_real, [run(b) for b in random], eval_set, metric, args)
+    return ref, what + "; random inputs: 2 batches of random token ids with ragged masks"
+
+
+# ----------------------------------------------------------------------------- artifacts
+
+
+def _traceable(model: Any, input_names: Sequence[str], output_names: Sequence[str]) -> Any:
+    """The module the exporter traces: positional inputs -> tuple of the task's named outputs."""
+    import torch
+
+    class Traceable(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            out = self.model(**dict(zip(input_names, args)))
+            return tuple(getattr(out, n) for n in output_names)
+
+    # eval() matters: after tracing, the exporter restores this module's training flag on the whole tree
+    return Traceable().eval()
+
+
+def export_fp32(source: Source, path: Path, opset: int) -> None:
+    """Export with torch.onnx.export(dynamo=False): dynamic batch and sequence axes.
+
+    The legacy TorchScript exporter is what Optimum uses for BERT-family models and handles
+    them reliably; torch 2.13 defaults to the dynamo exporter, so we ask for the legacy one.
+    """
+    import torch
+
+    task = source.info.task
+    dummy = tokenize(source.tokenizer, ["a short one", "a somewhat longer second example text"], None,
+                     source.info.max_length, 2)[0]
+    args = tuple(torch.from_numpy(_feed(dummy, n)) for n in source.input_names)
+    token_axes = {0: "batch", 1: "sequence"}
+    axes = {n: token_axes for n in source.input_names}
+    axes.update({n: token_axes if task.per_token_outputs else {0: "batch"} for n in task.output_names})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer and deprecation chatter; validation checks the result
+        torch.onnx.export(
+            _traceable(source.model, source.input_names, task.output_names), args, str(path),
+            input_names=source.input_names, output_names=list(task.output_names),
+            dynamic_axes=axes, opset_version=opset, do_constant_folding=True, dynamo=False,
+        )
+    source.model.eval()
+
+
+def fuse(info: ModelInfo, src: Path, dst: Path) -> str:
+    """Fuse attention / layer-norm / GELU subgraphs with onnxruntime's transformer optimizer."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    model = optimize_model(str(src), model_type=SUPPORTED_MODEL_TYPES[info.model_type],
+                           num_heads=info.num_heads, hidden_size=info.hidden_size)
+    model.save_model_to_file(str(dst))
+    stats = {k: v for k, v in model.get_fused_operator_statistics().items() if v}
+    return "fused: " + ", ".join(f"{k} x{v}" for k, v in stats.items()) if stats else "no subgraph was fused"
+
+
+def to_fp16(src: Path, dst: Path) -> None:
+    """FP16 weights and compute with fp32 inputs/outputs (keep_io_types), for CUDA."""
+    import onnx
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    model = OnnxModel(onnx.load(str(src)))
+    model.convert_float_to_float16(keep_io_types=True)
+    model.save_model_to_file(str(dst))
+
+
+def _size_mb(path: Path) -> float:
+    return round(path.stat().st_size / 1e6, 3)
+
+
+def _artifact(name: str, precision: str, optimization: str) -> ArtifactReport:
+    return ArtifactReport(name=name, file=ARTIFACT_FILES[name], precision=precision, optimization=optimization)
+
+
+def build_fp32(source: Source, ref: Reference, out: Path, opset: int) -> ArtifactReport:
+    """model.onnx; a parity failure here means the export itself is wrong, so it is fatal."""
+    start = time.perf_counter()
+    report = _artifact("fp32", "fp32", "none")
+    export_fp32(source, out / report.file, opset)
+    ref.check(report, ort_runner(out / report.file), lossy=False)
+    report.size_mb, report.seconds = _size_mb(out / report.file), time.perf_counter() - start
+    if not report.passed:
+        raise BertedgeError(f"the ONNX export does not match PyTorch ({report.notes})",
+                            "report this with the model's config.json; try another --opset")
+    return report
+
+
+def build_fused(source: Source, ref: Reference, out: Path) -> ArtifactReport:
+    """model-fused.onnx, validated like fp32."""
+    start = time.perf_counter()
+    report = _artifact("fused", "fp32", "fused")
+    report.notes = fuse(source.info, out / ARTIFACT_FILES["fp32"], out / report.file)
+    ref.check(report, ort_runner(out / report.file), lossy=False)
+    report.size_mb, report.seconds = _size_mb(out / report.file), time.perf_counter() - start
+    return report
+
+
+def build_fp16(ref: Reference, out: Path, src_name: str) -> ArtifactReport:
+    """model-fp16.onnx: validated on CUDA when onnxruntime has it, else only tried on CPU."""
+    import onnxruntime as ort
+
+    start = time.perf_counter()
+    report = _artifact("fp16", "fp16", "fused" if src_name == "fused" else "none")
+    path = out / report.file
+    to_fp16(out / ARTIFACT_FILES[src_name], path)
+    cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    try:
+        ref.check(report, ort_runner(path, ["CUDAExecutionProvider" if cuda else "CPUExecutionProvider"]), lossy=True)
+    except Exception as e:  # CPU lacks fp16 kernels for some fused ops
+        report.notes = f"CPU run failed ({type(e).__name__})"
+    if not cuda:
+        cpu = f"CPU check: agreement {report.label_agreement:.4f}" if report.validated else report.notes
+        report.validated = report.passed = False
+        report.notes = f"not validated: no CUDA provider ({cpu})"
+    report.size_mb, report.seconds = _size_mb(path), time.perf_counter() - start
+    return report
+
+
+def build_int8(args: ExportArgs, ref: Reference, out: Path, base_name: str,
+               calibration: list[Feeds]) -> tuple[ArtifactReport, list[dict[str, object]]]:
+    """The INT8 fallback search; the chosen candidate becomes model-int8[-static].onnx."""
+    start = time.perf_counter()
+    method = q.Method(args.quantize.value)
+    name = "int8" if method is q.Method.DYNAMIC else "int8-static"
+    base = q.Int8Config(method, args.per_channel, args.reduce_range, args.int8_operators)
+
+    def check(path: Path, config: q.Int8Config) -> ArtifactReport:
+        report = _artifact(name, "int8", "fused" if base_name == "fused" else "none")
+        report.quantization, report.size_mb = config.to_dict(), _size_mb(path)
+        return ref.check(report, ort_runner(path), lossy=True)
+
+    result = q.search(out / ARTIFACT_FILES[base_name], out / ARTIFACT_FILES[name], q.candidates(base),
+                      check, calibration, args.search_all)
+    tried = [_attempt_row(a) for a in result.attempts]
+    if result.chosen is None:
+        report = _artifact(name, "int8", base_name)
+        report.notes = "every INT8 candidate failed to build: " + "; ".join(str(t["error"]) for t in tried)
+        report.file = ""
+        return report, tried
+    chosen = result.attempts[result.chosen]
+    assert chosen.verdict is not None
+    report = chosen.verdict
+    report.notes = "; ".join(x for x in (report.notes, _search_note(result)) if x)
+    report.seconds = time.perf_counter() - start
+    return report, tried
+
+
+def _attempt_row(a: q.Attempt[ArtifactReport]) -> dict[str, object]:
+    v = a.verdict
+    return {"candidate": a.config.label(), **a.config.to_dict(),
+            "agreement": v.label_agreement if v else None, "metric": v.metric if v else None,
+            "max_abs_diff_real": v.max_abs_diff_real if v else None,
+            "passed": a.passed, "error": a.error, "seconds": round(a.seconds, 3)}
+
+
+def _search_note(result: q.SearchResult[ArtifactReport]) -> str:
+    assert result.chosen is not None
+    label = result.attempts[result.chosen].config.label()
+    tried = len(result.attempts)
+    if result.passed:
+        return f"chosen '{label}' (candidate {result.chosen + 1} of {tried} tried)"
+    return f"no candidate met the budget; kept the highest-agreement one '{label}' of {tried} tried"
+
+
+# ----------------------------------------------------------------------------- folder, report
+
+
+def cpu_info() -> dict[str, object]:
+    """CPU model and the ISA flags that decide INT8 speed and accuracy (AVX2 / AVX-512 / VNNI)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        text = ""
+    model, flags = "unknown", set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and model == "unknown":
+            model = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = set(value.split())
+    return {"model": model, **{f: f in flags for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni")}}
+
+
+def copy_metadata(model_dir: Path, info: ModelInfo, out: Path) -> None:
+    """Make the export folder self-contained for `bertedge package`."""
+    for name in COPIED_FILES:
+        if (model_dir / name).is_file():
+            shutil.copy2(model_dir / name, out / name)
+    if not (out / "bertedge.json").is_file():
+        meta = {"task": info.task.name, "labels": list(info.labels), "max_length": info.max_length,
+                "model_type": info.model_type}
+        (out / "bertedge.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+def recommend(artifacts: Sequence[ArtifactReport]) -> str:
+    """The fastest artifact that passed: INT8, else fused, else fp32."""
+    passed = {a.name for a in artifacts if a.passed}
+    return next(n for n in ("int8", "int8-static", "fused", "fp32") if n in passed)
+
+
+def _check_out(args: ExportArgs) -> None:
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())) and not args.overwrite:
+        raise BertedgeError(f"--out '{args.out}' already exists and is not empty",
+                            "choose a new folder or pass --overwrite")
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        out.rename(old / out.name)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def export(args: ExportArgs) -> ExportReport:
+    """Export, optimize, quantize and validate; write the folder only if every step succeeded.
+
+    Raises:
+        BertedgeError: bad model folder, data or options; fp32 parity failure; with
+            `require_int8`, no INT8 candidate met the budget.
+    """
+    start = time.perf_counter()
+    _check_out(args)
+    source = load_source(args.model_dir)
+    eval_set, calibration = load_eval(args, source), load_calibration(args, source)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.partial-", dir=args.out.parent))
+    try:
+        report = _build(args, source, eval_set, calibration, tmp)
+        report.seconds = round(time.perf_counter() - start, 3)
+        (tmp / "export-report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+        _move_into_place(tmp, args.out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+def _build(args: ExportArgs, source: Source, eval_set: EvalSet | None, calibration: list[Feeds],
+           out: Path) -> ExportReport:
+    import onnxruntime as ort
+
+    ref, inputs_text = build_reference(args, source, eval_set, calibration)
+    report = ExportReport(
+        model_dir=str(args.model_dir), task=source.info.task.name, labels=list(source.info.labels),
+        opset=args.opset, input_names=source.input_names, output_names=list(source.info.task.output_names),
+        cpu=cpu_info(), onnxruntime_version=ort.__version__, gate=ref.gate_text(),
+        validation_inputs=inputs_text,
+    )
+    report.artifacts.append(build_fp32(source, ref, out, args.opset))
+    best_fp = "fp32"
+    if args.optimization is Optimization.FUSED:
+        report.artifacts.append(build_fused(source, ref, out))
+        best_fp = "fused" if report.artifacts[-1].passed else "fp32"
+    _add_int8(args, ref, out, best_fp, calibration, report)
+    if args.fp16:
+        report.artifacts.append(build_fp16(ref, out, best_fp))
+    _drop_failed_fused(report, out)
+    copy_metadata(args.model_dir, source.info, out)
+    report.recommended = recommend(report.artifacts)
+    report.warnings += [f"{a.name}: {a.notes}" for a in report.artifacts if not a.passed]
+    return report
+
+
+def _add_int8(args: ExportArgs, ref: Reference, out: Path, best_fp: str, calibration: list[Feeds],
+              report: ExportReport) -> None:
+    if args.quantize is Quantization.NONE:
+        return
+    # Static QDQ quantization of the fused graph fails in onnxruntime 1.32 (Attention has no
+    # QDQ support and the classifier bias loses its scale), so static starts from model.onnx.
+    base = best_fp if args.quantize is Quantization.DYNAMIC else "fp32"
+    artifact, tried = build_int8(args, ref, out, base, calibration)
+    report.artifacts.append(artifact)
+    report.int8_search = tried
+    if args.require_int8 and not artifact.passed:
+        summary = ", ".join(f"{t['candidate']}: agreement {t['agreement']}" for t in tried)
+        raise BertedgeError(f"no INT8 candidate met the budget ({report.gate}); tried {summary}",
+                            "loosen --max-accuracy-drop / --min-agreement, or drop --require-int8")
+
+
+def _drop_failed_fused(report: ExportReport, out: Path) -> None:
+    """Keep a failed fused graph out of the folder: nothing should package it by mistake."""
+    fused = report.artifact("fused")
+    if fused is not None and not fused.passed and fused.file:
+        (out / fused.file).unlink(missing_ok=True)
+        fused.notes += "; file removed"
+        fused.file = ""
+
+
+def render(report: ExportReport) -> list[Any]:
+    """Rich tables for the terminal: artifacts, then the INT8 candidates tried."""
+    from rich.table import Table
+
+    table = Table(title=f"bertedge export: {report.task} ({report.seconds:.1f} s)")
+    for col in ("artifact", "file", "MB", "max|Δ| real", "max|Δ| rand", "agreement", "metric", "passed", "s", "notes"):
+        table.add_column(col, overflow="fold")
+    for a in report.artifacts:
+        mark = "[green]yes[/]" if a.passed else ("[yellow]not validated[/]" if not a.validated else "[red]no[/]")
+        star = " *" if a.name == report.recommended else ""
+        table.add_row(a.name + star, a.file, f"{a.size_mb:.2f}", _num(a.max_abs_diff_real),
+                      _num(a.max_abs_diff_random), f"{a.label_agreement:.4f}", _metric_text(a.metric),
+                      mark, f"{a.seconds:.1f}", a.notes)
+    tables: list[Any] = [table]
+    if report.int8_search:
+        search = Table(title="INT8 candidates (fastest first)")
+        for col in ("candidate", "agreement", "metric", "passed", "s"):
+            search.add_column(col)
+        for t in report.int8_search:
+            search.add_row(str(t["candidate"]), _num(t["agreement"], ".4f"), _metric_text(t["metric"]),  # type: ignore[arg-type]
+                           "yes" if t["passed"] else ("error" if t["error"] else "no"), f"{t['seconds']:.1f}")
+        tables.append(search)
+    return tables
+
+
+def _num(x: object, fmt: str = ".2e") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def _metric_text(m: dict[str, object] | None) -> str:
+    if not m:
+        return "-"
+    return f"{m['name']} {float(m['value']):.4f} (Δ {float(m['drop_points']):+.2f} pts)"  # type: ignore[arg-type]
