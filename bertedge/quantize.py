@@ -30,6 +30,7 @@ from onnxruntime.quantization import (
     quantize_dynamic,
     quantize_static,
 )
+from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry
 
 Feeds = dict[str, np.ndarray]
 
@@ -100,6 +101,31 @@ def candidates(base: Int8Config) -> list[Int8Config]:
             unique.append(c)
     return unique
 
+
+def distinct(ladder: Sequence[Int8Config], model: onnx.ModelProto) -> list[Int8Config]:
+    """Drop recipes that would quantize exactly what an earlier one did.
+
+    Keeping the classifier in fp32 changes nothing under dynamic quantization of a
+    classification graph, for instance: its Gemm is not an op dynamic quantization touches.
+    """
+    seen: set[tuple[object, ...]] = set()
+    kept = []
+    for config in ladder:
+        ops = set(config.operators) or set(_DEFAULT_OPS[config.method])
+        excluded = frozenset(n for n in excluded_nodes(model, config.keep_fp32)
+                             if _op_types(model).get(n) in ops)
+        key = (config.method, config.per_channel, config.reduce_range, config.operators, excluded)
+        if key not in seen:
+            seen.add(key)
+            kept.append(config)
+    return kept
+
+
+def _op_types(model: onnx.ModelProto) -> dict[str, str]:
+    return {n.name: n.op_type for n in model.graph.node}
+
+
+_DEFAULT_OPS = {Method.DYNAMIC: tuple(IntegerOpsRegistry), Method.STATIC: tuple(QDQRegistry)}
 
 # Node names come from the PyTorch module path (legacy exporter), e.g.
 # "/model/bert/encoder/layer.3/intermediate/dense/MatMul"; fused nodes are named "Attention_3".
@@ -271,7 +297,7 @@ def search(
             result.chosen = i
         if attempt.passed and not search_all:
             break
-    for i, attempt in enumerate(result.attempts):
+    for i in range(len(result.attempts)):
         tmp = dst.with_name(f"{dst.stem}.candidate{i}{dst.suffix}")
         if i == result.chosen:
             shutil.move(tmp, dst)

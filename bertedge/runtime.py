@@ -531,19 +531,22 @@ def read_lines(stream: IO[bytes], max_line_bytes: int = 1 << 20) -> Iterator[Lin
         yield Line(number, text.removeprefix("\ufeff") if number == 1 else text, cut)
 
 
-def read_records(stream: IO[bytes], fmt: InputFormat, text_column: str = "text",
-                 pair_column: str | None = None, max_line_bytes: int = 1 << 20) -> Iterator[InputRecord]:
+def read_records(stream: IO[bytes], fmt: InputFormat, text_columns: Sequence[str] = ("text",),
+                 pair_columns: Sequence[str] = (), max_line_bytes: int = 1 << 20) -> Iterator[InputRecord]:
     """One record per input line (CSV: per data row), lazily: constant memory for any file size.
 
     Empty, non-UTF-8, unparsable or over-long structured lines become error records that keep
-    their line number; an over-long plain-text line is cut and marked truncated.
+    their line number; an over-long plain-text line is cut and marked truncated. The text comes
+    from the first of `text_columns` present (CSV header / JSONL keys), the pair likewise from
+    `pair_columns` (JSONL default: "text_pair").
     """
     lines = read_lines(stream, max_line_bytes)
     if fmt is InputFormat.TXT:
         return (text_record(line) for line in lines)
     if fmt is InputFormat.JSONL:
-        return (json_record(line, text_column, pair_column, max_line_bytes) for line in lines)
-    return csv_records(lines, "\t" if fmt is InputFormat.TSV else ",", text_column, pair_column,
+        return (json_record(line, text_columns, pair_columns or ("text_pair",), max_line_bytes)
+                for line in lines)
+    return csv_records(lines, "\t" if fmt is InputFormat.TSV else ",", text_columns, pair_columns,
                        max_line_bytes)
 
 
@@ -562,7 +565,8 @@ def text_record(line: Line) -> InputRecord:
     return InputRecord(line.number, (line.text, None), truncated=line.cut)
 
 
-def json_record(line: Line, text_key: str, pair_key: str | None, max_line_bytes: int) -> InputRecord:
+def json_record(line: Line, text_keys: Sequence[str], pair_keys: Sequence[str],
+                max_line_bytes: int) -> InputRecord:
     problem = line_problem(line)
     if problem or line.text is None:
         return InputRecord(line.number, None, problem)
@@ -573,17 +577,20 @@ def json_record(line: Line, text_key: str, pair_key: str | None, max_line_bytes:
     except json.JSONDecodeError as e:
         return InputRecord(line.number, None, f"not valid JSON ({e.msg})")
     if isinstance(value, dict):
-        if text_key not in value:
-            return InputRecord(line.number, None, f"no '{text_key}' field (has: {', '.join(value)})")
-        value = {"text": value[text_key], "text_pair": value.get(pair_key or "text_pair")}
+        text_key = next((k for k in text_keys if k in value), None)
+        if text_key is None:
+            return InputRecord(line.number, None, f"no {' / '.join(text_keys)} field "
+                               f"(has: {', '.join(value) or 'nothing'})")
+        pair_key = next((k for k in pair_keys if k in value), None)
+        value = {"text": value[text_key], "text_pair": value.get(pair_key) if pair_key else None}
     checked = as_pair(value)
     if isinstance(checked, str):
         return InputRecord(line.number, None, checked)
     return InputRecord(line.number, checked)
 
 
-def csv_records(lines: Iterator[Line], delimiter: str, text_column: str, pair_column: str | None,
-                max_line_bytes: int) -> Iterator[InputRecord]:
+def csv_records(lines: Iterator[Line], delimiter: str, text_columns: Sequence[str],
+                pair_columns: Sequence[str], max_line_bytes: int) -> Iterator[InputRecord]:
     """Rows of a CSV / TSV file; bad physical lines become error records in their place."""
     held: list[InputRecord] = []  # bad lines met while the csv reader pulled its next row
     last = [0]
@@ -602,7 +609,7 @@ def csv_records(lines: Iterator[Line], delimiter: str, text_column: str, pair_co
     if header is None:
         yield from held
         return
-    text_at, pair_at = column_indices(header, text_column, pair_column)
+    text_at, pair_at = column_indices(header, text_columns, pair_columns)
     for row in rows:
         yield from held
         held.clear()
@@ -618,14 +625,22 @@ def csv_records(lines: Iterator[Line], delimiter: str, text_column: str, pair_co
     yield from held
 
 
-def column_indices(header: list[str], text_column: str, pair_column: str | None) -> tuple[int, int | None]:
-    """Positions of the text (and pair) columns in a CSV header; a clear error when absent."""
+def column_indices(header: list[str], text_columns: Sequence[str],
+                   pair_columns: Sequence[str]) -> tuple[int, int | None]:
+    """Positions of the first present text (and pair) column in a CSV header.
+
+    >>> column_indices(["id", "sentence", "label"], ["text", "sentence"], [])
+    (1, None)
+    """
     names = [h.strip() for h in header]
-    missing = [c for c in (text_column, pair_column) if c is not None and c not in names]
-    if missing:
-        raise BertedgeError(f"the input has no column {', '.join(repr(m) for m in missing)} "
-                            f"(columns: {', '.join(names)})", "pick one with --text-column / --pair-column")
-    return names.index(text_column), names.index(pair_column) if pair_column else None
+    found = [next((names.index(c) for c in want if c in names), None)
+             for want in (text_columns, pair_columns)]
+    missing = [" / ".join(want) for want, at in zip((text_columns, pair_columns), found, strict=True)
+               if want and at is None]
+    if missing or found[0] is None:
+        raise BertedgeError(f"the input has no column {' nor '.join(missing)} (columns: {', '.join(names)})",
+                            "pick one with --text-column / --text-pair-column")
+    return found[0], found[1]
 
 
 def records_from_texts(texts: Sequence[str]) -> Iterator[InputRecord]:
@@ -667,8 +682,8 @@ class PredictArgs:
     texts: list[str] = field(default_factory=list)  # texts given as arguments (then no file is read)
     input: Path | None = None  # input file; None or '-' reads stdin
     format: InputFormat | None = None  # input format; None: from the file suffix (stdin: txt)
-    text_column: str = "text"  # CSV column / JSONL field holding the text
-    pair_column: str | None = None  # CSV column / JSONL field holding the second text of a pair
+    text_columns: tuple[str, ...] = ("text", "sentence", "content")  # first present holds the text
+    pair_columns: tuple[str, ...] = ()  # first present holds the pair's second text (JSONL: text_pair)
     output: OutputFormat = OutputFormat.JSONL  # stdout format
     batch_size: int = 32  # items per inference batch
     threads: int | None = None  # onnxruntime intra-op threads
@@ -681,8 +696,7 @@ class PredictArgs:
         self.output = OutputFormat(self.output)
         if self.format is not None:
             self.format = InputFormat(self.format)
-        if self.input is not None and str(self.input) != "-":
-            self.input = Path(self.input)
+        self.input = None if self.input is None or str(self.input) == "-" else Path(self.input)
         problems = []
         if self.batch_size < 1:
             problems.append(f"--batch-size must be at least 1 (got {self.batch_size})")
@@ -721,7 +735,8 @@ def run_predict(args: PredictArgs, stdout: TextIO, stderr: TextIO,
             records: Iterable[InputRecord] = records_from_texts(args.texts)
         else:
             fmt = args.format or input_format_of(args.input if isinstance(args.input, Path) else None)
-            records = read_records(stream, fmt, args.text_column, args.pair_column, args.max_line_bytes)
+            records = read_records(stream, fmt, args.text_columns, args.pair_columns,
+                                   args.max_line_bytes)
         timings = LatencyRecorder()
         counts = {"items": 0, "errors": 0, "truncated": 0}
         if args.output is OutputFormat.TABLE:

@@ -1,0 +1,295 @@
+"""Token classification (NER): CoNLL / JSONL reading, IOB2 checks, sub-word alignment,
+entity grouping into character spans, and entity-level precision / recall / F1.
+
+Numpy + tokenizers only: the runtime uses the grouping, training uses all of it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from bertedge.data import read_text
+from bertedge.errors import BertedgeError
+from bertedge.features import IGNORE, Features
+from bertedge.metrics import softmax
+
+
+class Aggregation(str, Enum):
+    """How sub-word predictions become word and entity predictions (Hugging Face's names)."""
+
+    SIMPLE = "simple"  # group sub-tokens by their own B-/I- tags
+    FIRST = "first"  # a word takes the label of its first sub-token
+    MAX = "max"  # a word takes the label of its most confident sub-token
+    AVERAGE = "average"  # a word takes the argmax of its sub-tokens' mean probabilities
+
+
+@dataclass
+class NerExamples:
+    """Sentences as words with tag indices into `label_names`."""
+
+    words: list[list[str]]
+    tags: list[list[int]] | None
+    label_names: list[str]
+    source: str
+    lines: list[int]  # line of each sentence's first word (for messages)
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    def subset(self, indices: Sequence[int]) -> NerExamples:
+        return NerExamples([self.words[i] for i in indices],
+                           [self.tags[i] for i in indices] if self.tags is not None else None,
+                           self.label_names, self.source, [self.lines[i] for i in indices])
+
+
+def read_ner(path: Path, label_names: Sequence[str] | None = None) -> NerExamples:
+    """Read CoNLL-style `token<TAB>tag` lines (blank line between sentences) or JSONL
+    `{"tokens": [...], "tags": [...]}`, checking every tag is IOB2.
+
+    Raises:
+        BertedgeError: naming the file and line of a column mismatch or an IOB2 violation.
+    """
+    path = Path(path)
+    text = read_text(path)
+    if not text.strip():
+        raise BertedgeError(f"{path} is empty", "give CoNLL `token<TAB>tag` lines or JSONL {tokens, tags}")
+    if path.suffix.lower() in (".jsonl", ".json"):
+        sentences = list(_jsonl_sentences(path, text))
+    else:
+        sentences = list(_conll_sentences(path, text))
+    for words, tags, lines in sentences:
+        check_iob2(tags, path, lines)
+    names = list(label_names) if label_names else _label_set(t for _, t, _ in sentences)
+    index = {n: i for i, n in enumerate(names)}
+    tag_ids = []
+    for _, tags, lines in sentences:
+        for tag, line in zip(tags, lines):
+            if tag not in index:
+                raise BertedgeError(f"{path}: line {line}: tag '{tag}' is not one of the model's tags: {', '.join(names)}",
+                                    "use the training tag set")
+        tag_ids.append([index[t] for t in tags])
+    return NerExamples([w for w, _, _ in sentences], tag_ids, names, str(path), [ln[0] for _, _, ln in sentences])
+
+
+def _conll_sentences(path: Path, text: str) -> Any:
+    words: list[str] = []
+    tags: list[str] = []
+    lines: list[int] = []
+    for n, raw in enumerate(text.split("\n"), start=1):
+        line = raw.rstrip("\r")
+        if not line.strip():
+            if words:
+                yield words, tags, lines
+            words, tags, lines = [], [], []
+            continue
+        if line.startswith("-DOCSTART-"):
+            continue
+        parts = line.split("\t") if "\t" in line else line.split()
+        if len(parts) < 2 or not parts[0] or not parts[-1]:
+            raise BertedgeError(f"{path}: line {n}: expected `token<TAB>tag`, got {line[:60]!r}",
+                                "write one token and its IOB2 tag per line, a blank line between sentences")
+        words.append(parts[0])
+        tags.append(parts[-1])
+        lines.append(n)
+    if words:
+        yield words, tags, lines
+
+
+def _jsonl_sentences(path: Path, text: str) -> Any:
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            words, tags = rec["tokens"], rec["tags"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise BertedgeError(f"{path}: line {n} is not a JSON object with 'tokens' and 'tags'",
+                                'write {"tokens": [...], "tags": [...]} per line') from None
+        if len(words) != len(tags):
+            raise BertedgeError(f"{path}: line {n}: {len(words)} tokens but {len(tags)} tags",
+                                "give exactly one tag per token")
+        if not words:
+            raise BertedgeError(f"{path}: line {n}: empty sentence", "remove the line")
+        yield [str(w) for w in words], [str(t) for t in tags], [n] * len(words)
+
+
+def check_iob2(tags: Sequence[str], path: Path | str = "<tags>", lines: Sequence[int] | None = None) -> None:
+    """Raise on a tag that is not O, B-X or I-X, or an I-X that does not continue B-X / I-X.
+
+    >>> check_iob2(["B-PER", "I-PER", "O", "B-LOC"])
+    >>> check_iob2(["O", "I-PER"])
+    Traceback (most recent call last):
+    ...
+    bertedge.errors.BertedgeError: <tags>: line 2: tag 'I-PER' follows 'O'; IOB2 starts every entity with B-PER -- convert the file to IOB2 (e.g. IOB1 -> IOB2) or fix that tag
+    """
+    prev = "O"
+    for i, tag in enumerate(tags):
+        line = lines[i] if lines else i + 1
+        if tag != "O" and not (tag[:2] in ("B-", "I-") and len(tag) > 2):
+            raise BertedgeError(f"{path}: line {line}: tag '{tag}' is not IOB2 (O, B-TYPE or I-TYPE)",
+                                "convert the tags to IOB2")
+        if tag.startswith("I-") and prev[2:] != tag[2:]:
+            raise BertedgeError(f"{path}: line {line}: tag '{tag}' follows '{prev}'; IOB2 starts every entity with B-{tag[2:]}",
+                                "convert the file to IOB2 (e.g. IOB1 -> IOB2) or fix that tag")
+        prev = tag
+
+
+def _label_set(tag_lists: Any) -> list[str]:
+    """O first, then B-/I- per type, types sorted: a stable label order."""
+    types = sorted({t[2:] for tags in tag_lists for t in tags if t != "O"})
+    return ["O"] + [f"{p}-{t}" for t in types for p in ("B", "I")]
+
+
+def encode_words(tokenizer: Tokenizer, examples: NerExamples, max_length: int) -> Features:
+    """Tokenize pre-split words; label the first sub-word of each word, ignore the rest."""
+    tokenizer.enable_truncation(max_length)
+    encodings = tokenizer.encode_batch(examples.words, is_pretokenized=True)
+    tokenizer.no_truncation()
+    targets = None
+    truncated = []
+    if examples.tags is not None:
+        targets = [align_labels(enc.word_ids, tags) for enc, tags in zip(encodings, examples.tags)]
+    for enc, words in zip(encodings, examples.words):
+        seen = {w for w in enc.word_ids if w is not None}
+        truncated.append(len(seen) < len(words))
+    return Features(encodings, list(range(len(encodings))), targets, truncated)
+
+
+def align_labels(word_ids: Sequence[int | None], tags: Sequence[int]) -> list[int]:
+    """Per-token labels: a word's tag on its first sub-token, IGNORE elsewhere.
+
+    >>> align_labels([None, 0, 1, 1, None], [3, 5])
+    [-100, 3, 5, -100, -100]
+    """
+    out, prev = [], None
+    for w in word_ids:
+        out.append(IGNORE if w is None or w == prev else int(tags[w]))
+        prev = w
+    return out
+
+
+def encode_texts(tokenizer: Tokenizer, texts: Sequence[str], max_length: int) -> Features:
+    """Runtime input: raw texts, split into words by the tokenizer's own pre-tokenizer."""
+    tokenizer.enable_truncation(max_length)
+    encodings = tokenizer.encode_batch(list(texts))
+    tokenizer.no_truncation()
+    truncated = [bool(e.overflowing) for e in encodings]
+    return Features(encodings, list(range(len(encodings))), None, truncated)
+
+
+def word_predictions(logits: np.ndarray, word_ids: Sequence[int | None],
+                     strategy: Aggregation) -> dict[int, tuple[int, float]]:
+    """word index -> (label id, score) from one window's (tokens, labels) logits."""
+    probs = softmax(logits.astype(np.float64), axis=-1)
+    tokens_of: dict[int, list[int]] = {}
+    for t, w in enumerate(word_ids):
+        if w is not None:
+            tokens_of.setdefault(w, []).append(t)
+    out = {}
+    for w, toks in tokens_of.items():
+        if strategy in (Aggregation.FIRST, Aggregation.SIMPLE):
+            p = probs[toks[0]]
+        elif strategy is Aggregation.MAX:
+            p = probs[max(toks, key=lambda t: probs[t].max())]
+        else:
+            p = probs[toks].mean(axis=0)
+        out[w] = (int(p.argmax()), float(p.max()))
+    return out
+
+
+def group_entities(text: str, logits: np.ndarray, word_ids: Sequence[int | None],
+                   offsets: Sequence[tuple[int, int]], labels: Sequence[str],
+                   strategy: Aggregation = Aggregation.FIRST) -> list[dict[str, Any]]:
+    """Entities with type, character start/end in `text`, surface text and mean score.
+
+    B-X starts an entity, I-X continues an open entity of type X (an I-X after anything else
+    starts a new one, as Hugging Face pipelines do); sub-words never split an entity except
+    with the `simple` strategy, which groups sub-tokens by their own tags.
+    """
+    if strategy is Aggregation.SIMPLE:
+        probs = softmax(logits.astype(np.float64), axis=-1)
+        units = [(int(probs[t].argmax()), float(probs[t].max()), offsets[t])
+                 for t, w in enumerate(word_ids) if w is not None]
+    else:
+        words = word_predictions(logits, word_ids, strategy)
+        spans: dict[int, list[int]] = {}
+        for t, w in enumerate(word_ids):
+            if w is not None:
+                spans.setdefault(w, [offsets[t][0], offsets[t][1]])[1] = offsets[t][1]
+        units = [(words[w][0], words[w][1], (spans[w][0], spans[w][1])) for w in sorted(words)]
+    entities: list[dict[str, Any]] = []
+    current: dict[str, Any] | None = None
+    for label_id, score, (start, end) in units:
+        tag = labels[label_id]
+        kind = tag[2:] if tag != "O" else None
+        if kind and tag.startswith("I-") and current and current["type"] == kind:
+            current["end"] = end
+            current["scores"].append(score)
+            continue
+        if current:
+            entities.append(current)
+        current = {"type": kind, "start": start, "end": end, "scores": [score]} if kind else None
+    if current:
+        entities.append(current)
+    return [{"type": e["type"], "start": int(e["start"]), "end": int(e["end"]), "text": text[e["start"]:e["end"]],
+             "score": float(np.mean(e["scores"]))} for e in entities]
+
+
+def tag_spans(tags: Sequence[str]) -> set[tuple[str, int, int]]:
+    """IOB2-strict entity spans (type, first word, last word); an orphan I- is not an entity.
+
+    >>> sorted(tag_spans(["B-PER", "I-PER", "O", "I-LOC", "B-LOC", "B-LOC"]))
+    [('LOC', 4, 4), ('LOC', 5, 5), ('PER', 0, 1)]
+    """
+    spans, start, kind = set(), None, None
+    for i, tag in enumerate(list(tags) + ["O"]):
+        if kind is not None and not (tag.startswith("I-") and tag[2:] == kind):
+            spans.add((kind, start, i - 1))
+            kind = None
+        if tag.startswith("B-"):
+            start, kind = i, tag[2:]
+    return spans  # type: ignore[return-value]
+
+
+def entity_scores(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) -> dict[str, Any]:
+    """Entity-level precision / recall / F1 per type and micro-averaged (seqeval strict IOB2).
+
+    >>> entity_scores([["B-PER", "I-PER", "O"]], [["B-PER", "I-PER", "O"]])["f1"]
+    1.0
+    """
+    counts: dict[str, list[int]] = {}  # type -> [true positives, predicted, gold]
+    for g, p in zip(gold, pred):
+        gs, ps = tag_spans(g), tag_spans(p)
+        for kind, *_ in gs | ps:
+            counts.setdefault(kind, [0, 0, 0])
+        for span in ps:
+            counts[span[0]][1] += 1
+            counts[span[0]][0] += span in gs
+        for span in gs:
+            counts[span[0]][2] += 1
+    per_type = {k: _prf(*v) for k, v in sorted(counts.items())}
+    total = [sum(v[i] for v in counts.values()) for i in range(3)]
+    micro = _prf(*total)
+    return {"f1": micro["f1"], "precision": micro["precision"], "recall": micro["recall"],
+            "per_type": per_type, "n_sentences": len(gold)}
+
+
+def _prf(tp: int, predicted: int, gold: int) -> dict[str, float | int]:
+    p = tp / predicted if predicted else 0.0
+    r = tp / gold if gold else 0.0
+    return {"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0, "support": gold}
+
+
+def word_tags(window_logits: np.ndarray, word_ids: Sequence[int | None], n_words: int,
+              labels: Sequence[str]) -> list[str]:
+    """Predicted IOB2 tag per word (first sub-token), 'O' for words cut off by truncation."""
+    words = word_predictions(window_logits, word_ids, Aggregation.FIRST)
+    return [labels[words[w][0]] if w in words else "O" for w in range(n_words)]

@@ -1,0 +1,224 @@
+"""The bundle format: package an export folder, archive it, verify it at load."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from bertedge.bundle import ArchiveFormat, PackageArgs, open_bundle, package
+from bertedge.cli import cli
+from bertedge.errors import BertedgeError
+from bertedge.runtime import Predictor
+
+LABELS = ["negative", "positive"]
+TEXTS = ["a good film", "the plot was awful", ("what a story", "it was great")]
+
+
+def hand_export(model_dir: Path, out: Path, arch: str, max_length: int = 32) -> Path:
+    """An export folder as `bertedge export` writes it, built by hand so the test controls it:
+    fp32 passed, a copy posing as INT8 that failed validation."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    if (out / "export-report.json").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    names = ["input_ids", "attention_mask"] + (["token_type_ids"] if arch == "bert" else [])
+    dummy = tuple(torch.ones(2, 8, dtype=torch.long) for _ in names)
+    axes = {n: {0: "batch", 1: "sequence"} for n in names} | {"logits": {0: "batch"}}
+    torch.onnx.export(model, dummy, str(out / "model.onnx"), input_names=names, output_names=["logits"],
+                      dynamic_axes=axes, opset_version=17, dynamo=False)
+    shutil.copy(out / "model.onnx", out / "model-int8.onnx")
+    for name in ("tokenizer.json", "config.json"):
+        shutil.copy(model_dir / name, out / name)
+    meta = {"task": "classification", "labels": LABELS, "max_length": max_length, "model_type": arch}
+    (out / "bertedge.json").write_text(json.dumps(meta))
+    quant = {"method": "dynamic", "per_channel": False}
+    report = {"model_dir": str(model_dir), "opset": 17, "recommended": "fp32", "artifacts": [
+        {"name": "fp32", "file": "model.onnx", "precision": "fp32", "quantization": None,
+         "validated": True, "passed": True, "label_agreement": 1.0, "metric": {"accuracy": 0.9}},
+        {"name": "int8", "file": "model-int8.onnx", "precision": "int8", "quantization": quant,
+         "validated": True, "passed": False, "label_agreement": 0.7, "metric": {"accuracy": 0.6}},
+    ]}
+    (out / "export-report.json").write_text(json.dumps(report))
+    return out
+
+
+@pytest.fixture(scope="session")
+def bert_export(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return hand_export(tiny_bert, tmp_path_factory.getbasetemp() / "hand-export-bert", "bert")
+
+
+@pytest.fixture(scope="session")
+def bert_bundle(bert_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A read-only bundle folder: copy it before damaging it."""
+    return package(PackageArgs(bert_export, tmp_path_factory.mktemp("bundles") / "bundle")).root
+
+
+def damaged(bundle: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    return copy
+
+
+def test_manifest_lists_everything_predict_needs(bert_bundle: Path, bert_export: Path) -> None:
+    m = json.loads((bert_bundle / "manifest.json").read_text())
+    assert sorted(p.name for p in bert_bundle.iterdir()) == ["manifest.json", "model.onnx", "tokenizer.json"]
+    assert (m["format"], m["format_version"], m["bertedge_version"]) == ("bertedge-bundle", 1, "0.1.0")
+    assert (m["task"], m["labels"], m["max_length"], m["model_type"]) == ("classification", LABELS, 32, "bert")
+    assert m["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert m["precision"] == "fp32" and m["quantization"] is None
+    for name in ("model.onnx", "tokenizer.json"):
+        data = (bert_bundle / name).read_bytes()
+        assert m["files"][name] == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    prov = m["provenance"]
+    assert prov["artifact"]["label_agreement"] == 1.0 and prov["artifact"]["metric"] == {"accuracy": 0.9}
+    assert prov["recommended"] == "fp32" and prov["forced"] is False
+    assert prov["export"]["opset"] == 17
+    assert (bert_bundle / "model.onnx").read_bytes() == (bert_export / "model.onnx").read_bytes()
+
+
+def test_distilbert_bundle_has_no_token_type_ids(tiny_distilbert: Path, tmp_path: Path) -> None:
+    export_dir = hand_export(tiny_distilbert, tmp_path / "export", "distilbert")
+    bundle = package(PackageArgs(export_dir, tmp_path / "bundle")).root
+    assert json.loads((bundle / "manifest.json").read_text())["inputs"] == ["input_ids", "attention_mask"]
+    assert Predictor(bundle).predict(["a good film"])[0]["label"] in LABELS
+
+
+@pytest.mark.parametrize("out_name, archive", [("b.tar.gz", None), ("b.zip", None), ("b", "zip"),
+                                               ("b", "tar.gz")])
+def test_archives_give_the_same_predictions(bert_export: Path, bert_bundle: Path, tmp_path: Path,
+                                            out_name: str, archive: str | None) -> None:
+    result = package(PackageArgs(bert_export, tmp_path / out_name, archive=archive))  # type: ignore[arg-type]
+    assert result.root.is_file() and result.root.name.endswith((".tar.gz", ".zip"))
+    assert Predictor(result.root).predict(TEXTS) == Predictor(bert_bundle).predict(TEXTS)
+
+
+def test_archive_of_the_folder_itself_opens(bert_bundle: Path, tmp_path: Path) -> None:
+    archive = tmp_path / "hand.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(bert_bundle, arcname="bundle")  # like `tar czf hand.tar.gz bundle/`
+    with open_bundle(archive) as b:
+        assert b.manifest["task"] == "classification"
+        extracted = b.root
+    assert not extracted.exists()  # the temporary extraction is cleaned up
+
+
+def test_refuses_failed_artifact_unless_forced(bert_export: Path, tmp_path: Path) -> None:
+    with pytest.raises(BertedgeError, match=r"'int8' failed validation.*--force"):
+        package(PackageArgs(bert_export, tmp_path / "b", artifact="int8"))
+    forced = package(PackageArgs(bert_export, tmp_path / "b", artifact="model-int8.onnx", force=True))
+    m = forced.manifest
+    assert m["precision"] == "int8" and m["quantization"]["method"] == "dynamic"
+    assert m["provenance"]["forced"] is True and m["provenance"]["artifact"]["passed"] is False
+
+
+def test_unknown_artifact_lists_the_choices(bert_export: Path, tmp_path: Path) -> None:
+    with pytest.raises(BertedgeError, match="no artifact named 'fp16'.*fp32, int8"):
+        package(PackageArgs(bert_export, tmp_path / "b", artifact="fp16"))
+
+
+def test_incomplete_export_folder_lists_what_is_missing(tmp_path: Path) -> None:
+    with pytest.raises(BertedgeError, match="does not exist"):
+        package(PackageArgs(tmp_path / "nope", tmp_path / "b"))
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "bertedge.json").write_text("{}")
+    with pytest.raises(BertedgeError, match="missing export-report.json, tokenizer.json"):
+        package(PackageArgs(tmp_path / "half", tmp_path / "b"))
+
+
+def test_will_not_overwrite_a_folder_that_is_not_a_bundle(bert_export: Path, tmp_path: Path) -> None:
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "notes.txt").write_text("keep me")
+    with pytest.raises(BertedgeError, match="not a bundle; refusing"):
+        package(PackageArgs(bert_export, tmp_path / "precious"))
+    first = package(PackageArgs(bert_export, tmp_path / "b")).root
+    assert package(PackageArgs(bert_export, first)).root == first  # an old bundle is replaced
+
+
+def test_corrupt_file_is_named(bert_bundle: Path, tmp_path: Path) -> None:
+    bundle = damaged(bert_bundle, tmp_path)
+    data = bytearray((bundle / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bundle / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(BertedgeError, match=r"file 'model.onnx' is corrupt \(SHA-256") as e:
+        Predictor(bundle)
+    assert "tokenizer.json" not in str(e.value) and "bertedge package" in str(e.value)
+
+
+def test_truncated_and_missing_files_are_named_together(bert_bundle: Path, tmp_path: Path) -> None:
+    bundle = damaged(bert_bundle, tmp_path)
+    with (bundle / "tokenizer.json").open("r+b") as f:
+        f.truncate(100)
+    (bundle / "model.onnx").unlink()
+    with pytest.raises(BertedgeError) as e:
+        Predictor(bundle)
+    assert "file 'model.onnx' is missing" in str(e.value)
+    assert "file 'tokenizer.json' is truncated (100 bytes" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda m: "{not json", "is not valid JSON"),
+    (lambda m: json.dumps({k: v for k, v in m.items() if k != "labels"}), "missing labels"),
+    (lambda m: json.dumps({**m, "format_version": 99}), "newer than this bertedge"),
+    (lambda m: json.dumps({**m, "files": {"model.onnx": m["files"]["model.onnx"]}}), "no checksum for tokenizer.json"),
+    (lambda m: json.dumps({**m, "task": "poetry"}), "unknown task 'poetry'"),
+])
+def test_bad_manifest(bert_bundle: Path, tmp_path: Path, damage, message: str) -> None:  # type: ignore[no-untyped-def]
+    bundle = damaged(bert_bundle, tmp_path)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    (bundle / "manifest.json").write_text(damage(manifest))
+    with pytest.raises(BertedgeError, match=message):
+        Predictor(bundle)
+
+
+def test_not_a_bundle(tmp_path: Path) -> None:
+    with pytest.raises(BertedgeError, match="does not exist.*bertedge package"):
+        Predictor(tmp_path / "nope")
+    with pytest.raises(BertedgeError, match="not a bertedge bundle"):
+        Predictor(tmp_path)
+    (tmp_path / "x.onnx").write_bytes(b"")
+    with pytest.raises(BertedgeError, match="neither a bundle folder nor"):
+        Predictor(tmp_path / "x.onnx")
+
+
+@pytest.mark.parametrize("fmt", list(ArchiveFormat))
+def test_truncated_archive(bert_export: Path, tmp_path: Path, fmt: ArchiveFormat) -> None:
+    archive = package(PackageArgs(bert_export, tmp_path / "b", archive=fmt)).root
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    with pytest.raises(BertedgeError, match="truncated or corrupt"):
+        Predictor(archive)
+
+
+def test_archive_member_cannot_escape(tmp_path: Path) -> None:
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("../../evil.txt", "x")
+    with pytest.raises(BertedgeError, match="unsafe path"):
+        Predictor(archive)
+    archive = tmp_path / "evil.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        info = tarfile.TarInfo("/etc/evil")
+        tar.addfile(info, io.BytesIO(b""))
+    with pytest.raises(BertedgeError, match="unsafe path"):
+        Predictor(archive)
+
+
+def test_cli_package(bert_export: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    ok = runner.invoke(cli, ["package", str(bert_export), "--out", str(tmp_path / "b.zip")])
+    assert ok.exit_code == 0, ok.output
+    assert "packaged artifact 'fp32'" in ok.output and (tmp_path / "b.zip").is_file()
+    bad = runner.invoke(cli, ["package", str(bert_export), "--out", str(tmp_path / "c"), "--artifact", "int8"])
+    assert bad.exit_code != 0
+    assert bad.output.startswith("Error: artifact 'int8' failed validation") and bad.output.count("\n") == 1

@@ -1,0 +1,255 @@
+"""bertedge export: parity of every artifact with PyTorch, the INT8 budget search, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import transformers
+from click.testing import CliRunner
+from tiny import sentiment_rows, write_csv
+
+from bertedge import quantize as q
+from bertedge.cli import cli
+from bertedge.errors import BertedgeError
+from bertedge.export import (
+    ExportArgs,
+    ExportReport,
+    Optimization,
+    Quantization,
+    export,
+    label_agreement,
+    max_abs_diff,
+)
+
+TEXTS = ["a good film", "the plot was very dull and the acting was poor", "superb", "boring movie"]
+INT8_ATOL = 1e-2  # tiny random models have logits ~1e-3; INT8 error stays well under this
+
+
+def torch_and_onnx(model_dir: Path, onnx_path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Logits of the PyTorch model and of an ONNX file on TEXTS, and the graph's input names."""
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    enc = tok(TEXTS, padding=True, return_tensors="np")
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    feeds = {n: enc[n].astype(np.int64) for n in names}
+    with torch.no_grad():
+        ref = model(**{n: torch.from_numpy(v) for n, v in feeds.items()}).logits.numpy()
+    return ref, session.run(None, feeds)[0], names
+
+
+@pytest.fixture(scope="module")
+def bert_export(tiny_bert: Path, sentiment_csv: tuple[Path, Path],
+                tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ExportReport]:
+    """One full default export (fused + dynamic INT8 + FP16) of the tiny BERT, gated on --eval."""
+    out = tmp_path_factory.mktemp("bert_export") / "export"
+    return out, export(ExportArgs(tiny_bert, out, eval_file=sentiment_csv[1], fp16=True))
+
+
+def test_fp32_parity_bert(tiny_bert: Path, bert_export: tuple[Path, ExportReport]) -> None:
+    out, report = bert_export
+    ref, got, names = torch_and_onnx(tiny_bert, out / "model.onnx")
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    assert names == ["input_ids", "attention_mask", "token_type_ids"] == report.input_names
+
+
+def test_fused_parity_and_fusion(tiny_bert: Path, bert_export: tuple[Path, ExportReport]) -> None:
+    out, report = bert_export
+    ref, got, _ = torch_and_onnx(tiny_bert, out / "model-fused.onnx")
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    ops = {n.op_type for n in onnx.load(str(out / "model-fused.onnx")).graph.node}
+    assert {"Attention", "SkipLayerNormalization"} <= ops
+    fused = report.artifact("fused")
+    assert fused is not None and fused.passed and "Attention x2" in fused.notes
+
+
+def test_int8_agreement_and_report(tiny_bert: Path, bert_export: tuple[Path, ExportReport]) -> None:
+    out, report = bert_export
+    ref, got, _ = torch_and_onnx(tiny_bert, out / "model-int8.onnx")
+    assert np.abs(got - ref).max() < INT8_ATOL
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.75
+    int8 = report.artifact("int8")
+    assert int8 is not None and int8.passed and int8.quantization is not None
+    assert int8.label_agreement >= 0.95 and int8.metric is not None
+    assert int8.metric["name"] == "accuracy" and float(int8.metric["drop_points"]) <= 0.5  # type: ignore[arg-type]
+    assert report.recommended == "int8" and len(report.int8_search) == 1  # first candidate passed
+    saved = json.loads((out / "export-report.json").read_text())
+    assert saved["recommended"] == "int8" and set(saved["cpu"]) >= {"model", "avx2", "avx512_vnni"}
+    assert {a["name"] for a in saved["artifacts"]} == {"fp32", "fused", "int8", "fp16"}
+    for name in ("tokenizer.json", "config.json", "bertedge.json"):
+        assert (out / name).is_file()
+    assert json.loads((out / "bertedge.json").read_text())["labels"] == ["negative", "positive"]
+    assert not list(out.parent.glob(".export.*"))  # the temp build folder is gone
+
+
+def test_fp16_without_cuda_is_not_claimed_validated(bert_export: tuple[Path, ExportReport]) -> None:
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("CUDA present: test_fp16_on_cuda covers it")
+    fp16 = bert_export[1].artifact("fp16")
+    assert fp16 is not None and (bert_export[0] / "model-fp16.onnx").is_file()
+    assert not fp16.validated and not fp16.passed and fp16.notes.startswith("not validated: no CUDA provider")
+
+
+@pytest.mark.gpu
+def test_fp16_on_cuda(tiny_bert: Path, tmp_path: Path) -> None:
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime has no CUDAExecutionProvider here")
+    report = export(ExportArgs(tiny_bert, tmp_path / "out", quantize=Quantization.NONE, fp16=True))
+    fp16 = report.artifact("fp16")
+    assert fp16 is not None and fp16.validated and fp16.passed
+
+
+def test_distilbert_has_no_token_type_ids(tiny_distilbert: Path, tmp_path: Path) -> None:
+    report = export(ExportArgs(tiny_distilbert, tmp_path / "out", quantize=Quantization.NONE))
+    for file in ("model.onnx", "model-fused.onnx"):
+        ref, got, names = torch_and_onnx(tiny_distilbert, tmp_path / "out" / file)
+        assert names == ["input_ids", "attention_mask"]
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    assert report.recommended == "fused" and report.int8_search == []
+
+
+def test_impossible_budget_tries_every_mitigation(tiny_bert: Path, sentiment_csv: tuple[Path, Path],
+                                                  tmp_path: Path) -> None:
+    """A budget of -1 point cannot be met: export still succeeds, INT8 is marked failed."""
+    report = export(ExportArgs(tiny_bert, tmp_path / "out", eval_file=sentiment_csv[1], max_accuracy_drop=-1))
+    tried = [t["candidate"] for t in report.int8_search]
+    ladder = q.distinct(q.candidates(q.Int8Config()), onnx.load(str(tmp_path / "out" / "model-fused.onnx")))
+    assert tried == [c.label() for c in ladder] and len(tried) >= 3
+    assert tried[:2] == ["dynamic", "dynamic per-channel reduce-range"] and "keep-fp32=" in tried[2]
+    int8 = report.artifact("int8")
+    assert int8 is not None and not int8.passed and "failed budget" in int8.notes
+    assert report.recommended == "fused"
+    assert any("recommended falls back to fused" in w for w in report.warnings)
+
+
+def test_require_int8_fails_and_leaves_no_folder(tiny_bert: Path, tmp_path: Path) -> None:
+    with pytest.raises(BertedgeError, match="no INT8 candidate met the budget"):
+        export(ExportArgs(tiny_bert, tmp_path / "out", min_agreement=1.0, max_accuracy_drop=-1,
+                          eval_file=write_csv(tmp_path / "e.csv", sentiment_rows(8)), require_int8=True))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.csv"]
+
+
+def test_search_all_keeps_best_passer(tiny_bert: Path, tmp_path: Path) -> None:
+    """Without --eval the gate is label agreement on real inputs (built-in sentences here)."""
+    report = export(ExportArgs(tiny_bert, tmp_path / "out", search_all=True, min_agreement=0.5))
+    assert len(report.int8_search) >= 3
+    best = max(t["agreement"] for t in report.int8_search if t["passed"])  # type: ignore[type-var]
+    int8 = report.artifact("int8")
+    assert int8 is not None and int8.label_agreement == best
+    assert "label agreement" in report.gate and "built-in" in report.validation_inputs
+    assert not list((tmp_path / "out").glob("*candidate*"))
+
+
+def test_static_qdq_with_calibration(tiny_bert: Path, sentiment_csv: tuple[Path, Path], tmp_path: Path) -> None:
+    report = export(ExportArgs(tiny_bert, tmp_path / "out", quantize=Quantization.STATIC,
+                               optimization=Optimization.NONE, calibration=sentiment_csv[0], calibration_rows=40))
+    static = report.artifact("int8-static")
+    assert static is not None and static.passed and static.quantization is not None
+    assert static.quantization["format"] == "QDQ" and static.max_abs_diff_real is not None
+    assert static.max_abs_diff_real < INT8_ATOL
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "out" / "model-int8-static.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert report.recommended == "int8-static" and "rows of" in report.validation_inputs
+
+
+def test_excluded_nodes_groups(bert_export: tuple[Path, ExportReport]) -> None:
+    model = onnx.load(str(bert_export[0] / "model-fused.onnx"))
+    head = q.excluded_nodes(model, [q.Keep.HEAD])
+    assert head and all("classifier" in n or "pooler" in n for n in head)
+    emb = q.excluded_nodes(model, [q.Keep.EMBEDDINGS])
+    assert "EmbedLayerNormalization_0" in emb
+    edges = q.excluded_nodes(model, [q.Keep.FIRST_LAST_LAYERS])
+    assert {"Attention_0", "Attention_1"} <= set(edges)  # 2 layers: both are first or last
+    assert not any("classifier" in n for n in edges)
+
+
+def test_distinct_drops_no_op_exclusions(bert_export: tuple[Path, ExportReport]) -> None:
+    """The classifier is a Gemm, which dynamic quantization never touches: keeping it is a no-op."""
+    model = onnx.load(str(bert_export[0] / "model-fused.onnx"))
+    labels = [c.label() for c in q.distinct(q.candidates(q.Int8Config()), model)]
+    assert "dynamic per-channel reduce-range keep-fp32=head" not in labels
+    static = [c.label() for c in q.distinct(q.candidates(q.Int8Config(q.Method.STATIC)), model)]
+    assert "static per-channel reduce-range keep-fp32=head" in static
+
+
+def test_per_token_comparison_ignores_padding() -> None:
+    mask = np.array([[1, 1, 0]])
+    ref = [{"logits": np.array([[[0.0, 1.0], [1.0, 0.0], [5.0, 0.0]]])}]
+    got = [{"logits": np.array([[[0.0, 1.0], [1.0, 0.0], [0.0, 9.0]]])}]  # differs only at padding
+    assert label_agreement(ref, got, [{"attention_mask": mask}], per_token=True) == 1.0
+    assert max_abs_diff(ref, got, [{"attention_mask": mask}], per_token=True) == 0.0
+    assert label_agreement(ref, got, [{"attention_mask": mask}], per_token=False) < 1.0
+
+
+def _broken_copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_not_a_model_folder(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BertedgeError, match="not a model folder"):
+        export(ExportArgs(tmp_path / "empty", tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_safetensors(tiny_bert: Path, tmp_path: Path) -> None:
+    model = _broken_copy(tiny_bert, tmp_path / "model")
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(BertedgeError, match="cannot load the weights"):
+        export(ExportArgs(model, tmp_path / "out"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_unsupported_architecture_and_missing_tokenizer(tiny_bert: Path, tmp_path: Path) -> None:
+    model = _broken_copy(tiny_bert, tmp_path / "model")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    with pytest.raises(BertedgeError, match="model_type 'gpt2'.*not supported"):
+        export(ExportArgs(model, tmp_path / "out"))
+    (model / "config.json").write_text(json.dumps(config))
+    (model / "tokenizer.json").unlink()
+    with pytest.raises(BertedgeError, match="no tokenizer.json"):
+        export(ExportArgs(model, tmp_path / "out"))
+
+
+def test_calibration_with_wrong_columns(tiny_bert: Path, tmp_path: Path) -> None:
+    bad = write_csv(tmp_path / "calib.csv", sentiment_rows(10), text_col="review")
+    with pytest.raises(BertedgeError, match="no text column"):
+        export(ExportArgs(tiny_bert, tmp_path / "out", quantize=Quantization.STATIC, calibration=bad))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.csv"]
+
+
+def test_bad_options_and_existing_out(tiny_bert: Path, tmp_path: Path) -> None:
+    with pytest.raises(BertedgeError, match="needs --calibration"):
+        ExportArgs(tiny_bert, tmp_path / "out", quantize=Quantization.STATIC)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    with pytest.raises(BertedgeError, match="already exists"):
+        export(ExportArgs(tiny_bert, tmp_path / "out", quantize=Quantization.NONE))
+    export(ExportArgs(tiny_bert, tmp_path / "out", quantize=Quantization.NONE, optimization=Optimization.NONE,
+                      overwrite=True))
+    assert not (tmp_path / "out" / "keep.txt").exists() and (tmp_path / "out" / "model.onnx").is_file()
+
+
+def test_cli_export(tiny_bert: Path, sentiment_csv: tuple[Path, Path], tmp_path: Path) -> None:
+    runner = CliRunner()
+    ok = runner.invoke(cli, ["export", str(tiny_bert), "--out", str(tmp_path / "out"),
+                             "--eval", str(sentiment_csv[1]), "--max-eval-rows", "20"])
+    assert ok.exit_code == 0, ok.output
+    assert "recommended: int8" in ok.output and "model-int8.onnx" in ok.output
+    strict = runner.invoke(cli, ["export", str(tiny_bert), "--out", str(tmp_path / "strict"),
+                                 "--min-agreement", "1.0", "--max-accuracy-drop", "-1",
+                                 "--eval", str(sentiment_csv[1]), "--require-int8"])
+    assert strict.exit_code != 0 and "no INT8 candidate met the budget" in strict.output
+    assert not (tmp_path / "strict").exists()
+    bad = runner.invoke(cli, ["export", str(tmp_path), "--out", str(tmp_path / "x")])
+    assert bad.exit_code != 0 and bad.output.count("\n") == 1 and "Error:" in bad.output
