@@ -82,12 +82,15 @@ def columns_from(text_column: str, text_pair_column: str | None, label_column: s
 @click.option("--train", "train", required=True, type=click.Path(path_type=Path), help="Training file (.csv, .tsv, .jsonl).")
 @click.option("--eval", "eval_", type=click.Path(path_type=Path), help="Evaluation file; default: hold out --eval-fraction of train.")
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Output model folder.")
-@click.option("--task", default="classification", show_default=True, help="Task (classification).")
+@click.option("--task", type=click.Choice(["classification", "ner", "qa"]), default="classification", show_default=True,
+              help="classification (CSV/TSV/JSONL), ner (CoNLL token<TAB>tag or JSONL tokens/tags), qa (SQuAD v1.1 JSON or JSONL).")
 @data_options
 @click.option("--label-names", default=None, help="Label names in index order, e.g. negative,positive (integer labels index into them).")
 @click.option("--max-train-rows", default=0, show_default=True, help="Seeded random subset of train (0 = all rows).")
 @click.option("--eval-fraction", default=0.1, show_default=True, help="Held-out share of train when --eval is not given.")
-@click.option("--max-length", default=128, show_default=True, help="Max tokens per example (longer ones are truncated and counted).")
+@click.option("--max-length", default=0, show_default=True,
+              help="Max tokens per window (0 = task default: 128; QA 384). Longer inputs are truncated and counted.")
+@click.option("--stride", default=128, show_default=True, help="QA: tokens shared by consecutive windows of a long context.")
 @click.option("--epochs", default=2.0, show_default=True, help="Passes over the training data.")
 @click.option("--batch-size", default=32, show_default=True, help="Examples per step.")
 @click.option("--lr", default=1e-4, show_default=True, help="Peak LR of the top encoder layer.")
@@ -108,13 +111,15 @@ def columns_from(text_column: str, text_pair_column: str | None, label_column: s
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @user_errors
 def finetune(**opts: Any) -> None:
-    """Fine-tune a BERT / DistilBERT model for sequence classification.
+    """Fine-tune a BERT / DistilBERT model: sequence classification, NER or extractive QA.
 
     \b
     Examples:
       bertedge finetune --model minilm --train train.csv --eval dev.csv --out runs/model
       bertedge finetune --model ./my-bert --train pairs.jsonl --text-column premise \\
           --text-pair-column hypothesis --label-column label --out runs/nli
+      bertedge finetune --task ner --train conll/train.txt --eval conll/valid.txt --out runs/ner
+      bertedge finetune --task qa --train squad.json --out runs/qa   # holds out whole articles
     \b
     Writes a Hugging Face model folder plus labels.json, bertedge.json, metrics.json, args.json.
     """
@@ -126,7 +131,7 @@ def finetune(**opts: Any) -> None:
         model=opts["model"], train=opts["train"], eval=opts["eval_"], out=opts["out"], task=opts["task"],
         columns=columns_from(opts["text_column"], opts["text_pair_column"], opts["label_column"]),
         label_names=tuple(csv_list(opts["label_names"])), max_train_rows=opts["max_train_rows"],
-        eval_fraction=opts["eval_fraction"], max_length=opts["max_length"], epochs=opts["epochs"],
+        eval_fraction=opts["eval_fraction"], max_length=opts["max_length"], stride=opts["stride"], epochs=opts["epochs"],
         batch_size=opts["batch_size"], lr=opts["lr"], head_lr=opts["head_lr"],
         layer_lr_decay=opts["layer_lr_decay"], freeze_layers=opts["freeze_layers"],
         weight_decay=opts["weight_decay"], warmup_ratio=opts["warmup_ratio"], grad_clip=opts["grad_clip"],
@@ -136,8 +141,9 @@ def finetune(**opts: Any) -> None:
     )
     result = run(args)
     ev = result.metrics["eval"]
-    click.echo(f"eval accuracy {ev['accuracy']:.4f}  macro-F1 {ev['macro_f1']:.4f}  "
-               f"({ev['n']} examples, {result.metrics['train_seconds']:.0f} s training)")
+    shown = {k: v for k, v in ev.items() if k in ("accuracy", "macro_f1", "f1", "precision", "recall", "exact_match")}
+    click.echo("eval " + "  ".join(f"{k} {v:.4f}" for k, v in shown.items())
+               + f"  ({result.metrics['data']['eval_rows_used']} examples, {result.metrics['train_seconds']:.0f} s training)")
     click.echo(f"model written to {result.out}")
 
 
@@ -287,6 +293,50 @@ def predict(**opts: Any) -> None:
     except BrokenPipeError:  # `| head` closed the pipe: stop quietly, like other Unix tools
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (0.0.0.0: all).")
+@click.option("--port", default=8000, show_default=True, help="TCP port.")
+@click.option("--max-batch-size", default=32, show_default=True,
+              help="Most texts coalesced into one onnxruntime call (1 = one call per request).")
+@click.option("--max-wait-ms", default=5.0, show_default=True,
+              help="Longest a request waits for others to join its batch.")
+@click.option("--threads", default=0, show_default=True, help="onnxruntime intra-op threads (0 = one per core).")
+@click.option("--providers", default="cpu", show_default=True,
+              help="cpu, auto (CUDA when available), cuda, or comma-separated onnxruntime provider names.")
+@click.option("--max-texts", default=64, show_default=True, help="Most texts in one request.")
+@click.option("--max-chars", default=20_000, show_default=True, help="Most characters in one text (or text_pair).")
+@click.option("--graceful-timeout", default=30, show_default=True,
+              help="Seconds in-flight requests may take to finish on shutdown.")
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]),
+              default="info", show_default=True, help="Server log level.")
+@click.option("--access-log", is_flag=True, help="Log every request (costs throughput).")
+@user_errors
+def serve(**opts: Any) -> None:
+    """Serve a bundle over HTTP with dynamic batching (needs `pip install bertedge[serve]`).
+
+    \b
+    Examples:
+      bertedge serve runs/bundle --port 8000
+      curl -s localhost:8000/v1/predict -d '{"texts": ["a gripping film", "a tedious mess"]}'
+    \b
+    Endpoints: POST /v1/predict, GET /v1/model, /healthz, /readyz, /metrics, /docs.
+    """
+    try:
+        from bertedge.serve import ServeArgs, ServeConfig
+        from bertedge.serve import serve as run
+    except ImportError as e:
+        raise BertedgeError(f"bertedge serve needs FastAPI, uvicorn and prometheus-client ({e})",
+                            "pip install 'bertedge[serve]'") from None
+
+    config = ServeConfig(max_batch_size=opts["max_batch_size"], max_wait_ms=opts["max_wait_ms"],
+                         max_texts=opts["max_texts"], max_chars=opts["max_chars"],
+                         threads=opts["threads"] or None, providers=opts["providers"])
+    run(ServeArgs(bundle=opts["bundle"], host=opts["host"], port=opts["port"], config=config,
+                  log_level=opts["log_level"], access_log=opts["access_log"],
+                  graceful_timeout_s=opts["graceful_timeout"]))
 
 
 def main() -> None:

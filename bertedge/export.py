@@ -9,6 +9,7 @@ folder is built next to `--out` and moved into place only when everything succee
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import tempfile
 import time
@@ -22,8 +23,9 @@ from typing import Any
 import numpy as np
 
 from bertedge import quantize as q
-from bertedge.data import Columns, load_text_classification, seeded_subset
+from bertedge.data import BadRows, Columns, load_text_classification, seeded_subset
 from bertedge.errors import BertedgeError
+from bertedge.features import Features, load_tokenizer, pad_batch, pad_id
 from bertedge.tasks import ModelInfo, Task, read_model_info
 
 Feeds = dict[str, np.ndarray]
@@ -170,8 +172,9 @@ class Source:
 
     info: ModelInfo
     model: Any  # transformers.PreTrainedModel, in eval mode
-    tokenizer: Any  # transformers.PreTrainedTokenizerBase
+    tokenizer: Any  # tokenizers.Tokenizer from tokenizer.json: the runtime's own tokenization
     input_names: list[str]
+    stride: int  # QA window overlap, from bertedge.json (finetune writes it)
 
 
 def load_source(model_dir: Path) -> Source:
@@ -189,28 +192,23 @@ def load_source(model_dir: Path) -> Source:
             f"'{model_dir}' has no tokenizer.json (the runtime needs the fast tokenizer file)",
             "re-save the tokenizer with `AutoTokenizer.from_pretrained(...).save_pretrained(dir)`",
         )
-    model, tokenizer = _load_pretrained(model_dir, info.task)
-    return Source(info, model, tokenizer, _input_names(model))
+    tokenizer = load_tokenizer(model_dir / "tokenizer.json")
+    model = _load_pretrained(model_dir, info.task)
+    meta_path = model_dir / "bertedge.json"
+    meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
+    return Source(info, model, tokenizer, _input_names(model), int(meta.get("stride", 128)))
 
 
-def _load_pretrained(model_dir: Path, task: Task) -> tuple[Any, Any]:
+def _load_pretrained(model_dir: Path, task: Task) -> Any:
     import transformers
 
     try:
-        model = getattr(transformers, task.hf_auto_class).from_pretrained(model_dir).eval()
+        return getattr(transformers, task.hf_auto_class).from_pretrained(model_dir).eval()
     except Exception as e:  # truncated safetensors, missing weights, mismatched shapes ...
         raise BertedgeError(
             f"cannot load the weights in '{model_dir}' ({type(e).__name__}: {_first_line(e)})",
             "restore model.safetensors or re-run `bertedge finetune`",
         ) from None
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    except Exception as e:
-        raise BertedgeError(
-            f"cannot load the tokenizer in '{model_dir}' ({type(e).__name__}: {_first_line(e)})",
-            "restore tokenizer.json / tokenizer_config.json",
-        ) from None
-    return model, tokenizer
 
 
 def _first_line(e: BaseException) -> str:
@@ -231,14 +229,15 @@ def _input_names(model: Any) -> list[str]:
 
 def tokenize(tokenizer: Any, texts: Sequence[str], pairs: Sequence[str] | None, max_length: int,
              batch_size: int) -> list[Feeds]:
-    """Tokenize into int64 batches, each padded to its longest row."""
-    batches = []
-    for i in range(0, len(texts), batch_size):
-        enc = tokenizer(list(texts[i:i + batch_size]),
-                        list(pairs[i:i + batch_size]) if pairs is not None else None,
-                        padding=True, truncation=True, max_length=max_length, return_tensors="np")
-        batches.append({k: np.asarray(v, dtype=np.int64) for k, v in enc.items()})
-    return batches
+    """Tokenize (truncating to max_length) into int64 batches, each padded to its longest row."""
+    tokenizer.enable_truncation(max_length)
+    encodings = tokenizer.encode_batch(list(zip(texts, pairs, strict=True)) if pairs is not None else list(texts))
+    tokenizer.no_truncation()
+    return _batches(encodings, pad_id(tokenizer), batch_size)
+
+
+def _batches(encodings: Sequence[Any], pad: int, batch_size: int) -> list[Feeds]:
+    return [pad_batch(encodings[i:i + batch_size], pad) for i in range(0, len(encodings), batch_size)]
 
 
 def random_batches(vocab_size: int, max_length: int, seed: int) -> list[Feeds]:
@@ -257,59 +256,54 @@ def random_batches(vocab_size: int, max_length: int, seed: int) -> list[Feeds]:
 
 @dataclass
 class EvalSet:
-    """Tokenized labelled data and gold answers for one task's metric."""
+    """Labelled --eval rows, encoded by the task into model windows and padded batches."""
 
-    batches: list[Feeds]
-    gold: Any
+    examples: Any  # the task's examples (TextExamples, NerExamples, QaExamples, ...)
+    features: Features  # one window per row (QA: per context window)
+    batches: list[Feeds]  # the windows, in order, padded in groups of batch_size
     rows: int
     source: str
 
 
-def load_classification_eval(path: Path, args: ExportArgs, source: Source) -> EvalSet:
-    """Labelled text-classification rows, labels mapped onto the model's label names."""
-    examples = load_text_classification(path, args.columns, label_names=list(source.info.labels))
-    examples = seeded_subset(examples, args.max_eval_rows, args.seed)
-    batches = tokenize(source.tokenizer, examples.texts, examples.pairs, source.info.max_length,
-                       args.batch_size)
-    return EvalSet(batches, np.asarray(examples.labels, dtype=np.int64), len(examples), str(path))
-
-
-def accuracy(outputs: Sequence[Outputs], batches: Sequence[Feeds], gold: Any) -> float:
-    """Share of rows whose argmax logit is the gold label.
-
-    >>> accuracy([{"logits": np.array([[0.0, 1.0], [2.0, 0.0]])}], [{}], np.array([1, 1]))
-    0.5
-    """
-    predicted = np.concatenate([o["logits"].argmax(-1) for o in outputs])
-    return float((predicted == np.asarray(gold)).mean())
-
-
-# Per task: how --eval rows are read, and the metric (higher is better, on a 0..1 scale).
-# NER (entity F1) and QA (SQuAD F1) plug in here without touching validation or the search.
-EvalLoader = Callable[[Path, ExportArgs, Source], EvalSet]
-MetricFn = Callable[[Sequence[Outputs], Sequence[Feeds], Any], float]
-EVAL_LOADERS: dict[str, EvalLoader] = {"classification": load_classification_eval}
-METRICS: dict[str, MetricFn] = {"classification": accuracy}
-
-
-def evaluate(run: Run, eval_set: EvalSet, task: Task) -> float:
-    """The task metric of one runner (PyTorch or an ONNX session) on the eval set."""
-    outputs = [run(b) for b in eval_set.batches]
-    return METRICS[task.name](outputs, eval_set.batches, eval_set.gold)
-
-
 def load_eval(args: ExportArgs, source: Source) -> EvalSet | None:
-    """The --eval set, or None; a task without an eval loader is a clear error."""
+    """The --eval set read and encoded by the task record, or None without --eval."""
     if args.eval_file is None:
         return None
-    name = source.info.task.name
-    if name not in EVAL_LOADERS or name not in METRICS:
-        raise BertedgeError(f"--eval is not supported for the {name} task yet", "leave out --eval")
-    return EVAL_LOADERS[name](args.eval_file, args, source)
+    task, info = source.info.task, source.info
+    examples = task.load(args.eval_file, args.columns, list(info.labels) or None, BadRows.ERROR)
+    if 0 < args.max_eval_rows < len(examples):
+        examples = examples.subset(sorted(random.Random(args.seed).sample(range(len(examples)), args.max_eval_rows)))
+    features = task.encode(source.tokenizer, examples, info.max_length, source.stride)
+    batches = _batches(features.encodings, pad_id(source.tokenizer), args.batch_size)
+    return EvalSet(examples, features, batches, len(examples), str(args.eval_file))
+
+
+def _windows(outputs: Sequence[Outputs], batches: Sequence[Feeds], per_token: bool) -> list[Outputs]:
+    """Batched outputs -> one dict per window, per-token outputs cut to the window's length."""
+    windows = []
+    for out, batch in zip(outputs, batches, strict=True):
+        for row, length in enumerate(batch["attention_mask"].sum(axis=1)):
+            windows.append({k: v[row, :length] if per_token else v[row] for k, v in out.items()})
+    return windows
+
+
+def evaluate(outputs: Sequence[Outputs], eval_set: EvalSet, task: Task, labels: Sequence[str]) -> float:
+    """The task's headline metric (0..1) from outputs on `eval_set.batches`: predict, then score.
+
+    Uses the task record's own `predict` and `score`, so classification accuracy, NER entity
+    F1 and QA SQuAD F1 all flow through here unchanged.
+    """
+    windows = _windows(outputs, eval_set.batches, task.per_token_outputs)
+    predictions = task.predict(windows, eval_set.features, eval_set.examples, labels)
+    return float(task.score(predictions, eval_set.examples, labels)[task.metric])
 
 
 def load_calibration(args: ExportArgs, source: Source) -> list[Feeds]:
-    """Up to --calibration-rows texts (labels not needed) from --calibration, tokenized."""
+    """Up to --calibration-rows texts (and pairs) from --calibration, tokenized; labels not needed.
+
+    Calibration only needs realistic activations, so any task reads plain text columns here
+    (QA: --text-column question --text-pair-column context).
+    """
     if args.calibration is None:
         return []
     examples = load_text_classification(args.calibration, args.columns, require_labels=False)
@@ -400,6 +394,7 @@ class Reference:
     """PyTorch outputs and gates every artifact is validated against."""
 
     task: Task
+    labels: tuple[str, ...]
     real: list[Feeds]
     random: list[Feeds]
     ref_real: list[Outputs]
@@ -425,7 +420,7 @@ class Reference:
     def _metric(self, got_real: list[Outputs]) -> dict[str, object] | None:
         if self.eval_set is None or self.pytorch_metric is None:
             return None
-        value = METRICS[self.task.name](got_real, self.real, self.eval_set.gold)
+        value = evaluate(got_real, self.eval_set, self.task, self.labels)
         return {"name": self.task.metric, "value": value, "pytorch_value": self.pytorch_metric,
                 "drop_points": round((self.pytorch_metric - value) * 100, 4)}
 
@@ -461,12 +456,12 @@ def build_reference(args: ExportArgs, source: Source, eval_set: EvalSet | None,
     else:
         real = tokenize(source.tokenizer, BUILTIN_SENTENCES, None, source.info.max_length, args.batch_size)
         what = f"{len(BUILTIN_SENTENCES)} built-in English sentences (no --eval or --calibration given)"
-    random = random_batches(int(source.model.config.vocab_size), source.info.max_length, args.seed)
+    noise = random_batches(int(source.model.config.vocab_size), source.info.max_length, args.seed)
     run = torch_runner(source)
     ref_real = [run(b) for b in real]
-    metric = (METRICS[source.info.task.name](ref_real, real, eval_set.gold)
-              if eval_set is not None else None)
-    ref = Reference(source.info.task, real, random, ref_real, [run(b) for b in random], eval_set, metric, args)
+    task, labels = source.info.task, source.info.labels
+    metric = evaluate(ref_real, eval_set, task, labels) if eval_set is not None else None
+    ref = Reference(task, labels, real, noise, ref_real, [run(b) for b in noise], eval_set, metric, args)
     return ref, what + "; random inputs: 2 batches of random token ids with ragged masks"
 
 
@@ -738,6 +733,8 @@ def _build(args: ExportArgs, source: Source, eval_set: EvalSet | None, calibrati
     _drop_failed_fused(report, out)
     copy_metadata(args.model_dir, source.info, out)
     report.recommended = recommend(report.artifacts)
+    for a in report.artifacts:
+        a.seconds = round(a.seconds, 3)
     report.warnings += [f"{a.name}: {a.notes}" for a in report.artifacts if not a.passed]
     if any(a.precision == "int8" and not a.passed for a in report.artifacts):
         report.warnings.append(f"INT8 did not pass; recommended falls back to {report.recommended}")

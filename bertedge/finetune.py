@@ -26,19 +26,11 @@ import torch
 from torch import nn
 
 from bertedge import __version__
-from bertedge.data import (
-    BadRows,
-    Columns,
-    TextExamples,
-    check_trainable,
-    load_text_classification,
-    seeded_split,
-    seeded_subset,
-)
+from bertedge.data import BadRows, Columns, check_trainable
 from bertedge.errors import BertedgeError
-from bertedge.metrics import classification_metrics
+from bertedge.features import Features, load_tokenizer, pad_batch, pad_id, run_windows
 from bertedge.models import resolve_model
-from bertedge.tasks import CLASSIFICATION
+from bertedge.tasks import CLASSIFICATION, Task, get_task
 
 
 @dataclass
@@ -54,7 +46,7 @@ class FinetuneArgs:
     eval: Path | None = None
     """Evaluation file; without it a seeded `eval_fraction` of train is held out."""
     task: str = "classification"
-    """Task name (see bertedge.tasks)."""
+    """classification, ner (CoNLL / JSONL tokens+tags) or qa (SQuAD JSON / JSONL)."""
     columns: Columns = field(default_factory=Columns)
     """Text / text-pair / label column names."""
     label_names: tuple[str, ...] = ()
@@ -63,8 +55,11 @@ class FinetuneArgs:
     """Seeded random subset of the training rows (0 = all)."""
     eval_fraction: float = 0.1
     """Held-out share of train when no eval file is given."""
-    max_length: int = 128
-    """Token limit per example; longer inputs are truncated (and counted)."""
+    max_length: int = 0
+    """Token limit per window (0 = the task's default: 128, QA 384); longer inputs are truncated
+    (and counted), QA contexts are split into windows."""
+    stride: int = 128
+    """QA: tokens shared by consecutive windows of a long context."""
     epochs: float = 2.0
     """Passes over the training data (fractions allowed)."""
     batch_size: int = 32
@@ -110,7 +105,7 @@ class FinetuneArgs:
             problems.append("--lr must be in (0, 1)")
         if not 0 < self.layer_lr_decay <= 1:
             problems.append("--layer-lr-decay must be in (0, 1]")
-        if not 8 <= self.max_length <= 4096:
+        if self.max_length and not 8 <= self.max_length <= 4096:
             problems.append("--max-length must be in [8, 4096]")
         if not 0 < self.eval_fraction < 1:
             problems.append("--eval-fraction must be in (0, 1)")
@@ -130,62 +125,87 @@ class FinetuneResult:
 
 def finetune(args: FinetuneArgs) -> FinetuneResult:
     """Fine-tune, evaluate, and write the model folder atomically."""
-    if args.task != CLASSIFICATION.name:
-        raise BertedgeError(f"task '{args.task}' is not available in finetune yet", "use --task classification")
+    task = get_task(args.task)
+    max_length = args.max_length or task.default_max_length
     if args.out.exists() and not args.overwrite:
         raise BertedgeError(f"output folder {args.out} already exists", "choose another --out or pass --overwrite")
     model_dir = resolve_model(args.model)
-    train, evalset, data_report = _load_data(args)
+    train, evalset, data_report = _load_data(task, args)
     _seed_everything(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = _pick_device(args.device)
 
-    tokenizer = _load_tokenizer(model_dir)
-    model = _load_model(model_dir, train.label_names).to(device)
-    train_enc = _Encoded.build(tokenizer, train, args.max_length)
-    eval_enc = _Encoded.build(tokenizer, evalset, args.max_length)
+    hf_tokenizer = _load_hf_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir / "tokenizer.json") if (model_dir / "tokenizer.json").is_file() \
+        else hf_tokenizer.backend_tokenizer
+    tokenizer.no_padding()
+    labels = list(train.label_names)
+    model = _load_model(task, model_dir, labels).to(device)
+    train_f = _encode(task, tokenizer, train, max_length, args.stride)
+    eval_f = _encode(task, tokenizer, evalset, max_length, args.stride)
+    trainer = _Trainer(task, model, device, pad_id(tokenizer), labels)
 
     started = time.perf_counter()
-    history = _train(model, train_enc, eval_enc, args, device, train.label_names)
+    history = trainer.fit(train_f, eval_f, evalset, args)
     train_seconds = time.perf_counter() - started
-    final = _evaluate(model, eval_enc, device, train.label_names, args.batch_size * 2)
+    final = trainer.evaluate(eval_f, evalset, args.batch_size * 2)
 
     metrics = {
-        "task": CLASSIFICATION.name,
+        "task": task.name,
         "eval": final,
         "history": history,
         "train_seconds": round(train_seconds, 1),
-        "data": data_report | {"train_truncated": train_enc.truncated, "eval_truncated": eval_enc.truncated},
+        "data": data_report | {"train_windows": len(train_f), "eval_windows": len(eval_f),
+                               "train_truncated": sum(train_f.truncated), "eval_truncated": sum(eval_f.truncated)},
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
     }
-    _save(args, model, tokenizer, model_dir, train.label_names, metrics)
+    _save(args, task, max_length, model, hf_tokenizer, model_dir, labels, metrics)
     return FinetuneResult(args.out, metrics)
 
 
-def _load_data(args: FinetuneArgs) -> tuple[TextExamples, TextExamples, dict[str, Any]]:
+def _load_data(task: Task, args: FinetuneArgs) -> tuple[Any, Any, dict[str, Any]]:
     names = args.label_names or None
-    full = load_text_classification(args.train, args.columns, names, bad_rows=args.bad_rows)
-    train = seeded_subset(full, args.max_train_rows, args.seed)
+    full = task.load(args.train, args.columns, names, args.bad_rows)
+    train = _subset(full, args.max_train_rows, args.seed)
     if args.eval is not None:
-        evalset = load_text_classification(args.eval, args.columns, train.label_names, bad_rows=args.bad_rows)
+        evalset = task.load(args.eval, args.columns, train.label_names, args.bad_rows)
+        if task is CLASSIFICATION:
+            check_trainable(train)
     else:
-        train, evalset = seeded_split(train, args.eval_fraction, args.seed)
-    check_trainable(train)
+        train, evalset = task.split(train, args.eval_fraction, args.seed)
+    skipped = [asdict(s) for s in getattr(full, "skipped", [])]
+    eval_skipped = [asdict(s) for s in getattr(evalset, "skipped", [])] if args.eval else []
     report = {
         "train_file": str(args.train),
-        "train_rows_in_file": full.rows_read,
-        "train_rows_skipped": [asdict(s) for s in full.skipped],
+        "train_rows_in_file": getattr(full, "rows_read", len(full)),
+        "train_rows_skipped": skipped,
         "train_rows_used": len(train),
         "eval_file": str(args.eval) if args.eval else f"{args.eval_fraction:.0%} of train (seed {args.seed})",
         "eval_rows_used": len(evalset),
-        "eval_rows_skipped": [asdict(s) for s in evalset.skipped] if args.eval else [],
+        "eval_rows_skipped": eval_skipped,
     }
     for key in ("train_rows_skipped", "eval_rows_skipped"):
         if report[key]:
             print(f"warning: {len(report[key])} rows skipped ({key}); see metrics.json", file=sys.stderr)
     return train, evalset, report
+
+
+def _subset(examples: Any, max_rows: int, seed: int) -> Any:
+    """A reproducible random subset of at most `max_rows` examples (0 keeps everything)."""
+    if max_rows <= 0 or max_rows >= len(examples):
+        return examples
+    return examples.subset(sorted(random.Random(seed).sample(range(len(examples)), max_rows)))
+
+
+def _encode(task: Task, tokenizer: Any, examples: Any, max_length: int, stride: int) -> Features:
+    features = task.encode(tokenizer, examples, max_length, stride)
+    cut = sum(features.truncated)
+    if cut:
+        print(f"warning: {cut} of {len(examples)} examples in {examples.source} exceed {max_length} tokens "
+              "and were truncated (raise --max-length to keep more)", file=sys.stderr)
+    return features
 
 
 def _seed_everything(seed: int) -> None:
@@ -202,7 +222,7 @@ def _pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _load_tokenizer(model_dir: Path) -> Any:
+def _load_hf_tokenizer(model_dir: Path) -> Any:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
@@ -214,18 +234,17 @@ def _load_tokenizer(model_dir: Path) -> Any:
     return tokenizer
 
 
-def _load_model(model_dir: Path, labels: list[str]) -> nn.Module:
+def _load_model(task: Task, model_dir: Path, labels: list[str]) -> nn.Module:
     import transformers
     from transformers import logging as hf_logging
 
-    auto = getattr(transformers, CLASSIFICATION.hf_auto_class)
+    auto = getattr(transformers, task.hf_auto_class)
     hf_logging.set_verbosity_error()  # the "newly initialized head" notice is expected here
     try:
         return auto.from_pretrained(
             model_dir,
-            num_labels=len(labels),
-            id2label=dict(enumerate(labels)),
-            label2id={n: i for i, n in enumerate(labels)},
+            **({"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+                "label2id": {n: i for i, n in enumerate(labels)}} if labels else {}),
             ignore_mismatched_sizes=True,
             local_files_only=True,
         )
@@ -234,45 +253,6 @@ def _load_model(model_dir: Path, labels: list[str]) -> nn.Module:
         raise BertedgeError(f"cannot load the model in {model_dir}: {first}", "re-create or re-install the model folder") from None
     finally:
         hf_logging.set_verbosity_warning()
-
-
-@dataclass
-class _Encoded:
-    """Token ids per example (unpadded) and labels."""
-
-    ids: list[list[int]]
-    type_ids: list[list[int]]
-    labels: np.ndarray
-    truncated: int
-
-    @classmethod
-    def build(cls, tokenizer: Any, ex: TextExamples, max_length: int) -> _Encoded:
-        enc = tokenizer(ex.texts, ex.pairs, truncation=True, max_length=max_length,
-                        return_overflowing_tokens=False, return_length=True)
-        full = tokenizer(ex.texts, ex.pairs, truncation=False, return_length=True, verbose=False)
-        truncated = int(sum(n > max_length for n in full["length"]))
-        if truncated:
-            print(f"warning: {truncated} of {len(ex)} examples in {ex.source} exceed {max_length} tokens "
-                  "and were truncated (raise --max-length to keep more)", file=sys.stderr)
-        type_ids = enc.get("token_type_ids") or [[0] * len(i) for i in enc["input_ids"]]
-        assert ex.labels is not None
-        return cls(list(enc["input_ids"]), list(type_ids), np.asarray(ex.labels, dtype=np.int64), truncated)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def batch(self, indices: list[int], device: torch.device) -> dict[str, torch.Tensor]:
-        width = max(len(self.ids[i]) for i in indices)
-        ids = torch.zeros((len(indices), width), dtype=torch.long)
-        types = torch.zeros_like(ids)
-        mask = torch.zeros_like(ids)
-        for row, i in enumerate(indices):
-            n = len(self.ids[i])
-            ids[row, :n] = torch.tensor(self.ids[i])
-            types[row, :n] = torch.tensor(self.type_ids[i])
-            mask[row, :n] = 1
-        return {"input_ids": ids.to(device), "attention_mask": mask.to(device),
-                "token_type_ids": types.to(device)}
 
 
 def _param_groups(model: nn.Module, args: FinetuneArgs) -> list[dict[str, Any]]:
@@ -307,111 +287,120 @@ def _layer_depth(name: str, num_layers: int) -> int | None:
     return None
 
 
-def _train(model: nn.Module, train: _Encoded, evalset: _Encoded, args: FinetuneArgs,
-           device: torch.device, labels: list[str]) -> list[dict[str, Any]]:
-    """The training loop: returns the evaluation history and leaves the best weights loaded."""
-    from tqdm.auto import tqdm
-    from transformers import get_linear_schedule_with_warmup
+class _Trainer:
+    """The training loop and evaluation for one task, model and device."""
 
-    steps_per_epoch = math.ceil(len(train) / args.batch_size)
-    total_steps = max(1, int(round(steps_per_epoch * args.epochs)))
-    optimizer = torch.optim.AdamW(_param_groups(model, args))
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(total_steps * args.warmup_ratio), total_steps)
-    eval_every = args.eval_every or steps_per_epoch
-    use_amp = device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    uses_type_ids = "token_type_ids" in model.forward.__code__.co_varnames
-    rng = random.Random(args.seed)
+    def __init__(self, task: Task, model: nn.Module, device: torch.device, pad: int, labels: list[str]) -> None:
+        self.task, self.model, self.device, self.pad, self.labels = task, model, device, pad, labels
+        self.uses_type_ids = "token_type_ids" in model.forward.__code__.co_varnames
 
-    history: list[dict[str, Any]] = []
-    best_score, best_state, bad_evals, step = -1.0, None, 0, 0
-    bar = tqdm(total=total_steps, desc="finetune", unit="step", disable=not args.progress, file=sys.stderr)
-    while step < total_steps:
-        for idx in _length_grouped_batches(train, args.batch_size, rng):
-            if step >= total_steps:
-                break
-            model.train()
-            batch = train.batch(idx, device)
-            if not uses_type_ids:
-                batch.pop("token_type_ids")
-            target = torch.from_numpy(train.labels[idx]).to(device)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                loss = nn.functional.cross_entropy(model(**batch).logits.float(), target)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[-1]:.1e}")
-            if step % eval_every == 0 or step == total_steps:
-                m = _evaluate(model, evalset, device, labels, args.batch_size * 2)
-                history.append({"step": step, "epoch": round(step / steps_per_epoch, 2), "loss": round(loss.item(), 4),
-                                "accuracy": m["accuracy"], "macro_f1": m["macro_f1"]})
-                bar.write(f"step {step}: eval accuracy {m['accuracy']:.4f} macro-F1 {m['macro_f1']:.4f}")
-                if m[CLASSIFICATION.metric] > best_score:
-                    best_score, bad_evals = m[CLASSIFICATION.metric], 0
-                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                else:
-                    bad_evals += 1
-                    if args.patience and bad_evals >= args.patience:
-                        bar.write(f"early stop: no improvement in {bad_evals} evaluations")
-                        step = total_steps
-                        break
-    bar.close()
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    return history
+    def _tensors(self, feeds: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        if not self.uses_type_ids:
+            feeds = {k: v for k, v in feeds.items() if k != "token_type_ids"}
+        return {k: torch.from_numpy(v).to(self.device) for k, v in feeds.items()}
+
+    def fit(self, train: Features, eval_f: Features, evalset: Any, args: FinetuneArgs) -> list[dict[str, Any]]:
+        """Train; returns the evaluation history and leaves the best weights loaded."""
+        from tqdm.auto import tqdm
+        from transformers import get_linear_schedule_with_warmup
+
+        model, device = self.model, self.device
+        steps_per_epoch = math.ceil(len(train) / args.batch_size)
+        total_steps = max(1, int(round(steps_per_epoch * args.epochs)))
+        optimizer = torch.optim.AdamW(_param_groups(model, args))
+        scheduler = get_linear_schedule_with_warmup(optimizer, int(total_steps * args.warmup_ratio), total_steps)
+        eval_every = args.eval_every or steps_per_epoch
+        use_amp = device.type == "cuda"
+        amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+        scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+        rng = random.Random(args.seed)
+        lengths = [len(e.ids) for e in train.encodings]
+        assert train.targets is not None
+
+        history: list[dict[str, Any]] = []
+        best_score, best_state, bad_evals, step = -1.0, None, 0, 0
+        bar = tqdm(total=total_steps, desc="finetune", unit="step", disable=not args.progress, file=sys.stderr)
+        while step < total_steps:
+            for idx in _length_grouped_batches(lengths, args.batch_size, rng):
+                if step >= total_steps:
+                    break
+                model.train()
+                feeds = pad_batch([train.encodings[i] for i in idx], self.pad)
+                width = feeds["input_ids"].shape[1]
+                batch = self._tensors(feeds | self.task.targets([train.targets[i] for i in idx], width))
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                    loss = model(**batch).loss
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[-1]:.1e}")
+                if step % eval_every == 0 or step == total_steps:
+                    m = self.evaluate(eval_f, evalset, args.batch_size * 2)
+                    score = float(m[self.task.metric])
+                    history.append({"step": step, "epoch": round(step / steps_per_epoch, 2),
+                                    "loss": round(loss.item(), 4), self.task.metric: score})
+                    bar.write(f"step {step}: eval {self.task.metric} {score:.4f}")
+                    if score > best_score:
+                        best_score, bad_evals = score, 0
+                        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                    else:
+                        bad_evals += 1
+                        if args.patience and bad_evals >= args.patience:
+                            bar.write(f"early stop: no improvement in {bad_evals} evaluations")
+                            step = total_steps
+                            break
+        bar.close()
+        if best_state is not None:
+            model.load_state_dict(best_state)
+        return history
+
+    @torch.no_grad()
+    def evaluate(self, features: Features, examples: Any, batch_size: int) -> dict[str, Any]:
+        """The task's metrics: windows -> model -> task.predict -> task.score."""
+        self.model.eval()
+
+        def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            out = self.model(**self._tensors(feeds))
+            return {name: out[name].float().cpu().numpy() for name in self.task.output_names}
+
+        outputs = run_windows(run, features, self.pad, self.task.per_token_outputs, batch_size)
+        return self.task.score(self.task.predict(outputs, features, examples, self.labels), examples, self.labels)
 
 
-def _length_grouped_batches(data: _Encoded, batch_size: int, rng: random.Random) -> list[list[int]]:
+def _length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
     """Random batches of similar length (less padding), in random order.
 
     Shuffle, cut into windows of 50 batches, sort each window by length, slice it into
     batches, shuffle the batches: the same idea as Hugging Face's group_by_length.
     """
-    order = list(range(len(data)))
+    order = list(range(len(lengths)))
     rng.shuffle(order)
     window = batch_size * 50
     batches = []
     for start in range(0, len(order), window):
-        chunk = sorted(order[start:start + window], key=lambda i: len(data.ids[i]))
+        chunk = sorted(order[start:start + window], key=lambda i: lengths[i])
         batches += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
     rng.shuffle(batches)
     return batches
 
 
-@torch.no_grad()
-def _evaluate(model: nn.Module, data: _Encoded, device: torch.device, labels: list[str],
-              batch_size: int) -> dict[str, Any]:
-    model.eval()
-    uses_type_ids = "token_type_ids" in model.forward.__code__.co_varnames
-    order = sorted(range(len(data)), key=lambda i: len(data.ids[i]))  # length-sorted: less padding
-    preds = np.zeros(len(data), dtype=np.int64)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        batch = data.batch(idx, device)
-        if not uses_type_ids:
-            batch.pop("token_type_ids")
-        preds[idx] = model(**batch).logits.argmax(-1).cpu().numpy()
-    return classification_metrics(data.labels.tolist(), preds.tolist(), labels)
-
-
-def _save(args: FinetuneArgs, model: nn.Module, tokenizer: Any, base_dir: Path, labels: list[str],
-          metrics: dict[str, Any]) -> None:
+def _save(args: FinetuneArgs, task: Task, max_length: int, model: nn.Module, tokenizer: Any, base_dir: Path,
+          labels: list[str], metrics: dict[str, Any]) -> None:
     """Write everything into a temp folder beside --out, then move it into place."""
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.", dir=args.out.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.model_max_length = args.max_length
+        tokenizer.model_max_length = max_length
         tokenizer.save_pretrained(tmp)
         (tmp / "labels.json").write_text(json.dumps(labels, indent=1) + "\n", encoding="utf-8")
-        meta = {"task": CLASSIFICATION.name, "labels": labels, "max_length": args.max_length,
+        meta = {"task": task.name, "labels": labels, "max_length": max_length, "stride": args.stride,
                 "base_model": args.model, "base_model_dir": str(base_dir), "bertedge_version": __version__,
                 "columns": asdict(args.columns)}
         (tmp / "bertedge.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")

@@ -218,11 +218,12 @@ def f1_score(prediction: str, truth: str) -> float:
 
 
 def squad_scores(predictions: Sequence[str], examples: Sequence[QaExample]) -> dict[str, float]:
-    """Exact match and F1 in percent, each the max over an example's gold answers.
+    """Exact match and F1 as fractions (x100 for the usual percent), each the max over an
+    example's gold answers.
 
     >>> ex = QaExample("1", "q", "c", [("Denver Broncos", 0), ("Broncos", 7)])
     >>> squad_scores(["the broncos"], [ex])
-    {'exact_match': 100.0, 'f1': 100.0, 'n': 1}
+    {'exact_match': 1.0, 'f1': 1.0, 'n': 1}
     """
     em = f1 = 0.0
     for pred, ex in zip(predictions, examples):
@@ -230,4 +231,4 @@ def squad_scores(predictions: Sequence[str], examples: Sequence[QaExample]) -> d
         em += max(float(normalize_answer(pred) == normalize_answer(g)) for g in golds)
         f1 += max(f1_score(pred, g) for g in golds)
     n = max(len(examples), 1)
-    return {"exact_match": 100 * em / n, "f1": 100 * f1 / n, "n": len(examples)}
+    return {"exact_match": em / n, "f1": f1 / n, "n": len(examples)}

@@ -111,9 +111,7 @@ def distinct(ladder: Sequence[Int8Config], model: onnx.ModelProto) -> list[Int8C
     seen: set[tuple[object, ...]] = set()
     kept = []
     for config in ladder:
-        ops = set(config.operators) or set(_DEFAULT_OPS[config.method])
-        excluded = frozenset(n for n in excluded_nodes(model, config.keep_fp32)
-                             if _op_types(model).get(n) in ops)
+        excluded = frozenset(excluded_nodes(model, config.keep_fp32)) & _touched(model, config)
         key = (config.method, config.per_channel, config.reduce_range, config.operators, excluded)
         if key not in seen:
             seen.add(key)
@@ -121,8 +119,17 @@ def distinct(ladder: Sequence[Int8Config], model: onnx.ModelProto) -> list[Int8C
     return kept
 
 
-def _op_types(model: onnx.ModelProto) -> dict[str, str]:
-    return {n.name: n.op_type for n in model.graph.node}
+def _touched(model: onnx.ModelProto, config: Int8Config) -> set[str]:
+    """Nodes the recipe would quantize: dynamic INT8 only touches ops with a weight initializer
+    (for Gather: an initializer as its data, i.e. an embedding table, not a constant index)."""
+    ops = set(config.operators) or set(_DEFAULT_OPS[config.method])
+    weights = {i.name for i in model.graph.initializer}
+
+    def has_weight(n: onnx.NodeProto) -> bool:
+        return n.input[0] in weights if n.op_type == "Gather" else any(i in weights for i in n.input)
+
+    return {n.name for n in model.graph.node if n.op_type in ops
+            and (config.method is Method.STATIC or has_weight(n))}
 
 
 _DEFAULT_OPS = {Method.DYNAMIC: tuple(IntegerOpsRegistry), Method.STATIC: tuple(QDQRegistry)}

@@ -517,11 +517,7 @@ def read_lines(stream: IO[bytes], max_line_bytes: int = 1 << 20) -> Iterator[Lin
         if not raw:
             return
         number += 1
-        cut = not raw.endswith(b"\n") and len(raw) == max_line_bytes
-        while cut and not raw.endswith(b"\n"):  # skip the rest of the line in bounded steps
-            rest = stream.readline(max_line_bytes)
-            if not rest or rest.endswith(b"\n"):
-                break
+        cut = len(raw) == max_line_bytes and not raw.endswith(b"\n") and skip_rest(stream, max_line_bytes)
         try:  # a cut can split a multi-byte character: the incremental decoder drops that tail
             text = codecs.getincrementaldecoder("utf-8")().decode(raw, final=not cut)
         except UnicodeDecodeError:
@@ -529,6 +525,16 @@ def read_lines(stream: IO[bytes], max_line_bytes: int = 1 << 20) -> Iterator[Lin
             continue
         text = text.rstrip("\r\n")
         yield Line(number, text.removeprefix("\ufeff") if number == 1 else text, cut)
+
+
+def skip_rest(stream: IO[bytes], max_line_bytes: int) -> bool:
+    """Read past the rest of a line in bounded steps; whether anything but its newline was left."""
+    more = False
+    while True:
+        rest = stream.readline(max_line_bytes)
+        more = more or bool(rest.rstrip(b"\r\n"))
+        if not rest or rest.endswith(b"\n"):
+            return more
 
 
 def read_records(stream: IO[bytes], fmt: InputFormat, text_columns: Sequence[str] = ("text",),
@@ -602,7 +608,7 @@ def csv_records(lines: Iterator[Line], delimiter: str, text_columns: Sequence[st
                                         else f"line is longer than {max_line_bytes} bytes"))
                 continue
             last[0] = line.number
-            yield line.text
+            yield line.text + "\n"  # the csv reader keeps newlines inside quoted fields
 
     rows = csv.reader(good_text(), delimiter=delimiter)
     header = next(rows, None)

@@ -1,0 +1,725 @@
+"""`bertedge serve`: the runtime `Predictor` over HTTP, with dynamic batching and Prometheus metrics.
+
+A thin edge around the runtime: tokenization and post-processing stay in `bertedge.runtime`;
+this module adds transport, input limits, request coalescing and observability. It needs the
+`serve` extra (fastapi, uvicorn, prometheus-client) and, like the runtime, never imports
+torch or transformers.
+
+Endpoints:
+    POST /v1/predict  {"texts": "one text" | [item, ...]} where an item is "text",
+                      ["text", "text_pair"] or {"text": ..., "text_pair": ...};
+                      -> {"predictions": [...], "truncated": n, "model": {...}}
+    GET  /v1/model    the bundle's manifest (task, labels, precision, checksums, ...) and limits
+    GET  /healthz     200 while the process is alive
+    GET  /readyz      200 once the bundle is verified and the session warmed up, else 503
+    GET  /metrics     Prometheus text format
+    GET  /docs        OpenAPI docs (/openapi.json)
+
+Every error is JSON: {"error": message, "problems": [{"field", "message", "limit"?}, ...]}.
+
+    >>> app = create_app("runs/bundle", ServeConfig(max_batch_size=32, max_wait_ms=5))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictStr, Tag, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from bertedge import __version__
+from bertedge.errors import BertedgeError
+
+log = logging.getLogger("uvicorn.error")  # uvicorn configures this one: our lines join its log
+
+Pair = tuple[str, str | None]  # (text, text_pair or None), as the runtime takes it
+Result = dict[str, Any]
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]],
+                   Awaitable[None]]
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+WARM_UP_TEXT = "a warm-up sentence of ordinary length, so the session allocates its buffers."
+
+
+class PredictorLike(Protocol):
+    """What the server needs from `bertedge.runtime.Predictor` (tests pass fakes)."""
+
+    manifest: dict[str, Any]
+
+    def predict(self, items: Sequence[Pair], batch_size: int | None = None) -> list[Result]: ...
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Batching and input limits of the HTTP server."""
+
+    max_batch_size: int = 32  # most texts in one onnxruntime call (1: one call per request)
+    max_wait_ms: float = 5.0  # longest the first request of a batch waits for others to join
+    max_texts: int = 64  # most texts in one request
+    max_chars: int = 20_000  # most characters in one text (and in one text_pair)
+    max_body_bytes: int | None = None  # None: enough for max_texts pairs of max_chars, \\u-escaped
+    threads: int | None = None  # onnxruntime intra-op threads (when create_app loads the bundle)
+    providers: str | None = None  # cpu (default), auto, cuda, ... (when create_app loads the bundle)
+
+    def __post_init__(self) -> None:
+        problems = [f"--{name} must be at least {low} (got {value})" for name, value, low in (
+            ("max-batch-size", self.max_batch_size, 1), ("max-wait-ms", self.max_wait_ms, 0),
+            ("max-texts", self.max_texts, 1), ("max-chars", self.max_chars, 1),
+            ("max-body-bytes", self.max_body_bytes if self.max_body_bytes is not None else 1, 1),
+            ("threads", self.threads or 0, 0)) if value < low]
+        if problems:
+            raise BertedgeError("; ".join(problems), "see `bertedge serve --help`")
+
+    @property
+    def body_limit(self) -> int:
+        """Request body limit in bytes: JSON escapes a character in at most 6 bytes (\\uXXXX)."""
+        return self.max_body_bytes or 2 * 6 * self.max_chars * self.max_texts + (64 << 10)
+
+
+@dataclass
+class ServeArgs:
+    """Options of `bertedge serve`."""
+
+    bundle: Path  # bundle folder or .tar.gz / .zip archive
+    host: str = "127.0.0.1"  # interface to listen on (0.0.0.0: every interface)
+    port: int = 8000  # TCP port
+    config: ServeConfig = field(default_factory=ServeConfig)  # batching and limits
+    log_level: str = "info"  # uvicorn log level
+    access_log: bool = False  # one log line per request (costs throughput)
+    graceful_timeout_s: int = 30  # on SIGTERM / Ctrl-C, how long in-flight requests may finish
+
+    def __post_init__(self) -> None:
+        self.bundle = Path(self.bundle)
+        problems = []
+        if not 0 <= self.port <= 65535:
+            problems.append(f"--port {self.port} is outside 0..65535")
+        if self.graceful_timeout_s < 0:
+            problems.append("--graceful-timeout must be 0 or more")
+        if not self.bundle.exists():
+            problems.append(f"bundle '{self.bundle}' does not exist")
+        if problems:
+            raise BertedgeError("; ".join(problems), "see `bertedge serve --help`; "
+                                "build a bundle with `bertedge package EXPORT_DIR --out BUNDLE`")
+
+
+# ----------------------------------------------------------------------------- request schema
+
+
+class TextPair(BaseModel):
+    """One item as an object; text_pair is the second text of a sentence pair (or QA context)."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: StrictStr
+    text_pair: StrictStr | None = None
+
+
+def item_kind(value: Any) -> str | None:
+    """The union branch an item belongs to, chosen by its JSON type (so errors name one branch)."""
+    if isinstance(value, str):
+        return "~text"
+    if isinstance(value, list | tuple):
+        return "~pair"
+    return "~object" if isinstance(value, dict | TextPair) else None
+
+
+def texts_kind(value: Any) -> str | None:
+    if isinstance(value, str):
+        return "~one"
+    return "~list" if isinstance(value, list) else None
+
+
+ITEM_ERROR = 'expected a string, a ["text", "text_pair"] list or a {"text", "text_pair"} object'
+Item = Annotated[
+    Annotated[StrictStr, Tag("~text")] | Annotated[tuple[StrictStr, StrictStr], Tag("~pair")] | Annotated[TextPair, Tag("~object")],
+    Discriminator(item_kind, custom_error_type="item_type", custom_error_message=ITEM_ERROR)]
+
+
+class PredictRequest(BaseModel):
+    """Texts to predict: one string, or a list of items (strings, pairs, or objects)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"texts": "a gripping, beautifully shot film"},
+        {"texts": ["a gripping film", ["is it good?", "it is great"],
+                   {"text": "a man plays guitar", "text_pair": "someone makes music"}]}]})
+    texts: Annotated[
+        Annotated[StrictStr, Tag("~one")] | Annotated[list[Item], Tag("~list")],
+        Discriminator(texts_kind, custom_error_type="texts_type",
+                      custom_error_message="expected a string or a list of items"),
+        Field(description="One text, or a list of items; each item is a string, a "
+                          "[text, text_pair] list or a {text, text_pair} object."),
+    ]
+
+
+class ModelSummary(BaseModel):
+    """Which model answered."""
+
+    task: str
+    precision: str | None
+    model_sha256: str | None
+
+
+class PredictResponse(BaseModel):
+    """One prediction per input item, in input order (the same dicts `bertedge predict` prints)."""
+
+    predictions: list[dict[str, Any]] = Field(description="e.g. {label, score, probabilities} "
+                                              "for classification; truncated: true when cut")
+    truncated: int = Field(description="how many items were longer than max_length tokens")
+    model: ModelSummary
+
+
+class Problem(BaseModel):
+    field: str
+    message: str
+    limit: int | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx / 5xx answer."""
+
+    error: str
+    problems: list[Problem] = []
+
+
+class ApiError(Exception):
+    """A request the server refuses: HTTP status, a message and the fields at fault."""
+
+    def __init__(self, status: int, message: str, problems: Sequence[Problem] = ()) -> None:
+        super().__init__(message)
+        self.status, self.message, self.problems = status, message, list(problems)
+
+    def response(self) -> JSONResponse:
+        body = ErrorBody(error=self.message, problems=self.problems)
+        return JSONResponse(body.model_dump(exclude_none=True), status_code=self.status)
+
+
+def field_name(loc: Sequence[int | str]) -> str:
+    """A pydantic error location as a JSON path; union branch tags (~...) are left out.
+
+    >>> field_name(("texts", "~list", 3, "~object", "text_pair"))
+    'texts[3].text_pair'
+    """
+    name = ""
+    for part in loc:
+        if isinstance(part, int):
+            name += f"[{part}]"
+        elif not part.startswith("~"):
+            name += f".{part}" if name else part
+    return name or "body"
+
+
+def validation_error(errors: Sequence[Any]) -> ApiError:
+    """A 422 listing every pydantic / FastAPI validation problem with its field."""
+    problems = [Problem(field=field_name(tuple(e.get("loc", ())) or ("body",)), message=e["msg"])
+                for e in errors]
+    return ApiError(422, f"invalid request: {len(problems)} problem(s)", problems)
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused (413) as soon as it is known to exceed `limit` bytes."""
+    too_big = ApiError(413, f"request body is larger than {limit} bytes",
+                       [Problem(field="body", message="too large", limit=limit)])
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_json(raw: bytes) -> Any:
+    """Strict UTF-8 JSON; a 400 naming the byte or the line and column at fault."""
+    try:
+        text = raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        raise ApiError(400, f"request body is not valid UTF-8 (byte {e.start})",
+                       [Problem(field="body", message=f"invalid UTF-8 at byte {e.start}")]) from None
+    if not text.strip():
+        raise ApiError(400, "request body is empty; send JSON like {\"texts\": [\"a text\"]}",
+                       [Problem(field="body", message="empty")])
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ApiError(400, f"request body is not valid JSON ({e.msg} at line {e.lineno} "
+                       f"column {e.colno})", [Problem(field="body", message=e.msg)]) from None
+    except RecursionError:
+        raise ApiError(400, "request body nests JSON too deeply",
+                       [Problem(field="body", message="nested too deeply")]) from None
+
+
+def parse_items(payload: Any, config: ServeConfig) -> list[Pair]:
+    """Validate a decoded body into (text, pair) items; one 422 listing every problem."""
+    texts = payload.get("texts") if isinstance(payload, dict) else None
+    if isinstance(texts, list) and len(texts) > config.max_texts:  # before validating them all
+        raise ApiError(422, f"too many texts: {len(texts)}, the limit is {config.max_texts} per request",
+                       [Problem(field="texts", message=f"{len(texts)} texts", limit=config.max_texts)])
+    try:
+        request = PredictRequest.model_validate(payload)
+    except ValidationError as e:
+        raise validation_error(e.errors()) from None
+    raw = [request.texts] if isinstance(request.texts, str) else request.texts
+    if not raw:
+        raise ApiError(422, f"texts is an empty list; send 1 to {config.max_texts} texts",
+                       [Problem(field="texts", message="empty list", limit=config.max_texts)])
+    items: list[Pair] = []
+    problems: list[Problem] = []
+    for i, item in enumerate(raw):
+        text, pair = (item.text, item.text_pair) if isinstance(item, TextPair) else (
+            (item, None) if isinstance(item, str) else item)
+        where = "texts" if isinstance(request.texts, str) else f"texts[{i}]"
+        problems += item_problems(where, text, pair, config.max_chars)
+        items.append((text, pair))
+    if problems:
+        raise ApiError(422, f"invalid request: {len(problems)} problem(s)", problems)
+    return items
+
+
+def item_problems(where: str, text: str, pair: str | None, max_chars: int) -> list[Problem]:
+    """Empty or over-long parts of one item."""
+    problems = []
+    for part, value in (("text", text), ("text_pair", pair)):
+        if value is None:
+            continue
+        name = where if part == "text" and pair is None else f"{where}.{part}"
+        if not value.strip():
+            problems.append(Problem(field=name, message=f"empty {part}"))
+        elif len(value) > max_chars:
+            problems.append(Problem(field=name, limit=max_chars,
+                                    message=f"{len(value)} characters, the limit is {max_chars}"))
+    return problems
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+class Metrics:
+    """The server's Prometheus collectors, in a registry of their own (one per app)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("bertedge_requests", "HTTP requests by endpoint and status code",
+                                ["endpoint", "status"], registry=r)
+        self.latency = Histogram("bertedge_request_duration_seconds", "HTTP request latency",
+                                 ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("bertedge_batch_size", "Texts per onnxruntime call (coalesced batch)",
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.batch_requests = Histogram("bertedge_batch_requests", "Requests coalesced into one batch",
+                                        buckets=BATCH_BUCKETS, registry=r)
+        self.inference = Histogram("bertedge_batch_duration_seconds", "Predictor time per batch "
+                                   "(tokenize + inference + decode)", buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_depth = Gauge("bertedge_queue_depth", "Texts waiting for a batch", registry=r)
+        self.texts = Counter("bertedge_texts", "Texts predicted", registry=r)
+        self.truncated = Counter("bertedge_truncated_texts", "Texts cut to max_length tokens", registry=r)
+        self.ready = Gauge("bertedge_ready", "1 once the bundle is verified and warmed up", registry=r)
+
+    def render(self) -> Response:
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+class MetricsMiddleware:
+    """Counts every HTTP request by endpoint (route template) and status, and times it."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Callable[[], Awaitable[Message]],
+                       send: Callable[[Message], Awaitable[None]]) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started, status = time.perf_counter(), [500]
+
+        async def send_status(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"  # not raw paths: bounded labels
+            self.metrics.requests.labels(endpoint, str(status[0])).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+
+
+# ----------------------------------------------------------------------------- the batcher
+
+
+@dataclass
+class Pending:
+    """One request's items waiting in the queue, and where its results go."""
+
+    items: list[Pair]
+    future: asyncio.Future[list[Result]]
+    arrived: float  # event-loop time it was queued
+
+
+class Batcher:
+    """Coalesces concurrent requests into one `predict` call of up to `max_batch_size` texts.
+
+    A single worker task takes the oldest request, then adds queued requests until the batch
+    is full or the oldest has waited `max_wait_ms`; a request's texts stay in one batch (a
+    request larger than the batch runs alone, split into calls of `max_batch_size`). Calls run
+    on one executor thread, off the event loop and one at a time per session; each request
+    gets exactly its own slice of the results, in order. While a call runs, new requests queue
+    up and form the next batch, so under load batches fill without waiting.
+    """
+
+    def __init__(self, predictor: PredictorLike, max_batch_size: int, max_wait_ms: float,
+                 metrics: Metrics) -> None:
+        self.predictor, self.metrics = predictor, metrics
+        self.max_batch_size, self.max_wait_s = max_batch_size, max_wait_ms / 1000
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bertedge-predict")
+        self.queue: asyncio.Queue[Pending | None] = asyncio.Queue()
+        self.held: Pending | None = None  # taken from the queue, but it did not fit the last batch
+        self.worker: asyncio.Task[None] | None = None
+        self.closing = False
+
+    async def call(self, items: Sequence[Pair]) -> list[Result]:
+        """Run items through the predictor on the executor thread (also used for warm-up)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, self._predict, list(items))
+
+    def _predict(self, items: list[Pair]) -> list[Result]:
+        return self.predictor.predict(items, batch_size=self.max_batch_size)
+
+    def start(self) -> None:
+        self.worker = asyncio.create_task(self._work(), name="bertedge-batcher")
+
+    async def submit(self, items: list[Pair]) -> list[Result]:
+        """Queue one request's items; its results, in order, once its batch has run."""
+        if self.closing or self.worker is None:
+            raise ApiError(503, "the server is not accepting predictions (starting or shutting down)")
+        loop = asyncio.get_running_loop()
+        pending = Pending(items, loop.create_future(), loop.time())
+        self.metrics.queue_depth.inc(len(items))
+        self.queue.put_nowait(pending)
+        return await pending.future
+
+    async def close(self) -> None:
+        """Stop taking requests, finish every queued one, then stop the worker and the thread."""
+        self.closing = True
+        if self.worker is not None:
+            self.queue.put_nowait(None)
+            await self.worker
+        self.executor.shutdown(wait=True)
+
+    async def _work(self) -> None:
+        while True:
+            batch, stop = await self._collect()
+            if batch:
+                await self._run(batch)
+            if stop:
+                return
+
+    async def _collect(self) -> tuple[list[Pending], bool]:
+        """The next batch, and whether the stop marker was reached."""
+        first = self.held or await self.queue.get()
+        self.held = None
+        if first is None:
+            return [], True
+        batch, size = [first], len(first.items)
+        deadline = first.arrived + self.max_wait_s
+        loop = asyncio.get_running_loop()
+        while size < self.max_batch_size:
+            try:
+                nxt = self.queue.get_nowait()
+            except asyncio.QueueEmpty:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    nxt = await asyncio.wait_for(self.queue.get(), remaining)
+                except TimeoutError:
+                    break
+            if nxt is None:
+                return batch, True
+            if size + len(nxt.items) > self.max_batch_size:
+                self.held = nxt  # keeps its texts together: it starts the next batch
+                break
+            batch.append(nxt)
+            size += len(nxt.items)
+        return batch, False
+
+    async def _run(self, batch: list[Pending]) -> None:
+        """Predict a batch and hand each request its slice; a bad request fails alone."""
+        self.metrics.queue_depth.dec(sum(len(p.items) for p in batch))
+        live = [p for p in batch if not p.future.done()]  # a cancelled caller needs no answer
+        if not live:
+            return
+        items = [item for p in live for item in p.items]
+        started = time.perf_counter()
+        try:
+            results = await self.call(items)
+        except BertedgeError as e:  # the runtime refused an input that passed our checks
+            if len(live) == 1:
+                self._fail(live[0], ApiError(422, str(e), [Problem(field="texts", message=e.problem)]))
+                return
+            for p in live:  # find the request at fault; the others still get answers
+                await self._run([p])
+            return
+        except Exception as e:  # a bug, not bad input: every caller of this batch gets a 500
+            log.exception("prediction failed")
+            for p in live:
+                self._fail(p, e)
+            return
+        self._observe(len(items), len(live), time.perf_counter() - started, results)
+        offset = 0
+        for p in live:
+            if not p.future.done():
+                p.future.set_result(results[offset: offset + len(p.items)])
+            offset += len(p.items)
+
+    @staticmethod
+    def _fail(pending: Pending, error: Exception) -> None:
+        if not pending.future.done():
+            pending.future.set_exception(error)
+
+    def _observe(self, texts: int, requests: int, seconds: float, results: list[Result]) -> None:
+        self.metrics.batch_size.observe(texts)
+        self.metrics.batch_requests.observe(requests)
+        self.metrics.inference.observe(seconds)
+        self.metrics.texts.inc(texts)
+        self.metrics.truncated.inc(sum(bool(r.get("truncated")) for r in results))
+
+
+# ----------------------------------------------------------------------------- the app
+
+
+@dataclass
+class ServerState:
+    """What the lifespan sets up and the endpoints read."""
+
+    predictor: PredictorLike | None = None
+    batcher: Batcher | None = None
+    ready: bool = False
+    status: str = "starting"  # why it is not ready, for /readyz
+
+
+def load_predictor(bundle: str | Path, config: ServeConfig) -> PredictorLike:
+    """Load and verify a bundle (checksums included) with the runtime's `Predictor`."""
+    from bertedge.runtime import Predictor
+
+    return Predictor(bundle, providers=config.providers, threads=config.threads,
+                     batch_size=config.max_batch_size)
+
+
+def model_summary(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The short model description sent with every prediction."""
+    model_file = manifest.get("files", {}).get("model.onnx", {})
+    return {"task": manifest.get("task"), "precision": manifest.get("precision"),
+            "model_sha256": model_file.get("sha256")}
+
+
+def model_info(predictor: PredictorLike, config: ServeConfig) -> dict[str, Any]:
+    """GET /v1/model: the manifest's facts, checksums, providers and the server's limits."""
+    m = predictor.manifest
+    keys = ("task", "labels", "max_length", "model_type", "precision", "quantization", "inputs",
+            "bertedge_version", "format_version", "created")
+    return {
+        **{k: m.get(k) for k in keys},
+        "checksums": {name: f.get("sha256") for name, f in m.get("files", {}).items()},
+        "files": m.get("files", {}),
+        "artifact": m.get("provenance", {}).get("artifact"),
+        "providers": list(getattr(predictor, "providers", []) or []),
+        "limits": {"max_batch_size": config.max_batch_size, "max_wait_ms": config.max_wait_ms,
+                   "max_texts": config.max_texts, "max_chars": config.max_chars,
+                   "max_body_bytes": config.body_limit},
+    }
+
+
+def create_app(predictor_or_bundle: PredictorLike | str | Path,
+               config: ServeConfig | None = None) -> FastAPI:
+    """The FastAPI app serving one predictor (or the bundle at a path, loaded at start-up).
+
+    Start-up (the ASGI lifespan) loads and verifies a bundle path, runs a warm-up prediction
+    and starts the batcher; only then does /readyz answer 200. Shutdown stops taking new
+    predictions, finishes queued ones and stops the executor thread.
+
+    Args:
+        predictor_or_bundle: a loaded `bertedge.runtime.Predictor`, or a bundle folder / archive.
+        config: batching and input limits (default `ServeConfig()`).
+    """
+    config = config or ServeConfig()
+    metrics = Metrics()
+    state = ServerState()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.status = "loading and verifying the bundle"
+        predictor = (await asyncio.to_thread(load_predictor, predictor_or_bundle, config)
+                     if isinstance(predictor_or_bundle, str | Path) else predictor_or_bundle)
+        batcher = Batcher(predictor, config.max_batch_size, config.max_wait_ms, metrics)
+        state.status = "warming up"
+        await batcher.call([(WARM_UP_TEXT, None)])
+        await batcher.call([(WARM_UP_TEXT, None)] * config.max_batch_size)
+        batcher.start()
+        state.predictor, state.batcher, state.ready, state.status = predictor, batcher, True, "ready"
+        metrics.ready.set(1)
+        log.info("bertedge serve ready: %s", model_summary(predictor.manifest))
+        try:
+            yield
+        finally:
+            state.ready, state.status = False, "shutting down"
+            metrics.ready.set(0)
+            await batcher.close()
+
+    app = FastAPI(title="bertedge", version=__version__, lifespan=lifespan,
+                  description="Predictions from a bertedge bundle, dynamically batched.")
+    app.state.server = state
+    app.state.metrics = metrics
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # type: ignore[arg-type]
+    add_error_handlers(app)
+    errors: dict[int | str, dict[str, Any]] = {
+        code: {"model": ErrorBody, "description": why} for code, why in (
+            (400, "malformed JSON, non-UTF-8 or empty body"), (413, "body over the byte limit"),
+            (422, "wrong field types, empty list, too many texts, a text over the size limit"),
+            (503, "not ready yet, or shutting down"))}
+
+    @app.post("/v1/predict", response_model=None, responses={200: {"model": PredictResponse}, **errors},
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                  "schema": {"$ref": "#/components/schemas/PredictRequest"}}}}})
+    async def predict(request: Request) -> JSONResponse:
+        """Predict one text or a list of items (strings, [text, text_pair] lists or objects).
+
+        Each request's texts are coalesced with concurrent requests into one onnxruntime call.
+        Over-long texts are truncated to the model's max_length tokens, as in `bertedge predict`,
+        and marked `"truncated": true`; the response counts them.
+        """
+        if state.batcher is None or not state.ready:
+            raise ApiError(503, f"not ready: {state.status}")
+        items = parse_items(parse_json(await read_body(request, config.body_limit)), config)
+        results = await state.batcher.submit(items)
+        assert state.predictor is not None
+        return JSONResponse({"predictions": results,
+                             "truncated": sum(bool(r.get("truncated")) for r in results),
+                             "model": model_summary(state.predictor.manifest)})
+
+    @app.get("/v1/model", responses={503: errors[503]})
+    async def model() -> dict[str, Any]:
+        """The bundle's manifest: task, labels, precision / quantization, checksums, max length."""
+        if state.predictor is None:
+            raise ApiError(503, f"not ready: {state.status}")
+        return model_info(state.predictor, config)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "alive"}
+
+    @app.get("/readyz", responses={503: errors[503]})
+    async def readyz() -> dict[str, Any]:
+        """Readiness: the bundle is verified and the session warmed up."""
+        if not state.ready:
+            raise ApiError(503, f"not ready: {state.status}")
+        return {"status": "ready"}
+
+    @app.get("/metrics", response_class=Response)
+    async def metrics_endpoint() -> Response:
+        """Prometheus metrics (text exposition format)."""
+        return metrics.render()
+
+    app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
+    return app
+
+
+def openapi_schema(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema plus PredictRequest (the endpoint parses its body itself)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                             routes=app.routes)
+        request = PredictRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.update(request.pop("$defs", {}))
+        components["PredictRequest"] = request
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error as {"error", "problems"}; bad input is a 4xx, never a 500."""
+
+    async def api_error(request: Request, e: Exception) -> Response:
+        assert isinstance(e, ApiError)
+        return e.response()
+
+    async def invalid(request: Request, e: Exception) -> Response:
+        assert isinstance(e, RequestValidationError)
+        return validation_error(e.errors()).response()
+
+    async def http_error(request: Request, e: Exception) -> Response:
+        assert isinstance(e, StarletteHTTPException)
+        response = ApiError(e.status_code, str(e.detail)).response()
+        response.headers.update(e.headers or {})
+        return response
+
+    async def user_error(request: Request, e: Exception) -> Response:
+        assert isinstance(e, BertedgeError)
+        return ApiError(422, str(e), [Problem(field="texts", message=e.problem)]).response()
+
+    async def internal(request: Request, e: Exception) -> Response:
+        log.exception("internal error on %s", request.url.path, exc_info=e)
+        return ApiError(500, f"internal server error ({type(e).__name__})").response()
+
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(RequestValidationError, invalid)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(BertedgeError, user_error)
+    app.add_exception_handler(Exception, internal)
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def serve(args: ServeArgs) -> None:
+    """Verify the bundle, then serve it with uvicorn until SIGINT / SIGTERM.
+
+    On shutdown uvicorn stops accepting connections and lets in-flight requests finish (up to
+    `graceful_timeout_s`), then the batcher drains its queue.
+
+    Raises:
+        BertedgeError: bad options, or a missing / corrupt bundle (before any port is opened).
+    """
+    import uvicorn
+
+    predictor = load_predictor(args.bundle, args.config)
+    app = create_app(predictor, args.config)
+    settings = {k: v for k, v in asdict(args.config).items() if k not in ("threads", "providers")}
+    log.info("serving %s on http://%s:%d with %s", args.bundle, args.host, args.port, settings)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                access_log=args.access_log, lifespan="on",
+                timeout_graceful_shutdown=args.graceful_timeout_s or None)
