@@ -468,7 +468,7 @@ def load_torch(source: Source, backend: Backend, threads: int) -> Loaded:
     torch.set_num_threads(threads)
     start = time.perf_counter()
     auto = getattr(transformers, get_task(source.task).hf_auto_class)
-    model = auto.from_pretrained(source.torch_dir, torch_dtype=torch.float32).eval()
+    model = auto.from_pretrained(source.torch_dir, dtype=torch.float32).eval()
     load_s = time.perf_counter() - start
     names = [n for n in TOKEN_INPUTS if n in inspect.signature(model.forward).parameters]
 
@@ -477,7 +477,7 @@ def load_torch(source: Source, backend: Backend, threads: int) -> Loaded:
 
         def call() -> Any:
             with torch.inference_mode():
-                return model(**tensors).logits
+                return model(**tensors)
 
         return call
 
@@ -584,7 +584,8 @@ class ColdStart:
     import_s: float
     load_s: float
     first_inference_s: float
-    peak_rss_mb: float  # ru_maxrss of the child (median)
+    peak_rss_mb: float  # the child's peak resident memory (median)
+    imports_torch: bool  # whether the child ended up with torch loaded (ONNX backends should not)
     gpu_memory_mb: float | None  # the child's GPU memory (nvidia-smi), GPU backends only
 
 
@@ -914,6 +915,7 @@ def measure_cold_start(spec: dict[str, Any], runs: int) -> ColdStart:
     return ColdStart(runs=runs, seconds=median("seconds"), seconds_all=[s["seconds"] for s in samples],
                      import_s=median("import_s"), load_s=median("load_s"),
                      first_inference_s=median("first_inference_s"), peak_rss_mb=median("peak_rss_mb"),
+                     imports_torch=any(s["imports_torch"] for s in samples),
                      gpu_memory_mb=float(np.median(gpu)) if gpu else None)
 
 
@@ -931,10 +933,21 @@ def _cold_start_once(spec: dict[str, Any]) -> dict[str, Any]:
     return sample
 
 
-def _cold_start_child(spec: dict[str, Any]) -> dict[str, Any]:
-    """Inside the fresh process: import, load and predict once, the way a user would."""
+def _peak_rss_mb() -> float:
+    """This process's peak RSS. VmHWM restarts at exec; ru_maxrss can keep the forking parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     import resource
 
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _cold_start_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """Inside the fresh process: import, load and predict once, the way a user would."""
     t0 = time.perf_counter()
     if spec["engine"] == "torch":
         import torch
@@ -962,7 +975,7 @@ def _cold_start_child(spec: dict[str, Any]) -> dict[str, Any]:
     t3 = time.perf_counter()
     done_at = time.time()
     return {"import_s": t1 - t0, "load_s": t2 - t1, "first_inference_s": t3 - t2, "done_at": done_at,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
+            "peak_rss_mb": _peak_rss_mb(), "imports_torch": "torch" in sys.modules,
             "gpu_memory_mb": gpu_memory_mb(os.getpid()) if spec["gpu"] else None}
 
 
@@ -974,10 +987,12 @@ def _sentences(data: TextExamples | None) -> list[str]:
 
 
 def load_data(args: BenchArgs, source: Source) -> TextExamples | None:
-    """--data (labels optional), a seeded subset when --max-data-rows is set."""
+    """--data (labels optional; texts only for per-token tasks), a seeded subset with --max-data-rows."""
     if args.data is None:
         return None
-    examples = load_text_classification(args.data, args.columns, label_names=list(source.labels) or None,
+    classification = not get_task(source.task).per_token_outputs
+    columns = args.columns if classification else Columns(text=args.columns.text, text_pair=args.columns.text_pair, label=())
+    examples = load_text_classification(args.data, columns, label_names=list(source.labels) or None,
                                         require_labels=False)
     return seeded_subset(examples, args.max_data_rows, args.seed)
 
@@ -1025,7 +1040,11 @@ def bench(args: BenchArgs, echo: Callable[[str], None] | None = None) -> BenchRe
     sentences = _sentences(examples)
     inputs = {(b, s): realistic_batch(tokenizer, sentences, b, s, seed=args.seed + 1000 * b + s)
               for b in args.batch_sizes for s in seq_lens}
-    data = tokenize_dataset(tokenizer, examples, source.max_length, args.data_batch_size) if examples else None
+    data = None
+    if examples is not None and get_task(source.task).per_token_outputs:
+        notes.append(f"--data accuracy is measured for classification only; the {source.task} texts only feed the inputs")
+    elif examples is not None:
+        data = tokenize_dataset(tokenizer, examples, source.max_length, args.data_batch_size)
     if data is not None and data.truncated:
         notes.append(f"{data.truncated} of {len(examples or [])} --data rows are longer than {source.max_length} tokens and were truncated")
     _run_backends(report, chosen, source, inputs, args, threads, data, say)

@@ -236,10 +236,11 @@ def package(export_dir: Path, out: Path, artifact: str | None, archive: str | No
       bertedge package runs/export --out runs/bundle
       bertedge package runs/export --out runs/bundle.tar.gz --artifact fp32
     """
-    from bertedge.bundle import PackageArgs
+    from bertedge.bundle import ArchiveFormat, PackageArgs
     from bertedge.bundle import package as run
 
-    bundle = run(PackageArgs(export_dir=export_dir, out=out, artifact=artifact, archive=archive, force=force))
+    bundle = run(PackageArgs(export_dir=export_dir, out=out, artifact=artifact, force=force,
+                             archive=ArchiveFormat(archive) if archive else None))
     m = bundle.manifest
     artifact_name = m["provenance"].get("artifact", {}).get("name")
     click.echo(f"packaged artifact '{artifact_name}' ({m['precision']}, {m['task']}, "
@@ -289,7 +290,7 @@ def predict(**opts: Any) -> None:
         providers=opts["providers"], report=not opts["quiet"],
     )
     try:
-        run_predict(args, sys.stdout, sys.stderr, click.get_binary_stream("stdin"))
+        run_predict(args, sys.stdout, sys.stderr)
     except BrokenPipeError:  # `| head` closed the pipe: stop quietly, like other Unix tools
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
@@ -337,6 +338,62 @@ def serve(**opts: Any) -> None:
     run(ServeArgs(bundle=opts["bundle"], host=opts["host"], port=opts["port"], config=config,
                   log_level=opts["log_level"], access_log=opts["access_log"],
                   graceful_timeout_s=opts["graceful_timeout"]))
+
+
+@cli.command()
+@click.argument("model_or_bundle", type=click.Path(path_type=Path))
+@click.option("--backends", default="", help="Comma-separated: torch, onnx, onnx-fused, int8, int8-static, cuda, cuda-fp16, "
+              "tensorrt (default: every one the folder has, GPU ones when their provider works).")
+@click.option("--batch-sizes", default="1,8,32", show_default=True, help="Sequences per call.")
+@click.option("--seq-lens", default=None, help="Tokens per sequence [default: 16,64,128,256 up to the model's limit].")
+@click.option("--threads", default=0, show_default=True, help="Intra-op threads for every backend (0 = all usable cores).")
+@click.option("--duration", default=0.0, help="Seconds of timed runs per shape [default: 2 when --runs is not given].")
+@click.option("--runs", default=0, help="Fixed number of timed runs per shape instead of --duration.")
+@click.option("--warmup", default=3, show_default=True, help="Untimed runs per shape first.")
+@click.option("--data", type=click.Path(path_type=Path), help="Texts for the inputs; labelled: accuracy and agreement per backend.")
+@data_options
+@click.option("--max-data-rows", default=0, show_default=True, help="Seeded subset of --data (0 = all rows).")
+@click.option("--data-batch-size", default=32, show_default=True, help="Batch size of the length-bucketed --data pass.")
+@click.option("--out", "-o", type=click.Path(path_type=Path), help="Folder for bench.json, bench.md and plots [default: MODEL_OR_BUNDLE-bench].")
+@click.option("--cold-start/--no-cold-start", default=True, show_default=True,
+              help="Measure cold start and peak RSS in a fresh process per backend.")
+@click.option("--cold-start-runs", default=3, show_default=True, help="Fresh processes per backend (median reported).")
+@click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
+@click.option("--seed", default=0, show_default=True, help="Seed for input construction and --max-data-rows.")
+@user_errors
+def bench(**opts: Any) -> None:
+    """Benchmark an export folder, a bundle or a model folder: latency, throughput, memory, accuracy.
+
+    \b
+    Examples:
+      bertedge bench runs/export --batch-sizes 1,32 --seq-lens 16,128 --threads 2
+      bertedge bench runs/export --backends torch,int8 --data dev.tsv --text-column content --runs 50
+      bertedge bench runs/bundle --backends onnx,cuda --out runs/bench-gpu
+    \b
+    Writes bench.json (with CPU, ISA flags and library versions), bench.md and PNG plots.
+    """
+    from rich.console import Console
+
+    from bertedge.bench import BenchArgs, render
+    from bertedge.bench import bench as run
+
+    model: Path = opts["model_or_bundle"]
+    args = BenchArgs(
+        model=model, backends=tuple(csv_list(opts["backends"])), batch_sizes=tuple(int_list(opts["batch_sizes"])),
+        seq_lens=tuple(int_list(opts["seq_lens"] or "")), threads=opts["threads"], duration=opts["duration"],
+        runs=opts["runs"], warmup=opts["warmup"], data=opts["data"],
+        columns=columns_from(opts["text_column"], opts["text_pair_column"], opts["label_column"]),
+        max_data_rows=opts["max_data_rows"], data_batch_size=opts["data_batch_size"],
+        out=opts["out"] or model.parent / f"{model.resolve().name}-bench", cold_start=opts["cold_start"],
+        cold_start_runs=opts["cold_start_runs"], plots=not opts["no_plots"], seed=opts["seed"],
+    )
+    report = run(args, echo=click.echo)
+    console = Console(width=max(Console().width, 160))
+    for table in render(report):
+        console.print(table)
+    for warning in report.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(f"results written to {report.files.get('json')}")
 
 
 def main() -> None:

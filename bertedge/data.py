@@ -124,8 +124,10 @@ def _iter_jsonl(path: Path, text: str) -> Iterator[tuple[int, dict[str, str]]]:
 
 def _iter_delimited(path: Path, text: str, delimiter: str) -> Iterator[tuple[int, dict[str, str]]]:
     # GLUE-style TSVs are unquoted and may contain bare quote characters.
-    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
+    if delimiter == "\t":
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=csv.QUOTE_NONE)
+    else:
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     header = next(reader, None)
     if not header:
         raise BertedgeError(f"{path} has no header row", "put column names on the first line")

@@ -39,6 +39,7 @@ from __future__ import annotations
 import enum
 import io
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -473,6 +474,9 @@ def predict_dataset(args: DistributedArgs, log: TextIO | None = None) -> Distrib
         ray.init(address=args.address, num_cpus=args.num_cpus if not (args.address or os.environ.get(
             "RAY_ADDRESS")) else None, include_dashboard=False, logging_level="WARNING",
             log_to_driver=True)
+    ray_data_log = logging.getLogger("ray.data")
+    level = ray_data_log.level
+    ray_data_log.setLevel(logging.WARNING)  # Ray Data's per-stage INFO lines drown the progress
     try:
         return run_job(args, id_column, log, started, time.perf_counter() - started)
     except Exception as e:  # Ray wraps a worker's BertedgeError; show the user the original
@@ -481,6 +485,7 @@ def predict_dataset(args: DistributedArgs, log: TextIO | None = None) -> Distrib
             raise
         raise BertedgeError(cause.problem, cause.fix) from None
     finally:
+        ray_data_log.setLevel(level)
         if owned:
             ray.shutdown()
 
@@ -521,13 +526,17 @@ def run_job(args: DistributedArgs, id_column: str | None, log: TextIO, started: 
     read_s = time.perf_counter() - t0
     if rows_in == 0:
         raise BertedgeError(f"the input ({len(files)} file(s)) has no rows", "check --input")
+    window = WINDOW_BATCHES * args.batch_size
+    # Enough blocks that every actor gets work, few enough that per-task overhead stays small.
+    parsed = parsed.repartition(max(actors, min(rows_in // window, 8 * actors)))
 
     counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
     shipped = [ray.put(ship_bundle(args.bundle))] if transport is BundleTransport.SHIP else None
     t1, t1_wall = time.perf_counter(), time.time()
     predicted = parsed.map_batches(
-        BundlePredictor, batch_size=WINDOW_BATCHES * args.batch_size, batch_format="pyarrow",
-        zero_copy_batch=True, concurrency=actors, num_cpus=args.threads_per_actor,
+        BundlePredictor, batch_size=window, batch_format="pyarrow",
+        zero_copy_batch=True, compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=args.threads_per_actor,
         fn_constructor_kwargs={"bundle": str(args.bundle), "shipped": shipped,
                                "providers": args.providers, "threads": args.threads_per_actor,
                                "batch_size": args.batch_size, "progress": counter,
@@ -539,18 +548,16 @@ def run_job(args: DistributedArgs, id_column: str | None, log: TextIO, started: 
     first_batch_s = first - t1_wall if first else predict_s
 
     t2 = time.perf_counter()
-    counts = status_counts(predicted)
-    rows_ok, rows_error = counts.get("ok", 0), counts.get("error", 0)
-    if rows_ok + rows_error != rows_in:
-        raise BertedgeError(f"{rows_in} rows in but {rows_ok} predicted + {rows_error} errors came out",
-                            "this is a bug: please report it with the input")
     keep = ["file", "row", "line", "id"] if len(files) > 1 else ["row", "line", "id"]
+    rows_ok, truncated, error_rows = scan_results(predicted, files, keep)
+    if rows_ok + len(error_rows) != rows_in:
+        raise BertedgeError(f"{rows_in} rows in but {rows_ok} predicted + {len(error_rows)} errors "
+                            "came out", "this is a bug: please report it with the input")
     write_output(predicted, args, files, keep)
-    errors = write_errors(predicted, args.errors, files, keep) if rows_error else None
-    truncated = int(predicted.sum("truncated") or 0)
+    errors = write_errors(error_rows, args.errors) if error_rows else None
     write_s = time.perf_counter() - t2
     return DistributedReport(
-        rows_in=rows_in, rows_ok=rows_ok, rows_error=rows_error, truncated=truncated, files=len(files),
+        rows_in=rows_in, rows_ok=rows_ok, rows_error=len(error_rows), truncated=truncated, files=len(files),
         output=str(args.output), errors=str(errors) if errors else None, address=address,
         actors=actors, threads_per_actor=args.threads_per_actor, transport=transport.value,
         init_s=init_s, read_s=read_s, first_batch_s=max(0.0, first_batch_s), predict_s=predict_s,
@@ -610,13 +617,21 @@ def run_with_progress(ds: Any, counter: Any, total: int, log: TextIO | None,
     return done["ds"]
 
 
-def status_counts(ds: Any) -> dict[str, int]:
-    """Rows per status, reading only the status column."""
-    counts: dict[str, int] = {}
-    for batch in ds.select_columns(["status"]).iter_batches(batch_format="pyarrow", batch_size=None):
-        for entry in batch.column("status").value_counts().to_pylist():
-            counts[entry["values"]] = counts.get(entry["values"], 0) + entry["counts"]
-    return counts
+def scan_results(ds: Any, files: list[str], keep: list[str]) -> tuple[int, int, list[dict[str, Any]]]:
+    """(ok rows, truncated rows, error rows) in one pass over the small columns."""
+    import pyarrow.compute as pc
+
+    ok = truncated = 0
+    errors: list[dict[str, Any]] = []
+    columns = ["file", "row", "line", "id", "status", "reason", "truncated"]
+    for batch in ds.select_columns(columns).iter_batches(batch_format="pyarrow", batch_size=None):
+        is_ok = pc.equal(batch.column("status"), "ok")
+        ok += int(pc.sum(is_ok).as_py() or 0)
+        truncated += int(pc.sum(batch.column("truncated")).as_py() or 0)
+        bad = batch.filter(pc.invert(is_ok)).drop_columns(["status", "truncated"])
+        errors.extend(finish_columns(bad, files, keep, []).to_pylist())
+    errors.sort(key=lambda r: (r.get("file") or "", r["row"]))
+    return ok, truncated, errors
 
 
 def with_status(status: str) -> Any:
@@ -671,12 +686,8 @@ def write_output(ds: Any, args: DistributedArgs, files: list[str], keep: list[st
     partial.replace(args.output)  # a failed job never leaves a half-written output
 
 
-def write_errors(ds: Any, path: Path, files: list[str], keep: list[str]) -> Path:
-    """Error rows (ids and reason) as JSONL, in (file, row) order; they are few, so sorted here."""
-    bad = ds.map_batches(with_status("error"), batch_format="pyarrow", batch_size=None)
-    rows = [r for b in bad.select_columns(["file", "row", "line", "id", "reason"]).iter_batches(
-        batch_format="pyarrow", batch_size=None) for r in finish_columns(b, files, keep, []).to_pylist()]
-    rows.sort(key=lambda r: (r.get("file") or "", r["row"]))
+def write_errors(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Error rows (ids and reason) as JSONL, in (file, row) order."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path

@@ -196,7 +196,8 @@ def load_source(model_dir: Path) -> Source:
     model = _load_pretrained(model_dir, info.task)
     meta_path = model_dir / "bertedge.json"
     meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
-    return Source(info, model, tokenizer, _input_names(model), int(meta.get("stride", 128)))
+    stride = int(meta.get("stride") or min(128, info.max_length // 2))  # finetune's default at 384 tokens
+    return Source(info, model, tokenizer, _input_names(model), stride)
 
 
 def _load_pretrained(model_dir: Path, task: Task) -> Any:

@@ -65,7 +65,7 @@ def read_ner(path: Path, label_names: Sequence[str] | None = None) -> NerExample
         sentences = list(_jsonl_sentences(path, text))
     else:
         sentences = list(_conll_sentences(path, text))
-    for words, tags, lines in sentences:
+    for _words, tags, lines in sentences:
         check_iob2(tags, path, lines)
     names = list(label_names) if label_names else _label_set(t for _, t, _ in sentences)
     index = {n: i for i, n in enumerate(names)}

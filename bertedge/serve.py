@@ -29,7 +29,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Protocol
 
@@ -590,7 +590,8 @@ def create_app(predictor_or_bundle: PredictorLike | str | Path,
         batcher.start()
         state.predictor, state.batcher, state.ready, state.status = predictor, batcher, True, "ready"
         metrics.ready.set(1)
-        log.info("bertedge serve ready: %s", model_summary(predictor.manifest))
+        log.info("bertedge ready: %s; batching up to %d texts, waiting up to %g ms",
+                 model_summary(predictor.manifest), config.max_batch_size, config.max_wait_ms)
         try:
             yield
         finally:
@@ -718,8 +719,6 @@ def serve(args: ServeArgs) -> None:
 
     predictor = load_predictor(args.bundle, args.config)
     app = create_app(predictor, args.config)
-    settings = {k: v for k, v in asdict(args.config).items() if k not in ("threads", "providers")}
-    log.info("serving %s on http://%s:%d with %s", args.bundle, args.host, args.port, settings)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 access_log=args.access_log, lifespan="on",
                 timeout_graceful_shutdown=args.graceful_timeout_s or None)

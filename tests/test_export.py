@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers
 from click.testing import CliRunner
-from tiny import sentiment_rows, write_csv
+from tiny import make_tiny_model, sentiment_rows, write_csv, write_jsonl
 
 from bertedge import quantize as q
 from bertedge.cli import cli
@@ -113,6 +113,31 @@ def test_distilbert_has_no_token_type_ids(tiny_distilbert: Path, tmp_path: Path)
         assert names == ["input_ids", "attention_mask"]
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
     assert report.recommended == "fused" and report.int8_search == []
+
+
+NER_LABELS = ("O", "B-PER", "I-PER", "B-LOC")
+
+
+@pytest.mark.parametrize("task", ["ner", "qa"])
+def test_per_token_tasks_export_generically(task: str, tmp_path: Path) -> None:
+    """NER and QA go through the same code: per-token axes, masked comparison, task metric."""
+    labels = NER_LABELS if task == "ner" else ("negative", "positive")
+    model = make_tiny_model(tmp_path / "model", task=task, labels=labels)
+    if task == "ner":
+        rows = [{"tokens": ["john", "smith", "lives", "in", "paris"],
+                 "tags": ["B-PER", "I-PER", "O", "O", "B-LOC"]}] * 6
+    else:
+        context = "john smith lives in paris and works at acme corp"
+        rows = [{"question": "where does john live ?", "context": context,
+                 "answers": {"text": ["paris"], "answer_start": [context.index("paris")]}}] * 6
+    data = write_jsonl(tmp_path / f"{task}.jsonl", rows)  # type: ignore[arg-type]
+    report = export(ExportArgs(model, tmp_path / "out", eval_file=data))
+    session = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert all(o.shape[:2] == ["batch", "sequence"] for o in session.get_outputs())
+    for a in report.artifacts:
+        assert a.validated and a.metric is not None and a.metric["name"] == "f1"
+    assert report.artifact("fused").passed  # type: ignore[union-attr]
+    assert report.recommended in ("int8", "fused")
 
 
 def test_impossible_budget_tries_every_mitigation(tiny_bert: Path, sentiment_csv: tuple[Path, Path],

@@ -1,0 +1,352 @@
+"""bertedge serve: endpoints, bad input, the dynamic batcher, a real uvicorn, shutdown, the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from click.testing import CliRunner
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from bertedge.bundle import PackageArgs, package
+from bertedge.cli import cli
+from bertedge.errors import BertedgeError
+from bertedge.runtime import Predictor
+from bertedge.serve import ApiError, Batcher, Metrics, ServeConfig, create_app
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ["good", "bad", "film", "plot", "acting", "boring", "superb", "dull", "paris", "story"]
+LIMITS = ServeConfig(max_texts=8, max_chars=500, max_wait_ms=2)
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny BERT through the real pipeline: `export` (fp32 only) then `package`."""
+    from bertedge.export import ExportArgs, export
+
+    base = tmp_path_factory.mktemp("serve")
+    export(ExportArgs(tiny_bert, base / "export", optimization="none", quantize="none"))
+    return package(PackageArgs(base / "export", base / "bundle")).root
+
+
+@pytest.fixture(scope="module")
+def predictor(bundle: Path) -> Predictor:
+    return Predictor(bundle, threads=1)
+
+
+@pytest.fixture
+def client(predictor: Predictor) -> Iterator[TestClient]:
+    with TestClient(create_app(predictor, LIMITS)) as c:
+        yield c
+
+
+def assert_same(got: Sequence[dict[str, Any]], want: Sequence[dict[str, Any]]) -> None:
+    """Same labels and keys; probabilities equal up to float noise from different padding."""
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert g.keys() == w.keys() and g["label"] == w["label"]
+        assert g["probabilities"] == pytest.approx(w["probabilities"], abs=1e-6)
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """One sample's value from Prometheus text output (0 when absent)."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+# ----------------------------------------------------------------------------- endpoints
+
+
+def test_import_keeps_torch_out() -> None:
+    code = ("import sys, bertedge.serve; bad = {'torch', 'transformers'} & set(sys.modules); "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_health_ready_model_docs(client: TestClient, predictor: Predictor) -> None:
+    assert client.get("/healthz").json() == {"status": "alive"}
+    assert client.get("/readyz").json() == {"status": "ready"}
+    info = client.get("/v1/model").json()
+    assert info["task"] == "classification" and info["labels"] == ["negative", "positive"]
+    assert info["max_length"] == predictor.max_length and info["precision"] == "fp32"
+    assert info["checksums"]["model.onnx"] == predictor.manifest["files"]["model.onnx"]["sha256"]
+    assert info["limits"]["max_texts"] == 8 and info["limits"]["max_chars"] == 500
+    schema = client.get("/openapi.json").json()
+    assert set(schema["paths"]) >= {"/v1/predict", "/v1/model", "/healthz", "/readyz", "/metrics"}
+    assert "texts" in schema["components"]["schemas"]["PredictRequest"]["properties"]
+    assert client.get("/docs").status_code == 200
+
+
+def test_predict_shapes_match_predictor(client: TestClient, predictor: Predictor) -> None:
+    items = ["a good film", ["is it good?", "it is superb"], {"text": "dull plot", "text_pair": "yes"},
+             {"text": "boring"}]
+    body = client.post("/v1/predict", json={"texts": items}).json()
+    want = predictor.predict(["a good film", ("is it good?", "it is superb"), ("dull plot", "yes"),
+                              "boring"])
+    assert_same(body["predictions"], want)
+    assert body["truncated"] == 0 and body["model"]["task"] == "classification"
+    one = client.post("/v1/predict", json={"texts": "a good film"}).json()
+    assert_same(one["predictions"], want[:1])
+
+
+def test_long_text_is_truncated_and_says_so(client: TestClient, predictor: Predictor) -> None:
+    long = "q " * 200  # 200 tokens > max_length (128), 400 characters < max_chars (500)
+    body = client.post("/v1/predict", json={"texts": [long, "good"]}).json()
+    assert body["truncated"] == 1
+    assert body["predictions"][0]["truncated"] is True and "truncated" not in body["predictions"][1]
+    assert_same(body["predictions"], predictor.predict([long, "good"]))
+
+
+BAD_INPUTS = [  # (body, status, field named, limit named)
+    (b'{"texts": ["a", ', 400, "body", None),
+    (b'{"texts": ["caf\xe9"]}', 400, "body", None),
+    (b"", 400, "body", None),
+    (b"[" * 50_000, 400, "body", None),
+    (b'{"texts": 3}', 422, "texts", None),
+    (b'{"texts": [1]}', 422, "texts[0]", None),
+    (b'{"texts": ["a", ["b"]]}', 422, "texts[1][1]", None),
+    (b'{"texts": ["a", {"text": 5}]}', 422, "texts[1].text", None),
+    (b'{"texts": ["a", ["b", "c", "d"]]}', 422, "texts[1]", None),
+    (b'{"texts": []}', 422, "texts", 8),
+    (b'{"texts": ["a", "b", "c", "d", "e", "f", "g", "h", "i"]}', 422, "texts", 8),
+    (b'{"texts": ["ok", "' + b"x" * 501 + b'"]}', 422, "texts[1]", 500),
+    (b'{"texts": [["ok", "' + b"x" * 501 + b'"]]}', 422, "texts[0].text_pair", 500),
+    (b'{"texts": ["ok", "   "]}', 422, "texts[1]", None),
+    (b'{"text": "a"}', 422, "texts", None),
+    (b'["a"]', 422, "body", None),
+    (b'{"texts": "' + b"x" * 200_000 + b'"}', 413, "body", LIMITS.body_limit),
+]
+
+
+@pytest.mark.parametrize(("raw", "status", "field", "limit"), BAD_INPUTS,
+                         ids=["malformed-json", "not-utf8", "empty-body", "deep-nesting", "texts-int",
+                              "item-int", "short-pair", "object-text-int", "long-pair", "empty-list",
+                              "too-many", "text-too-long", "pair-too-long", "blank-text",
+                              "missing-texts", "top-level-list", "body-too-large"])
+def test_bad_input_is_a_4xx_naming_field_and_limit(client: TestClient, raw: bytes, status: int,
+                                                   field: str, limit: int | None) -> None:
+    r = client.post("/v1/predict", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert body["error"]
+    problem = next(p for p in body["problems"] if p["field"] == field)
+    assert problem.get("limit") == limit
+    if limit is not None:
+        assert str(limit) in body["error"] + problem["message"]
+
+
+def test_chunked_body_over_limit_is_413(client: TestClient) -> None:
+    chunks = (b'{"texts": "' if i == 0 else b"x" * 10_000 for i in range(20))
+    r = client.post("/v1/predict", content=chunks)
+    assert r.status_code == 413 and r.json()["problems"][0]["limit"] == LIMITS.body_limit
+
+
+def test_unknown_route_and_method_are_json(client: TestClient) -> None:
+    assert client.get("/nope").json()["error"] == "Not Found"
+    r = client.get("/v1/predict")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+
+
+def test_not_ready_until_started_then_loads_a_path(bundle: Path) -> None:
+    app = create_app(bundle, LIMITS)
+    cold = TestClient(app)  # no `with`: the lifespan (load + warm-up) has not run
+    assert cold.get("/healthz").status_code == 200
+    assert cold.get("/readyz").status_code == 503
+    assert cold.post("/v1/predict", json={"texts": "good"}).status_code == 503
+    with TestClient(app) as warm:
+        assert warm.get("/readyz").status_code == 200
+        assert warm.post("/v1/predict", json={"texts": "good"}).status_code == 200
+    assert metric(warm.get("/metrics").text, "bertedge_ready") == 0
+
+
+def test_corrupt_bundle_fails_start_up(bundle: Path, tmp_path: Path) -> None:
+    bad = Path(shutil.copytree(bundle, tmp_path / "bad"))
+    data = bytearray((bad / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bad / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(BertedgeError, match="corrupt"), TestClient(create_app(bad, LIMITS)):
+        pass
+
+
+# ----------------------------------------------------------------------------- the batcher
+
+
+class FakePredictor:
+    """Echoes each text as its label and records every call; 'boom' is a bad input."""
+
+    manifest = {"task": "classification", "precision": "fp32", "files": {}}
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.calls: list[tuple[int, int | None]] = []
+        self.delay_s = delay_s
+
+    def predict(self, items: Sequence[tuple[str, str | None]],
+                batch_size: int | None = None) -> list[dict[str, Any]]:
+        self.calls.append((len(items), batch_size))
+        time.sleep(self.delay_s)
+        if any(t == "boom" for t, _ in items):
+            raise BertedgeError("item 0: boom")
+        return [{"label": t, "pair": p} for t, p in items]
+
+
+def run_batcher(requests: list[list[str]], max_batch_size: int, max_wait_ms: float = 50,
+                delay_s: float = 0.0) -> tuple[list[Any], FakePredictor, Metrics]:
+    """Submit every request at once; each one's results (or exception), and the fake."""
+    fake, metrics = FakePredictor(delay_s), Metrics()
+
+    async def main() -> list[Any]:
+        batcher = Batcher(fake, max_batch_size, max_wait_ms, metrics)
+        batcher.start()
+        tasks = [batcher.submit([(t, None) for t in r]) for r in requests]
+        out = await asyncio.gather(*tasks, return_exceptions=True)
+        await batcher.close()
+        return out
+
+    return asyncio.run(main()), fake, metrics
+
+
+def test_batcher_coalesces_and_returns_each_its_own() -> None:
+    requests = [[f"r{i}-{j}" for j in range(1 + i % 3)] for i in range(12)]
+    results, fake, metrics = run_batcher(requests, max_batch_size=8)
+    for request, result in zip(requests, results, strict=True):
+        assert [r["label"] for r in result] == request
+    sizes = [n for n, _ in fake.calls]
+    assert sum(sizes) == 24 and max(sizes) <= 8 and len(sizes) < 12
+    assert all(b == 8 for _, b in fake.calls)
+    assert metrics.queue_depth._value.get() == 0
+
+
+def test_batcher_keeps_a_request_together_and_runs_a_big_one_alone() -> None:
+    results, fake, _ = run_batcher([["a", "b", "c"], ["d", "e", "f"], list("ghijklmnop")], 4)
+    assert [n for n, _ in fake.calls] == [3, 3, 10]  # the 10 are split into calls of 4 by predict
+    assert [r["label"] for r in results[2]] == list("ghijklmnop")
+
+
+def test_batch_size_one_is_one_call_per_request() -> None:
+    _, fake, _ = run_batcher([["a"], ["b"], ["c"], ["d"]], max_batch_size=1)
+    assert fake.calls == [(1, 1)] * 4
+
+
+def test_a_bad_request_fails_alone() -> None:
+    results, fake, _ = run_batcher([["a"], ["boom"], ["c"]], max_batch_size=8)
+    assert results[0][0]["label"] == "a" and results[2][0]["label"] == "c"
+    assert isinstance(results[1], ApiError) and results[1].status == 422
+    assert fake.calls[0][0] == 3  # the coalesced call failed, then each request ran alone
+
+
+def test_closed_batcher_refuses_and_drains() -> None:
+    async def main() -> None:
+        batcher = Batcher(FakePredictor(0.05), 1, 0, Metrics())
+        batcher.start()
+        queued = [asyncio.ensure_future(batcher.submit([(t, None)])) for t in "abc"]
+        await asyncio.sleep(0)
+        await batcher.close()
+        assert [q.result()[0]["label"] for q in queued] == ["a", "b", "c"]
+        with pytest.raises(ApiError, match="not accepting"):
+            await batcher.submit([("d", None)])
+
+    asyncio.run(main())
+
+
+# ----------------------------------------------------------------------------- real uvicorn
+
+
+@contextlib.contextmanager
+def live_server(app: FastAPI) -> Iterator[tuple[str, uvicorn.Server]]:
+    """The app on a real uvicorn, on a free port of 127.0.0.1, in a thread."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on",
+                                           timeout_graceful_shutdown=20))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", server
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+def test_100_concurrent_requests_on_uvicorn(predictor: Predictor) -> None:
+    requests = [[" ".join(WORDS[(i + k) % 10: (i + k) % 10 + 1 + i % 4]) for k in range(1 + i % 3)]
+                for i in range(100)]
+    with live_server(create_app(predictor, ServeConfig(max_wait_ms=20))) as (url, _):
+
+        async def main() -> list[httpx.Response]:
+            limits = httpx.Limits(max_connections=100)
+            async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
+                return await asyncio.gather(*(http.post("/v1/predict", json={"texts": r})
+                                              for r in requests))
+
+        responses = asyncio.run(main())
+        metrics = httpx.get(f"{url}/metrics").text
+    for request, response in zip(requests, responses, strict=True):
+        assert response.status_code == 200
+        assert_same(response.json()["predictions"], predictor.predict(request))
+    texts = sum(len(r) for r in requests)
+    assert metric(metrics, "bertedge_requests_total", endpoint="/v1/predict", status="200") == 100
+    assert metric(metrics, "bertedge_request_duration_seconds_count", endpoint="/v1/predict") == 100
+    assert metric(metrics, "bertedge_texts_total") == texts
+    assert metric(metrics, "bertedge_batch_size_sum") == texts
+    assert metric(metrics, "bertedge_batch_size_count") < 100  # requests were coalesced
+    assert metric(metrics, "bertedge_queue_depth") == 0
+
+
+def test_graceful_shutdown_finishes_in_flight_requests() -> None:
+    fake = FakePredictor(delay_s=0.3)
+    with live_server(create_app(fake, ServeConfig(max_batch_size=1))) as (url, server):
+
+        async def main() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+                calls = [asyncio.ensure_future(http.post("/v1/predict", json={"texts": [f"t{i}"]}))
+                         for i in range(4)]
+                await asyncio.sleep(0.4)  # all four are in flight, one or two done
+                server.should_exit = True
+                return await asyncio.gather(*calls)
+
+        responses = asyncio.run(main())
+    assert [r.json()["predictions"][0]["label"] for r in responses] == ["t0", "t1", "t2", "t3"]
+    assert fake.calls == [(1, 1)] * (2 + 4)  # two warm-up calls, then one per request
+    with pytest.raises(httpx.TransportError):  # the server is gone, and with it the listener
+        httpx.get(f"{url}/healthz", timeout=2)
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+def test_cli_serve_wires_options(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
+    result = CliRunner().invoke(cli, ["serve", str(bundle), "--port", "9123", "--max-batch-size", "8",
+                                      "--max-wait-ms", "2", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert seen["port"] == 9123 and seen["host"] == "127.0.0.1" and isinstance(seen["app"], FastAPI)
+
+
+def test_cli_serve_rejects_bad_options(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["serve", str(tmp_path / "missing"), "--max-batch-size", "0"])
+    assert result.exit_code != 0 and "--max-batch-size must be at least 1" in result.output
+    result = CliRunner().invoke(cli, ["serve", str(tmp_path / "missing")])
+    assert result.exit_code != 0 and "does not exist" in result.output
