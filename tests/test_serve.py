@@ -36,10 +36,10 @@ LIMITS = ServeConfig(max_texts=8, max_chars=500, max_wait_ms=2)
 @pytest.fixture(scope="module")
 def bundle(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny BERT through the real pipeline: `export` (fp32 only) then `package`."""
-    from bertedge.export import ExportArgs, export
+    from bertedge.export import ExportArgs, Optimization, Quantization, export
 
     base = tmp_path_factory.mktemp("serve")
-    export(ExportArgs(tiny_bert, base / "export", optimization="none", quantize="none"))
+    export(ExportArgs(tiny_bert, base / "export", optimization=Optimization.NONE, quantize=Quantization.NONE))
     return package(PackageArgs(base / "export", base / "bundle")).root
 
 

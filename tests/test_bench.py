@@ -1,0 +1,283 @@
+"""bertedge bench: statistics on known numbers, realistic inputs, report structure, accuracy,
+thread / provider recording, GPU backends skipped with a reason, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+
+from bertedge import bench as b
+from bertedge.bench import BenchArgs, BenchReport, bench, latency_stats, realistic_batch
+from bertedge.cli import cli
+from bertedge.errors import BertedgeError
+
+FAST = dict(batch_sizes=(1, 2), seq_lens=(8, 16), runs=3, warmup=1, threads=1)
+HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.fixture(scope="module")
+def export_dir(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bertedge export (fp32, fused, dynamic INT8) of the tiny BERT."""
+    from bertedge.export import ExportArgs, export
+
+    out = tmp_path_factory.mktemp("bench_export") / "export"
+    export(ExportArgs(tiny_bert, out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def report(export_dir: Path, sentiment_csv: tuple[Path, Path],
+           tmp_path_factory: pytest.TempPathFactory) -> tuple[BenchReport, Path]:
+    """torch + onnx + int8 on two shapes each, with the labelled --data pass, files written."""
+    out = tmp_path_factory.mktemp("bench_out")
+    args = BenchArgs(export_dir, backends=("torch", "onnx", "int8"), data=sentiment_csv[1], out=out,
+                     cold_start=False, **FAST)  # type: ignore[arg-type]
+    return bench(args), out
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def test_latency_stats_on_known_numbers() -> None:
+    s = latency_stats([0.010, 0.020, 0.030, 0.040], batch_size=8, seq_len=16)
+    assert s.runs == 4
+    assert s.p50_ms == pytest.approx(25.0)
+    assert s.p90_ms == pytest.approx(37.0)  # linear interpolation: 10 + 0.9 * 3 * 10
+    assert s.p99_ms == pytest.approx(39.7)
+    assert s.mean_ms == pytest.approx(25.0)
+    assert s.std_ms == pytest.approx(12.909944, rel=1e-6)  # sample std (ddof=1)
+    assert (s.min_ms, s.max_ms) == pytest.approx((10.0, 40.0))
+    assert s.sequences_per_s == pytest.approx(8 * 4 / 0.1)
+    assert s.tokens_per_s == pytest.approx(8 * 4 / 0.1 * 16)
+    one = latency_stats([0.5], batch_size=1, seq_len=128)
+    assert (one.p50_ms, one.p99_ms, one.std_ms, one.sequences_per_s) == pytest.approx((500.0, 500.0, 0.0, 2.0))
+    with pytest.raises(ValueError):
+        latency_stats([], 1, 1)
+
+
+def test_time_calls_counts_runs_and_duration() -> None:
+    calls: list[int] = []
+    assert len(b.time_calls(lambda: calls.append(1), warmup=2, runs=5, duration=0.0)) == 5
+    assert len(calls) == 7  # warm-up calls are not timed
+    timed = b.time_calls(lambda: None, warmup=0, runs=0, duration=0.0)
+    assert len(timed) == b.MIN_TIMED_RUNS  # --duration always yields enough runs for percentiles
+
+
+def test_bench_args_are_validated_all_at_once(export_dir: Path) -> None:
+    with pytest.raises(BertedgeError) as e:
+        BenchArgs(export_dir, backends=("onnx", "tpu"), duration=1.0, runs=3, batch_sizes=(0,))
+    message = str(e.value)
+    assert "not both" in message and "tpu" in message and "--batch-sizes" in message
+    assert BenchArgs(export_dir).duration == b.DEFAULT_DURATION_S
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+@pytest.mark.parametrize("seq_len", [4, 16, 64, 128])
+def test_realistic_inputs_have_exactly_the_requested_length(tiny_bert: Path, seq_len: int) -> None:
+    tokenizer = b.load_plain_tokenizer(tiny_bert / "tokenizer.json")
+    cls, sep, pad = (tokenizer.token_to_id(t) for t in ("[CLS]", "[SEP]", "[PAD]"))
+    feeds = realistic_batch(tokenizer, b.BUILTIN_SENTENCES, batch_size=3, seq_len=seq_len, seed=1)
+    ids = feeds["input_ids"]
+    assert ids.shape == (3, seq_len) and ids.dtype == np.int64
+    assert (ids[:, 0] == cls).all() and (ids[:, -1] == sep).all()
+    assert not (ids[:, 1:-1] == pad).any() and not (ids[:, 1:-1] == sep).any()  # real text, no padding
+    assert feeds["attention_mask"].all() and not feeds["token_type_ids"].any()
+    if seq_len >= 16:
+        assert len({tuple(r) for r in ids}) > 1  # rows start at different sentences
+
+
+def test_realistic_inputs_come_from_real_text(tiny_bert: Path) -> None:
+    tokenizer = b.load_plain_tokenizer(tiny_bert / "tokenizer.json")
+    feeds = realistic_batch(tokenizer, ["the film was great"], batch_size=1, seq_len=12)
+    assert tokenizer.decode(feeds["input_ids"][0].tolist()).startswith("the film was great the film")
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def test_report_structure_and_files(report: tuple[BenchReport, Path]) -> None:
+    rep, out = report
+    data = json.loads((out / "bench.json").read_text())
+    assert data["schema"] == "bertedge-bench/1"
+    assert {"created", "source", "settings", "environment", "backends", "warnings", "files"} <= set(data)
+    env = data["environment"]
+    assert {"avx2", "avx512f", "avx512_vnni", "avx_vnni"} <= set(env["cpu"]["isa"])
+    assert env["cpu"]["model"] and env["cpu"]["logical_cores"] >= 1
+    assert env["versions"]["onnxruntime"] == ort.__version__ and env["versions"]["torch"]
+    assert data["source"]["kind"] == "export" and data["settings"]["threads"] == 1
+    assert [x["name"] for x in data["backends"]] == ["torch", "onnx", "int8"]
+    for backend in data["backends"]:
+        assert backend["status"] == "ok" and backend["size_mb"] > 0 and backend["load_s"] >= 0
+        assert [(s["batch_size"], s["seq_len"]) for s in backend["shapes"]] == [(1, 8), (1, 16), (2, 8), (2, 16)]
+        for shape in backend["shapes"]:
+            st = shape["stats"]
+            assert st["runs"] == 3 and st["p50_ms"] <= st["p90_ms"] <= st["p99_ms"] <= st["max_ms"]
+            assert st["tokens_per_s"] == pytest.approx(st["sequences_per_s"] * shape["seq_len"])
+    assert data["backends"][2]["precision"] == "int8"
+    text = (out / "bench.md").read_text()
+    assert "| backend | batch | seq |" in text and "int8" in text and "avx2" in text
+    for name in ("bench.json", "bench.md", "latency_vs_seq_len.png", "throughput_vs_batch_size.png",
+                 "bench-history.jsonl"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "latency_vs_seq_len.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(b.render(rep)) == 2
+
+
+def test_accuracy_and_agreement(report: tuple[BenchReport, Path], tiny_bert: Path,
+                                sentiment_csv: tuple[Path, Path]) -> None:
+    import torch
+    import transformers
+
+    from bertedge.data import load_text_classification
+
+    rep, _ = report
+    examples = load_text_classification(sentiment_csv[1], label_names=["negative", "positive"])
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_bert).eval()
+    enc = transformers.AutoTokenizer.from_pretrained(tiny_bert)(examples.texts, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        expected = float((model(**enc).logits.argmax(-1).numpy() == np.array(examples.labels)).mean())
+    torch_acc = rep.backend("torch").accuracy  # type: ignore[union-attr]
+    assert torch_acc is not None and torch_acc.rows == len(examples)
+    assert torch_acc.accuracy == pytest.approx(expected)
+    assert torch_acc.reference == "torch" and torch_acc.agreement == 1.0
+    onnx_acc = rep.backend("onnx").accuracy  # type: ignore[union-attr]
+    assert onnx_acc is not None and onnx_acc.accuracy == pytest.approx(expected)
+    assert onnx_acc.agreement == 1.0 and onnx_acc.max_abs_logit_diff < 1e-4
+    int8_acc = rep.backend("int8").accuracy  # type: ignore[union-attr]
+    assert int8_acc is not None and 0.0 <= int8_acc.agreement <= 1.0 and int8_acc.max_abs_logit_diff < 0.05
+    assert int8_acc.sequences_per_s > 0
+
+
+def test_threads_and_providers_are_recorded(report: tuple[BenchReport, Path]) -> None:
+    rep, _ = report
+    for result in rep.backends:
+        assert result.threads_requested == 1 and result.threads_used == 1, result
+    onnx = rep.backend("onnx")
+    assert onnx is not None and onnx.providers_used == ["CPUExecutionProvider"]
+    assert "psutil" in onnx.threads_how  # measured from the OS, not read back from the setting
+    assert not any("threads" in w or "fallback" in w for w in rep.warnings)
+
+
+def test_warning_when_threads_or_provider_differ() -> None:
+    result = b.BackendResult("cuda", "", threads_requested=2, threads_used=4, threads_how="session options",
+                             provider_requested="CUDAExecutionProvider", providers_used=["CPUExecutionProvider"])
+    warnings = b.thread_and_provider_warnings(result, usable_cores=2)
+    assert any("asked for 2 threads, it uses 4" in w for w in warnings)
+    assert any("silent fallback" in w for w in warnings)
+    result = b.BackendResult("onnx", "", threads_requested=8, threads_used=8)
+    assert any("oversubscribes" in w for w in b.thread_and_provider_warnings(result, usable_cores=2))
+
+
+def test_measured_thread_mismatch_is_warned(export_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    counts = iter([10, 15])  # the session appears to start 5 threads: 6 in use, 1 asked for
+    monkeypatch.setattr(b, "_os_threads", lambda: next(counts))
+    rep = bench(BenchArgs(export_dir, backends=("onnx",), cold_start=False, **{**FAST, "seq_lens": (8,)}))  # type: ignore[arg-type]
+    assert rep.backends[0].threads_used == 6
+    assert any("asked for 1 threads, it uses 6" in w for w in rep.warnings)
+
+
+# ----------------------------------------------------------------------------- GPU backends
+
+
+def test_cuda_backend_is_skipped_with_a_reason_when_unavailable(export_dir: Path) -> None:
+    source = b.resolve_source(export_dir)
+    args = BenchArgs(export_dir, backends=("onnx", "cuda", "tensorrt"))
+    chosen = dict((k.name, reason) for k, reason in b.select_backends(args, source, ["CPUExecutionProvider"]))
+    assert chosen["onnx"] == ""
+    assert "CUDAExecutionProvider is not available" in chosen["cuda"]
+    assert "TensorrtExecutionProvider" in chosen["tensorrt"]
+    default = b.select_backends(BenchArgs(export_dir), source, ["CPUExecutionProvider"])
+    assert [k.name for k, _ in default] == ["torch", "onnx", "onnx-fused", "int8"]  # no GPU backends
+    if HAS_CUDA:
+        return
+    rep = bench(BenchArgs(export_dir, backends=("onnx", "cuda"), cold_start=False, **FAST))  # type: ignore[arg-type]
+    cuda = rep.backend("cuda")
+    assert cuda is not None and cuda.status == "skipped" and "CUDAExecutionProvider" in cuda.reason
+    assert not cuda.shapes and any(w.startswith("cuda skipped") for w in rep.warnings)
+    assert rep.backend("onnx").status == "ok"  # type: ignore[union-attr]
+
+
+@pytest.mark.gpu
+def test_cuda_backend_runs_with_io_binding(export_dir: Path) -> None:
+    if not HAS_CUDA:
+        pytest.skip("CUDAExecutionProvider is not available in this onnxruntime")
+    rep = bench(BenchArgs(export_dir, backends=("onnx", "cuda"), cold_start=True, cold_start_runs=1, **FAST))  # type: ignore[arg-type]
+    cuda = rep.backend("cuda")
+    assert cuda is not None and cuda.status == "ok", cuda
+    assert cuda.providers_used[0] == "CUDAExecutionProvider" and cuda.io_binding
+    assert len(cuda.shapes) == 4 and cuda.cold_start is not None
+
+
+# ----------------------------------------------------------------------------- sources, cold start
+
+
+def test_cold_start_runs_in_a_fresh_process_without_torch(export_dir: Path) -> None:
+    rep = bench(BenchArgs(export_dir, backends=("int8",), cold_start=True, cold_start_runs=2,
+                          **{**FAST, "batch_sizes": (1,), "seq_lens": (8,)}))  # type: ignore[arg-type]
+    cs = rep.backends[0].cold_start
+    assert cs is not None and cs.runs == 2 and len(cs.seconds_all) == 2
+    assert cs.seconds >= cs.import_s + cs.load_s + cs.first_inference_s > 0
+    assert 10 < cs.peak_rss_mb < 300 and not cs.imports_torch
+
+
+def test_model_folder_runs_torch_and_drops_default_lengths_beyond_the_limit(tiny_distilbert: Path) -> None:
+    rep = bench(BenchArgs(tiny_distilbert, batch_sizes=(1,), runs=2, warmup=0, cold_start=False))
+    assert rep.source["kind"] == "model" and [x.name for x in rep.backends] == ["torch"]
+    assert [s.seq_len for s in rep.backends[0].shapes] == [16, 64, 128]  # DistilBERT: no token_type_ids
+    assert any("[256]" in w for w in rep.warnings)
+    with pytest.raises(BertedgeError, match="exceed the model's 128 positions"):
+        bench(BenchArgs(tiny_distilbert, seq_lens=(512,), runs=1, cold_start=False))
+
+
+def test_bundle_folder(export_dir: Path, tmp_path: Path) -> None:
+    from bertedge.bundle import PackageArgs, package
+
+    bundle = package(PackageArgs(export_dir=export_dir, out=tmp_path / "bundle")).root
+    rep = bench(BenchArgs(bundle, backends=("onnx",), cold_start=False, **FAST))  # type: ignore[arg-type]
+    assert rep.source["kind"] == "bundle"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert rep.backends[0].precision == (manifest["precision"] or "fp32")
+
+
+def test_missing_artifact_is_an_error_naming_what_exists(export_dir: Path, tmp_path: Path) -> None:
+    partial = tmp_path / "export"
+    shutil.copytree(export_dir, partial)
+    (partial / "model-int8.onnx").unlink()
+    with pytest.raises(BertedgeError) as e:
+        bench(BenchArgs(partial, backends=("int8", "int8-static"), cold_start=False, runs=1))
+    assert "model-int8.onnx" in str(e.value) and "model-int8-static.onnx" in str(e.value)
+    assert "onnx-fused" in e.value.fix
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_bench(export_dir: Path, sentiment_csv: tuple[Path, Path], tmp_path: Path) -> None:
+    out = tmp_path / "cli-bench"
+    result = CliRunner().invoke(cli, [
+        "bench", str(export_dir), "--backends", "onnx,int8", "--batch-sizes", "1,2", "--seq-lens", "8,16",
+        "--runs", "3", "--warmup", "1", "--threads", "1", "--no-cold-start", "--data", str(sentiment_csv[1]),
+        "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert result.output.index("batch_sizes") < result.output.index("latency and throughput")  # settings first
+    assert "int8" in result.output and str(out / "bench.json") in result.output
+    data = json.loads((out / "bench.json").read_text())
+    assert [x["name"] for x in data["backends"]] == ["onnx", "int8"]
+    assert data["backends"][1]["accuracy"]["reference"] == "onnx"
+
+
+def test_cli_bench_errors(export_dir: Path) -> None:
+    result = CliRunner().invoke(cli, ["bench", str(export_dir), "--runs", "3", "--duration", "1"])
+    assert result.exit_code != 0 and "not both" in result.output
+    result = CliRunner().invoke(cli, ["bench", str(export_dir), "--backends", "int8-static", "--runs", "1"])
+    assert result.exit_code != 0 and "model-int8-static.onnx" in result.output
+    result = CliRunner().invoke(cli, ["bench", str(export_dir), "--seq-lens", "8,x"])
+    assert result.exit_code != 0 and "comma-separated integers" in result.output
