@@ -787,7 +787,7 @@ def resolve_threads(requested: int) -> int:
 def thread_and_provider_warnings(result: BackendResult, usable_cores: int) -> list[str]:
     """Warnings when the threads or providers really used differ from what was asked.
 
-    >>> r = BackendResult("int8", "", threads_requested=2, threads_used=1,
+    >>> r = BackendResult("int8", "", threads_requested=2, threads_used=1, threads_how="OS threads created by the session + 1",
     ...                   provider_requested="CPUExecutionProvider", providers_used=["CPUExecutionProvider"])
     >>> thread_and_provider_warnings(r, usable_cores=2)
     ['int8: asked for 2 threads, it uses 1 (OS threads created by the session)']

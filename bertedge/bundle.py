@@ -135,6 +135,7 @@ def package(args: PackageArgs) -> Bundle:
         "task": meta["task"], "labels": list(meta["labels"]), "max_length": int(meta["max_length"]),
         "model_type": meta.get("model_type", "bert"), "precision": record.get("precision"),
         "quantization": record.get("quantization"), "provenance": provenance,
+        "stride": int(meta["stride"]) if meta.get("stride") else None,
     }
     if args.archive is None:
         return build_bundle(args.out, model_file, args.export_dir / TOKENIZER, **fields)
@@ -189,7 +190,7 @@ def choose_artifact(report: dict[str, Any], name: str | None, force: bool) -> di
 def build_bundle(out: Path, model: Path, tokenizer: Path, *, task: str, labels: list[str],
                  max_length: int, model_type: str, precision: str | None = None,
                  quantization: dict[str, Any] | None = None,
-                 provenance: dict[str, Any] | None = None) -> Bundle:
+                 provenance: dict[str, Any] | None = None, stride: int | None = None) -> Bundle:
     """Write a bundle folder from a model file and a tokenizer (export can call this directly).
 
     An existing bundle at `out` is replaced; any other non-empty folder is refused.
@@ -207,6 +208,7 @@ def build_bundle(out: Path, model: Path, tokenizer: Path, *, task: str, labels: 
         "format": FORMAT, "format_version": FORMAT_VERSION, "bertedge_version": __version__,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "task": task, "labels": list(labels), "max_length": int(max_length), "model_type": model_type,
+        **({"stride": stride} if stride else {}),  # QA: overlap of context windows
         "inputs": graph_inputs(out / MODEL), "precision": precision, "quantization": quantization,
         "provenance": provenance or {},
         "files": {n: {"sha256": sha256_of(out / n), "bytes": (out / n).stat().st_size}

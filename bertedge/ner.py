@@ -176,11 +176,10 @@ def align_labels(word_ids: Sequence[int | None], tags: Sequence[int]) -> list[in
     return out
 
 
-def encode_texts(tokenizer: Tokenizer, texts: Sequence[str], max_length: int) -> Features:
-    """Runtime input: raw texts, split into words by the tokenizer's own pre-tokenizer."""
-    tokenizer.enable_truncation(max_length)
+def encode_texts(tokenizer: Tokenizer, texts: Sequence[str]) -> Features:
+    """Runtime input: raw texts, split into words by the tokenizer's own pre-tokenizer (which
+    must already truncate at the model's max length)."""
     encodings = tokenizer.encode_batch(list(texts))
-    tokenizer.no_truncation()
     truncated = [bool(e.overflowing) for e in encodings]
     return Features(encodings, list(range(len(encodings))), None, truncated)
 

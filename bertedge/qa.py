@@ -114,22 +114,25 @@ def split_by_article(examples: Sequence[QaExample], eval_articles: int, seed: in
     return [e for e in examples if e.title not in held], [e for e in examples if e.title in held]
 
 
-def encode_qa(tokenizer: Tokenizer, questions: Sequence[str], contexts: Sequence[str], max_length: int,
-              stride: int, answers: Sequence[tuple[str, int] | None] | None = None) -> Features:
-    """Question + context windows: the context is cut into overlapping windows of `max_length`
-    tokens (overlap `stride`); the question is repeated in each.
+def configure_windows(tokenizer: Tokenizer, max_length: int, stride: int) -> None:
+    """Set the tokenizer to cut contexts (the second sequence) into overlapping windows."""
+    tokenizer.enable_truncation(max_length, stride=stride, strategy="only_second")
+
+
+def encode_qa(tokenizer: Tokenizer, questions: Sequence[str], contexts: Sequence[str],
+              answers: Sequence[tuple[str, int] | None] | None = None) -> Features:
+    """Question + context windows from a tokenizer set up by `configure_windows`: the context
+    is cut into overlapping windows; the question is repeated in each.
 
     With `answers`, each window's target is (start token, end token) of the answer, or (0, 0)
     (the [CLS] token) when the answer is not fully inside that window.
     """
-    tokenizer.enable_truncation(max_length, stride=stride, strategy="only_second")
     encodings: list[Encoding] = []
     index: list[int] = []
     for i, enc in enumerate(tokenizer.encode_batch(list(zip(questions, contexts)))):
         for window in [enc] + list(enc.overflowing):
             encodings.append(window)
             index.append(i)
-    tokenizer.no_truncation()
     targets = None
     if answers is not None:
         targets = [_window_target(encodings[w], answers[index[w]]) for w in range(len(encodings))]

@@ -31,6 +31,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Encoding, Tokenizer
 
+from bertedge import ner, qa
 from bertedge.bundle import open_bundle
 from bertedge.errors import BertedgeError
 from bertedge.tasks import decode_classification, get_task
@@ -60,32 +61,82 @@ CHARS_PER_TOKEN_CAP = 64
 
 
 @dataclass(frozen=True)
-class Batch:
-    """One length-sorted batch of tokenized items, as the task decoder sees it."""
+class Windows:
+    """Model windows for a list of items: several per item for long QA contexts, else one."""
 
-    items: list[Pair]
     encodings: list[Encoding]
-
-
-Decoder = Callable[[dict[str, np.ndarray], Batch, Sequence[str]], list[Result]]
+    owner: list[int]  # window -> item index
+    truncated: list[bool]  # per item
 
 
 @dataclass(frozen=True)
 class TaskRuntime:
-    """How a task's graph outputs become answers; looked up by the manifest's task name."""
+    """How a task's items become windows and its graph outputs become answers."""
 
-    decode: Decoder  # (outputs by name, batch, labels) -> one result dict per item
-
-
-def decode_classification_batch(outputs: dict[str, np.ndarray], batch: Batch,
-                                labels: Sequence[str]) -> list[Result]:
-    """Classification: label, score and every class probability from the logits."""
-    return decode_classification(outputs["logits"], list(labels))
+    check: Callable[[Pair], str | None]  # what is wrong with an item for this task, if anything
+    encode: Callable[[Tokenizer, list[Pair], int], Windows]  # (tokenizer, items, char cap)
+    decode: Callable[[Predictor, list[Pair], Windows, list[dict[str, np.ndarray]]], list[Result]]
 
 
-# NER and QA add their decoders here (their post-processing lives in bertedge.tasks).
+def _one_window_each(tokenizer: Tokenizer, pairs: list[Pair], cap: int) -> Windows:
+    """Classification / NER: one window per item, truncated at max_length."""
+    cut = [len(t) > cap or (p is not None and len(p) > cap) for t, p in pairs]
+    inputs = [t[:cap] if p is None else (t[:cap], p[:cap]) for t, p in pairs]
+    try:
+        encodings = tokenizer.encode_batch(inputs)
+    except Exception as e:  # e.g. a pair given to a tokenizer with no pair template
+        raise BertedgeError(f"tokenizing failed ({e})", "check the inputs (pairs need a pair-aware tokenizer)") from None
+    return Windows(encodings, list(range(len(pairs))),
+                   [c or bool(e.overflowing) for c, e in zip(cut, encodings, strict=True)])
+
+
+def _qa_windows(tokenizer: Tokenizer, pairs: list[Pair], cap: int) -> Windows:
+    """QA: (question, context) -> overlapping windows over the whole context (nothing is cut)."""
+    features = qa.encode_qa(tokenizer, [q for q, _ in pairs], [c or "" for _, c in pairs])
+    return Windows(features.encodings, features.example_index, [False] * len(pairs))
+
+
+def _decode_classification(p: Predictor, pairs: list[Pair], w: Windows,
+                           outputs: list[dict[str, np.ndarray]]) -> list[Result]:
+    return decode_classification(np.stack([o["logits"] for o in outputs]), list(p.labels))
+
+
+def _decode_ner(p: Predictor, pairs: list[Pair], w: Windows, outputs: list[dict[str, np.ndarray]]) -> list[Result]:
+    results = []
+    for (text, _), enc, out in zip(pairs, w.encodings, outputs, strict=True):
+        entities = ner.group_entities(text, out["logits"], enc.word_ids, enc.offsets, p.labels, p.aggregation)
+        results.append({"entities": entities})
+    return results
+
+
+def _decode_qa(p: Predictor, pairs: list[Pair], w: Windows, outputs: list[dict[str, np.ndarray]]) -> list[Result]:
+    per_item: list[list[Any]] = [[] for _ in pairs]
+    for enc, owner, out in zip(w.encodings, w.owner, outputs, strict=True):
+        per_item[owner].append((enc, out["start_logits"], out["end_logits"]))
+    results = []
+    for (_, context), windows in zip(pairs, per_item, strict=True):
+        spans = qa.best_spans(windows, context or "", top_k=p.top_k, max_answer_tokens=p.max_answer_tokens)
+        best = spans[0] if spans else {"text": "", "start": -1, "end": -1, "score": 0.0}
+        result: Result = {"answer": best["text"], "start": best["start"], "end": best["end"], "score": best["score"],
+                          "windows": len(windows)}
+        if p.top_k > 1:
+            result["answers"] = [{k: v for k, v in s.items() if k != "window"} for s in spans]
+        results.append(result)
+    return results
+
+
+def _no_pair(item: Pair) -> str | None:
+    return "this model takes one text, not a pair" if item[1] is not None else None
+
+
+def _needs_pair(item: Pair) -> str | None:
+    return None if item[1] is not None else "a QA item needs a question and a context"
+
+
 TASK_RUNTIMES: dict[str, TaskRuntime] = {
-    "classification": TaskRuntime(decode=decode_classification_batch),
+    "classification": TaskRuntime(check=lambda item: None, encode=_one_window_each, decode=_decode_classification),
+    "ner": TaskRuntime(check=_no_pair, encode=_one_window_each, decode=_decode_ner),
+    "qa": TaskRuntime(check=_needs_pair, encode=_qa_windows, decode=_decode_qa),
 }
 
 
@@ -128,7 +179,8 @@ def as_pair(item: Item) -> Pair | str:
     if isinstance(item, str):
         text, pair = item, None
     elif isinstance(item, Mapping):
-        text, pair = item.get("text"), item.get("text_pair")
+        text = item.get("text", item.get("question"))
+        pair = item.get("text_pair", item.get("context"))
     elif isinstance(item, Sequence) and len(item) == 2:
         text, pair = item[0], item[1]
     else:
@@ -348,13 +400,17 @@ class Predictor:
             list of onnxruntime provider names. An unavailable explicit provider fails fast.
         threads: onnxruntime intra-op threads (None: one per physical core).
         batch_size: items per inference batch.
+        aggregation: NER: how sub-words become words (simple, first, max, average).
+        top_k: QA: how many answer spans to return (the best is always "answer").
+        max_answer_tokens: QA: the longest answer considered.
 
     Raises:
         BertedgeError: the bundle is missing, corrupt or truncated, or a provider is unavailable.
     """
 
     def __init__(self, bundle: str | Path, providers: str | Sequence[str] | None = None,
-                 threads: int | None = None, batch_size: int = 32) -> None:
+                 threads: int | None = None, batch_size: int = 32, aggregation: str = "first",
+                 top_k: int = 1, max_answer_tokens: int = 30) -> None:
         if batch_size < 1:
             raise BertedgeError(f"batch size must be at least 1, got {batch_size}", "use --batch-size 32")
         requested = resolve_providers(providers)
@@ -367,7 +423,12 @@ class Predictor:
         if self.task.name not in TASK_RUNTIMES:
             raise BertedgeError(f"this bertedge cannot run '{self.task.name}' bundles yet",
                                 "upgrade: pip install -U bertedge")
-        self.decoder = TASK_RUNTIMES[self.task.name]
+        self.runtime = TASK_RUNTIMES[self.task.name]
+        self.aggregation = ner.Aggregation(aggregation)
+        self.top_k, self.max_answer_tokens = top_k, max_answer_tokens
+        if self.task.name == "qa":
+            stride = int(self.manifest.get("stride") or min(128, self.max_length // 2))
+            qa.configure_windows(self.tokenizer, self.max_length, stride)
         self.labels: tuple[str, ...] = tuple(self.manifest["labels"])
         self.batch_size = batch_size
         self.pad_id = pad_id_of(self.tokenizer)
@@ -405,37 +466,37 @@ class Predictor:
             plus "truncated": True when the item was longer than max_length tokens.
         """
         pairs = as_pairs(items)
+        problems = [f"item {i}: {msg}" for i, pair in enumerate(pairs) if (msg := self.runtime.check(pair))]
+        if problems:
+            raise BertedgeError(f"{len(problems)} bad input(s) for a {self.task.name} model: {'; '.join(problems[:5])}",
+                                "QA takes (question, context) pairs or {'question', 'context'} dicts; NER one text")
         if not pairs:
             return []
         started = time.perf_counter()
-        encodings, truncated = self.encode(pairs)
+        windows = self.encode_windows(pairs)
         tokenize_s = time.perf_counter() - started
-        results: list[Result] = [{} for _ in pairs]
-        lengths = [len(e.ids) for e in encodings]
-        for index in length_sorted_batches(lengths, batch_size or self.batch_size):
-            batch = Batch(items=[pairs[i] for i in index], encodings=[encodings[i] for i in index])
+        lengths = [len(e.ids) for e in windows.encodings]
+        outputs: list[dict[str, np.ndarray]] = [{} for _ in lengths]
+        batches = list(length_sorted_batches(lengths, batch_size or self.batch_size))
+        inference_s = []
+        for index in batches:
             t0 = time.perf_counter()
-            outputs = self.run_encodings(batch.encodings)
-            t1 = time.perf_counter()
-            answers = self.decoder.decode(outputs, batch, self.labels)
-            if timings is not None:
-                share = tokenize_s * len(index) / len(pairs)
-                timings.add(len(index), share, t1 - t0, time.perf_counter() - t1)
-            for i, answer in zip(index, answers, strict=True):
-                results[i] = {**answer, "truncated": True} if truncated[i] else answer
-        return results
+            raw = self.run_encodings([windows.encodings[i] for i in index])
+            inference_s.append(time.perf_counter() - t0)
+            for row, i in enumerate(index):
+                outputs[i] = {k: v[row, : lengths[i]] if self.task.per_token_outputs else v[row] for k, v in raw.items()}
+        t1 = time.perf_counter()
+        results = self.runtime.decode(self, pairs, windows, outputs)
+        decode_s = time.perf_counter() - t1
+        if timings is not None:
+            for index, seconds in zip(batches, inference_s, strict=True):
+                share = len(index) / len(lengths)
+                timings.add(len(index), tokenize_s * share, seconds, decode_s * share)
+        return [{**r, "truncated": True} if cut else r for r, cut in zip(results, windows.truncated, strict=True)]
 
-    def encode(self, pairs: Sequence[Pair]) -> tuple[list[Encoding], list[bool]]:
-        """Tokenize (text, pair) items, truncated to max_length; also which ones were cut."""
-        cap = self.max_length * CHARS_PER_TOKEN_CAP
-        cut = [len(t) > cap or (p is not None and len(p) > cap) for t, p in pairs]
-        inputs = [t[:cap] if p is None else (t[:cap], p[:cap]) for t, p in pairs]
-        try:
-            encodings = self.tokenizer.encode_batch(inputs)
-        except Exception as e:  # e.g. a pair given to a tokenizer with no pair template
-            raise BertedgeError(f"tokenizing failed ({e})", "check the inputs (pairs need a pair-aware "
-                                "tokenizer)") from None
-        return encodings, [c or bool(e.overflowing) for c, e in zip(cut, encodings, strict=True)]
+    def encode_windows(self, pairs: list[Pair]) -> Windows:
+        """Tokenize items into model windows (QA: several per long context)."""
+        return self.runtime.encode(self.tokenizer, pairs, self.max_length * CHARS_PER_TOKEN_CAP)
 
     def features(self, encodings: Sequence[Encoding]) -> dict[str, np.ndarray]:
         """The graph feed for a batch: padded to its longest item, by graph input name."""
@@ -741,8 +802,11 @@ def run_predict(args: PredictArgs, stdout: TextIO, stderr: TextIO,
             records: Iterable[InputRecord] = records_from_texts(args.texts)
         else:
             fmt = args.format or input_format_of(args.input if isinstance(args.input, Path) else None)
-            records = read_records(stream, fmt, args.text_columns, args.pair_columns,
-                                   args.max_line_bytes)
+            text_columns, pair_columns = args.text_columns, args.pair_columns
+            if predictor.task.name == "qa" and not pair_columns:  # QA reads question + context
+                text_columns = ("question", *text_columns)
+                pair_columns = ("context",)
+            records = read_records(stream, fmt, text_columns, pair_columns, args.max_line_bytes)
         timings = LatencyRecorder()
         counts = {"items": 0, "errors": 0, "truncated": 0}
         if args.output is OutputFormat.TABLE:

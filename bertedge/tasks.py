@@ -181,8 +181,11 @@ def _qa_split(ex: QaExamples, fraction: float, seed: int) -> tuple[QaExamples, Q
 
 
 def _qa_encode(tok: Tokenizer, ex: QaExamples, max_length: int, stride: int) -> Features:
-    return qa.encode_qa(tok, [e.question for e in ex.items], [e.context for e in ex.items], max_length,
-                        stride, [e.answers[0] if e.answers else None for e in ex.items])
+    qa.configure_windows(tok, max_length, stride)
+    features = qa.encode_qa(tok, [e.question for e in ex.items], [e.context for e in ex.items],
+                            [e.answers[0] if e.answers else None for e in ex.items])
+    tok.no_truncation()
+    return features
 
 
 def _qa_predict(outputs: WindowOutputs, features: Features, ex: QaExamples, labels: Sequence[str]) -> list[str]:

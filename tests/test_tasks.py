@@ -73,7 +73,9 @@ def _logits_for(tags_per_token: list[str]) -> np.ndarray:
 @pytest.mark.parametrize("strategy", list(ner.Aggregation))
 def test_entities_map_to_character_spans(tok, strategy: ner.Aggregation) -> None:  # type: ignore[no-untyped-def]
     text = "Jöhn  Smith lives in Pâris,  France!"
-    enc = ner.encode_texts(tok, [text], 64).encodings[0]
+    tok.enable_truncation(64)
+    enc = ner.encode_texts(tok, [text]).encodings[0]
+    tok.no_truncation()
     per_word = {0: "B-PER", 1: "I-PER", 4: "B-LOC", 6: "B-LOC"}  # words: jöhn smith lives in pâris , france !
     token_tags = ["O" if w is None else per_word.get(w, "O") for w in enc.word_ids]
     # later sub-words of a word repeat an I- tag as a real model would
@@ -106,7 +108,9 @@ def test_qa_answer_in_second_window(tok) -> None:  # type: ignore[no-untyped-def
     filler = "the film was very good and the plot was fun . " * 6
     context = filler + "john smith lives in paris ."
     start = context.index("paris")
-    f = qa.encode_qa(tok, ["where does john live ?"], [context], 48, 16, [("paris", start)])
+    qa.configure_windows(tok, 48, 16)
+    f = qa.encode_qa(tok, ["where does john live ?"], [context], [("paris", start)])
+    tok.no_truncation()
     assert len(f) >= 3 and set(f.example_index) == {0}
     hits = [w for w, t in enumerate(f.targets) if t != (0, 0)]  # type: ignore[arg-type]
     assert hits and hits[0] >= 1  # the answer is not in the first window
@@ -184,3 +188,74 @@ def test_task_records_are_complete() -> None:
         assert task.per_token_outputs and task.metric == "f1"
     assert QA.output_names == ("start_logits", "end_logits")
     assert len(QaExamples([], "x")) == 0
+
+
+def _cli(*argv: str) -> str:
+    from click.testing import CliRunner
+
+    from bertedge.cli import cli
+
+    result = CliRunner().invoke(cli, list(argv), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_ner_cli_end_to_end(tmp_path: Path) -> None:
+    """finetune -> export (entity-F1 budget) -> package -> predict, on a tiny random BERT."""
+    from tiny import make_tiny_model
+
+    base = make_tiny_model(tmp_path / "base", arch="distilbert")
+    train = conll(tmp_path / "train.txt", NER_SENTENCES * 10)
+    dev = conll(tmp_path / "dev.txt", NER_SENTENCES)
+    _cli("finetune", "--task", "ner", "--model", str(base), "--train", str(train), "--eval", str(dev),
+         "--out", str(tmp_path / "m"), "--epochs", "4", "--lr", "5e-3", "--batch-size", "8", "--no-progress")
+    _cli("export", str(tmp_path / "m"), "--out", str(tmp_path / "x"), "--eval", str(dev))
+    report = json.loads((tmp_path / "x" / "export-report.json").read_text())
+    fp32 = next(a for a in report["artifacts"] if a["name"] == "fp32")
+    assert fp32["passed"] and fp32["max_abs_diff_real"] < 1e-3 and fp32["metric"]["name"] == "f1"
+    _cli("package", str(tmp_path / "x"), "--out", str(tmp_path / "b"), "--artifact", "fp32")
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"text": "John Smith lives in Paris ."}\n\n{"text": "acme corp"}\n', encoding="utf-8")
+    lines = [json.loads(x) for x in _cli("predict", str(tmp_path / "b"), "-i", str(inp), "-q").splitlines()]
+    assert [x["line"] for x in lines] == [1, 2, 3] and "error" in lines[1]
+    for rec, text in ((lines[0], "John Smith lives in Paris ."), (lines[2], "acme corp")):
+        for e in rec["entities"]:
+            assert text[e["start"]:e["end"]] == e["text"] and e["type"] in ("PER", "LOC", "ORG")
+
+
+def test_qa_cli_end_to_end_matches_pytorch(tmp_path: Path) -> None:
+    """QA through every stage; the bundle's answers equal span search on PyTorch logits."""
+    import torch
+    from tiny import make_tiny_model
+    from transformers import AutoModelForQuestionAnswering
+
+    from bertedge.runtime import Predictor
+
+    base = make_tiny_model(tmp_path / "base", arch="bert")
+    squad = tmp_path / "squad.json"
+    squad.write_text(json.dumps(squad_doc(5)), encoding="utf-8")
+    _cli("finetune", "--task", "qa", "--model", str(base), "--train", str(squad), "--out", str(tmp_path / "m"),
+         "--epochs", "1", "--max-length", "32", "--stride", "8", "--no-progress")
+    _cli("export", str(tmp_path / "m"), "--out", str(tmp_path / "x"), "--eval", str(squad), "--max-eval-rows", "20")
+    _cli("package", str(tmp_path / "x"), "--out", str(tmp_path / "b"), "--artifact", "fp32")
+    context = "the film was good . " * 4 + "john lives in paris and works at the team ."
+    question = "where does john live ?"
+    got = Predictor(tmp_path / "b").predict([{"question": question, "context": context}])[0]
+    assert got["windows"] >= 2 and context[got["start"]:got["end"]] == got["answer"]
+
+    model = AutoModelForQuestionAnswering.from_pretrained(tmp_path / "m").eval()
+    tok = load_tokenizer(tmp_path / "m" / "tokenizer.json")
+    qa.configure_windows(tok, 32, 8)
+    f = qa.encode_qa(tok, [question], [context])
+    windows = []
+    for enc in f.encodings:
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([enc.ids]), token_type_ids=torch.tensor([enc.type_ids]))
+        windows.append((enc, out.start_logits[0].numpy(), out.end_logits[0].numpy()))
+    want = qa.best_spans(windows, context)[0]
+    assert (got["start"], got["end"]) == (want["start"], want["end"])
+    inp = tmp_path / "q.jsonl"
+    inp.write_text(json.dumps({"question": question, "context": context}) + "\n"
+                   + json.dumps({"question": "who ?", "context": ""}) + "\n", encoding="utf-8")
+    lines = [json.loads(x) for x in _cli("predict", str(tmp_path / "b"), "-i", str(inp), "-q").splitlines()]
+    assert lines[0]["answer"] == got["answer"] and "error" in lines[1]
