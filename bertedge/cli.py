@@ -301,9 +301,11 @@ def predict(**opts: Any) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (0.0.0.0: all).")
 @click.option("--port", default=8000, show_default=True, help="TCP port.")
 @click.option("--max-batch-size", default=32, show_default=True,
-              help="Most texts coalesced into one onnxruntime call (1 = one call per request).")
+              help="Most texts coalesced from concurrent requests into one batch (1 = one call per request).")
 @click.option("--max-wait-ms", default=5.0, show_default=True,
               help="Longest a request waits for others to join its batch.")
+@click.option("--run-batch-size", default=0, show_default=True,
+              help="Texts per onnxruntime run inside a batch, length-sorted (0 = auto: 8 on CPU, all on GPU).")
 @click.option("--threads", default=0, show_default=True, help="onnxruntime intra-op threads (0 = one per core).")
 @click.option("--providers", default="cpu", show_default=True,
               help="cpu, auto (CUDA when available), cuda, or comma-separated onnxruntime provider names.")
@@ -333,8 +335,9 @@ def serve(**opts: Any) -> None:
                             "pip install 'bertedge[serve]'") from None
 
     config = ServeConfig(max_batch_size=opts["max_batch_size"], max_wait_ms=opts["max_wait_ms"],
-                         max_texts=opts["max_texts"], max_chars=opts["max_chars"],
-                         threads=opts["threads"] or None, providers=opts["providers"])
+                         run_batch_size=opts["run_batch_size"] or None, max_texts=opts["max_texts"],
+                         max_chars=opts["max_chars"], threads=opts["threads"] or None,
+                         providers=opts["providers"])
     run(ServeArgs(bundle=opts["bundle"], host=opts["host"], port=opts["port"], config=config,
                   log_level=opts["log_level"], access_log=opts["access_log"],
                   graceful_timeout_s=opts["graceful_timeout"]))

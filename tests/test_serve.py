@@ -212,7 +212,8 @@ def run_batcher(requests: list[list[str]], max_batch_size: int, max_wait_ms: flo
     fake, metrics = FakePredictor(delay_s), Metrics()
 
     async def main() -> list[Any]:
-        batcher = Batcher(fake, max_batch_size, max_wait_ms, metrics)
+        batcher = Batcher(fake, ServeConfig(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms),
+                          metrics)
         batcher.start()
         tasks = [batcher.submit([(t, None) for t in r]) for r in requests]
         out = await asyncio.gather(*tasks, return_exceptions=True)
@@ -235,8 +236,41 @@ def test_batcher_coalesces_and_returns_each_its_own() -> None:
 
 def test_batcher_keeps_a_request_together_and_runs_a_big_one_alone() -> None:
     results, fake, _ = run_batcher([["a", "b", "c"], ["d", "e", "f"], list("ghijklmnop")], 4)
-    assert [n for n, _ in fake.calls] == [3, 3, 10]  # the 10 are split into calls of 4 by predict
+    assert fake.calls == [(3, 4), (3, 4), (10, 4)]  # predict splits the 10 into runs of 4
     assert [r["label"] for r in results[2]] == list("ghijklmnop")
+
+
+def test_a_lone_request_does_not_wait_but_an_arriving_one_is_awaited() -> None:
+    async def main() -> tuple[float, list[tuple[int, int | None]]]:
+        fake = FakePredictor()
+        batcher = Batcher(fake, ServeConfig(max_batch_size=8, max_wait_ms=2000), Metrics())
+        batcher.start()
+        t0 = time.perf_counter()
+        await batcher.submit([("alone", None)])
+        alone_s = time.perf_counter() - t0
+
+        async def late() -> list[dict[str, Any]]:
+            with batcher.receiving():  # e.g. its body is still being read
+                await asyncio.sleep(0.1)
+            return await batcher.submit([("late", None)])
+
+        first = asyncio.ensure_future(late())
+        await asyncio.sleep(0.01)
+        await batcher.submit([("early", None)])
+        assert (await first)[0]["label"] == "late"
+        await batcher.close()
+        return alone_s, fake.calls
+
+    alone_s, calls = asyncio.run(main())
+    assert alone_s < 1.0  # not the 2 s max wait
+    assert calls == [(1, 8), (2, 8)]  # "early" waited for "late" and they ran together
+
+
+def test_run_batch_size_defaults() -> None:
+    cpu, gpu = ["CPUExecutionProvider"], ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert ServeConfig().run_batch_for(cpu) == 8 and ServeConfig().run_batch_for(gpu) == 32
+    assert ServeConfig(max_batch_size=4).run_batch_for(cpu) == 4
+    assert ServeConfig(run_batch_size=16).run_batch_for(cpu) == 16
 
 
 def test_batch_size_one_is_one_call_per_request() -> None:
@@ -253,7 +287,7 @@ def test_a_bad_request_fails_alone() -> None:
 
 def test_closed_batcher_refuses_and_drains() -> None:
     async def main() -> None:
-        batcher = Batcher(FakePredictor(0.05), 1, 0, Metrics())
+        batcher = Batcher(FakePredictor(0.05), ServeConfig(max_batch_size=1), Metrics())
         batcher.start()
         queued = [asyncio.ensure_future(batcher.submit([(t, None)])) for t in "abc"]
         await asyncio.sleep(0)
