@@ -86,8 +86,8 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def server(args: argparse.Namespace, mode: str, log_path: Path) -> Iterator[str]:
-    """A `bertedge serve` subprocess for one mode; its URL once /readyz says 200."""
+def server(args: argparse.Namespace, mode: str, log_path: Path) -> Iterator[tuple[str, int]]:
+    """A `bertedge serve` subprocess for one mode; (its URL, its pid) once /readyz says 200."""
     port = free_port()
     batch = args.max_batch_size if mode == "on" else 1
     wait = args.max_wait_ms if mode == "on" else 0
@@ -99,7 +99,7 @@ def server(args: argparse.Namespace, mode: str, log_path: Path) -> Iterator[str]
         url = f"http://{HOST}:{port}"
         try:
             wait_ready(proc, url, log_path)
-            yield url
+            yield url, proc.pid
         finally:
             proc.send_signal(signal.SIGTERM)  # graceful: in-flight requests finish
             try:
@@ -119,6 +119,15 @@ def wait_ready(proc: subprocess.Popen[bytes], url: str, log_path: Path, timeout_
                 return
         time.sleep(0.1)
     sys.exit(f"server not ready after {timeout_s} s:\n{log_path.read_text()}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc; NaN elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def batch_counters(url: str) -> tuple[float, float]:
@@ -187,7 +196,8 @@ class Run:
     p50_ms: float
     p90_ms: float
     p99_ms: float
-    mean_batch: float  # texts per onnxruntime call on the server
+    mean_batch: float  # texts per predictor call (coalesced batch) on the server
+    server_cpu_ms_per_text: float  # server process CPU time per text: less noisy than wall time
 
 
 async def drive(conns: list[Connection], texts: list[str], n_requests: int, time_cap_s: float,
@@ -225,26 +235,27 @@ async def drive(conns: list[Connection], texts: list[str], n_requests: int, time
     return latencies, counts["sent"], counts["errors"], counts["lost"], time.perf_counter() - began
 
 
-async def warm_then_time(url: str, args: argparse.Namespace, concurrency: int, texts: list[str],
-                         ) -> tuple[tuple[list[float], int, int, int, float], tuple[float, float, float, float]]:
+async def warm_then_time(url: str, pid: int, args: argparse.Namespace, concurrency: int, texts: list[str],
+                         ) -> tuple[tuple[list[float], int, int, int, float], tuple[float, ...]]:
     """Warm-up (which also opens every connection), then the timed run on the same client."""
     port = int(url.rsplit(":", 1)[1])
     conns = [Connection(HOST, port) for _ in range(concurrency)]
     try:
         warmup = max(args.warmup, 2 * concurrency)
         await drive(conns, texts, warmup, args.time_cap, args.texts_per_request, 0)
-        before = batch_counters(url)
+        before = (*batch_counters(url), cpu_seconds(pid))
         timed = await drive(conns, texts, args.requests, args.time_cap, args.texts_per_request,
                             warmup * args.texts_per_request)
-        return timed, (*before, *batch_counters(url))
+        return timed, (*before, *batch_counters(url), cpu_seconds(pid))
     finally:
         for c in conns:
             await c.close()
 
 
-def measure(url: str, args: argparse.Namespace, mode: str, concurrency: int, texts: list[str]) -> Run:
-    (lat, sent, errors, lost, wall), (texts0, calls0, texts1, calls1) = asyncio.run(
-        warm_then_time(url, args, concurrency, texts))
+def measure(url: str, pid: int, args: argparse.Namespace, mode: str, concurrency: int,
+            texts: list[str]) -> Run:
+    (lat, sent, errors, lost, wall), (texts0, calls0, cpu0, texts1, calls1, cpu1) = asyncio.run(
+        warm_then_time(url, pid, args, concurrency, texts))
     ms = np.array(lat) * 1000 if lat else np.array([float("nan")])
     ok = len(lat)
     return Run(mode=mode, concurrency=concurrency, requests=sent, ok=ok, errors=errors, lost=lost,
@@ -252,7 +263,8 @@ def measure(url: str, args: argparse.Namespace, mode: str, concurrency: int, tex
                texts_s=round(ok * args.texts_per_request / wall, 2),
                p50_ms=round(float(np.percentile(ms, 50)), 2), p90_ms=round(float(np.percentile(ms, 90)), 2),
                p99_ms=round(float(np.percentile(ms, 99)), 2),
-               mean_batch=round((texts1 - texts0) / max(calls1 - calls0, 1), 2))
+               mean_batch=round((texts1 - texts0) / max(calls1 - calls0, 1), 2),
+               server_cpu_ms_per_text=round(1000 * (cpu1 - cpu0) / max(texts1 - texts0, 1), 3))
 
 
 def verdict(runs: list[Run], at: int = 32) -> dict[str, Any]:
@@ -263,7 +275,9 @@ def verdict(runs: list[Run], at: int = 32) -> dict[str, Any]:
         return {"concurrency": at, "measured": False}
     speedup = on.texts_s / off.texts_s if off.texts_s else float("inf")
     clean = all(r.errors == 0 and r.lost == 0 and r.ok == r.requests for r in runs)
+    cpu_ratio = off.server_cpu_ms_per_text / on.server_cpu_ms_per_text if on.server_cpu_ms_per_text else 0
     return {"concurrency": at, "measured": True, "texts_s_speedup": round(speedup, 2),
+            "server_cpu_per_text_off_over_on": round(cpu_ratio, 2),
             "p99_on_ms": on.p99_ms, "p99_off_ms": off.p99_ms, "no_errors_no_losses": clean,
             "passed": bool(speedup >= 1.5 and on.p99_ms < off.p99_ms and clean)}
 
@@ -276,14 +290,16 @@ def markdown(runs: list[Run], settings: dict[str, Any], result: dict[str, Any]) 
              f"{settings['max_batch_size']} --max-wait-ms {settings['max_wait_ms']}`, off = "
              "`--max-batch-size 1`", "",
              "| batching | concurrency | requests | errors | lost | req/s | texts/s | p50 ms | p90 ms "
-             "| p99 ms | mean batch |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| p99 ms | mean batch | server CPU ms/text |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         lines.append(f"| {r.mode} | {r.concurrency} | {r.requests} | {r.errors} | {r.lost} | {r.requests_s} "
-                     f"| {r.texts_s} | {r.p50_ms} | {r.p90_ms} | {r.p99_ms} | {r.mean_batch} |")
+                     f"| {r.texts_s} | {r.p50_ms} | {r.p90_ms} | {r.p99_ms} | {r.mean_batch} "
+                     f"| {r.server_cpu_ms_per_text} |")
     if result.get("measured"):
         lines += ["", f"At concurrency {result['concurrency']}: dynamic batching gives "
                   f"**{result['texts_s_speedup']}x** the texts/s of one call per request (target >= 1.5x), "
-                  f"p99 {result['p99_on_ms']} ms vs {result['p99_off_ms']} ms; errors or losses: "
+                  f"p99 {result['p99_on_ms']} ms vs {result['p99_off_ms']} ms; server CPU per text "
+                  f"off / on {result['server_cpu_per_text_off_over_on']}x; errors or losses: "
                   f"{'none' if result['no_errors_no_losses'] else 'SOME'} -> "
                   f"**{'PASS' if result['passed'] else 'FAIL'}**."]
     return "\n".join(lines) + "\n"
@@ -342,14 +358,14 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     runs: list[Run] = []
     for mode in args.modes:
-        with server(args, mode, args.out / f"serve_load_server_{mode}.log") as url:
+        with server(args, mode, args.out / f"serve_load_server_{mode}.log") as (url, pid):
             for concurrency in args.concurrency:
-                run = measure(url, args, mode, concurrency, texts)
+                run = measure(url, pid, args, mode, concurrency, texts)
                 runs.append(run)
                 print(f"batching {mode:3s} c={concurrency:<3d} {run.requests:5d} req  {run.errors} err  "
                       f"{run.lost} lost  {run.requests_s:8.1f} req/s  {run.texts_s:8.1f} texts/s  "
                       f"p50 {run.p50_ms:7.2f}  p90 {run.p90_ms:7.2f}  p99 {run.p99_ms:7.2f} ms  "
-                      f"batch {run.mean_batch:.1f}", flush=True)
+                      f"batch {run.mean_batch:.1f}  cpu {run.server_cpu_ms_per_text:.2f} ms/text", flush=True)
     result = verdict(runs)
     report = {"settings": settings, "runs": [asdict(r) for r in runs], "target": result}
     (args.out / "serve_load.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -182,6 +182,8 @@ def models() -> None:
 @click.option("--batch-size", default=32, show_default=True, help="Validation batch size.")
 @click.option("--seed", default=0, show_default=True, help="Seed for random inputs and row subsets.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+@click.option("--bundle", type=click.Path(path_type=Path), default=None,
+              help="Also package the recommended artifact as a bundle here (folder, or .tar.gz / .zip).")
 @user_errors
 def export_cmd(**opts: Any) -> None:
     """Export MODEL_DIR to validated ONNX: fp32, fused, INT8 (with accuracy budget), FP16.
@@ -190,6 +192,7 @@ def export_cmd(**opts: Any) -> None:
     Examples:
       bertedge export runs/model --out runs/export --eval dev.csv
       bertedge export runs/model --out runs/export-static --quantize static --calibration train.csv
+      bertedge export runs/model --out runs/export --bundle runs/bundle.tar.gz
     \b
     Writes model*.onnx, tokenizer/config files and export-report.json; `recommended` names the
     fastest artifact that passed validation (INT8, else fused, else fp32).
@@ -217,6 +220,11 @@ def export_cmd(**opts: Any) -> None:
     for warning in report.warnings:
         click.echo(f"warning: {warning}", err=True)
     click.echo(f"recommended: {report.recommended}  ->  {opts['out']}/export-report.json")
+    if opts["bundle"] is not None:
+        from bertedge.bundle import PackageArgs, package
+
+        bundle = package(PackageArgs(export_dir=opts["out"], out=opts["bundle"]))
+        click.echo(f"bundle: {bundle.root}")
 
 
 @cli.command()

@@ -36,6 +36,7 @@ large inputs, minus those fixed seconds; write to a folder (no driver funnel) at
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import io
 import json
@@ -45,7 +46,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -260,11 +261,15 @@ def parsed_schema(id_is_text: bool) -> pa.Schema:
 
 def parse_files(batch: pa.Table, files: list[str], text_columns: tuple[str, ...],
                 pair_columns: tuple[str, ...], id_column: str | None,
-                max_line_bytes: int) -> pa.Table:
-    """Ray task: input files (bytes + path) -> one row per input record, errors included."""
+                max_line_bytes: int, block_rows: int) -> Iterator[pa.Table]:
+    """Ray task: input files (bytes + path) -> one row per input record, errors included.
+
+    Yields blocks of `block_rows` rows, so the actors share even a single input file.
+    """
     import pyarrow as pa
 
     index = {f: i for i, f in enumerate(files)}
+    schema = parsed_schema(id_column is not None)
     rows: list[dict[str, Any]] = []
     for data, path in zip(batch.column("bytes").to_pylist(), batch.column("path").to_pylist(), strict=True):
         file_index = index[str(Path(path).resolve())]
@@ -272,7 +277,11 @@ def parse_files(batch: pa.Table, files: list[str], text_columns: tuple[str, ...]
         for row in parse(data, Path(path), text_columns, pair_columns, id_column, max_line_bytes):
             row["file"] = file_index
             rows.append(row)
-    return pa.Table.from_pylist(rows, schema=parsed_schema(id_column is not None))
+            if len(rows) == block_rows:
+                yield pa.Table.from_pylist(rows, schema=schema)
+                rows = []
+    if rows:
+        yield pa.Table.from_pylist(rows, schema=schema)
 
 
 def parse_text(data: bytes, path: Path, text_columns: tuple[str, ...], pair_columns: tuple[str, ...],
@@ -474,6 +483,8 @@ def predict_dataset(args: DistributedArgs, log: TextIO | None = None) -> Distrib
         ray.init(address=args.address, num_cpus=args.num_cpus if not (args.address or os.environ.get(
             "RAY_ADDRESS")) else None, include_dashboard=False, logging_level="WARNING",
             log_to_driver=True)
+    import ray.data  # noqa: F401  (configures its loggers, which are quieted next)
+
     ray_data_log = logging.getLogger("ray.data")
     level = ray_data_log.level
     ray_data_log.setLevel(logging.WARNING)  # Ray Data's per-stage INFO lines drown the progress
@@ -509,6 +520,7 @@ def run_job(args: DistributedArgs, id_column: str | None, log: TextIO, started: 
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # our own rows done / total line instead
+    ctx.execution_options.preserve_order = True  # output blocks in (file, row) order: no sort
     address = cluster_address(args)
     actors = args.actors or max(1, int(ray.cluster_resources().get("CPU", 1)) // args.threads_per_actor)
     check_capacity(actors, args.threads_per_actor, int(ray.cluster_resources().get("CPU", 0)))
@@ -517,18 +529,17 @@ def run_job(args: DistributedArgs, id_column: str | None, log: TextIO, started: 
         transport = BundleTransport.SHIP if address != "local" else BundleTransport.PATH
 
     t0 = time.perf_counter()
+    window = WINDOW_BATCHES * args.batch_size
     files = [str(f) for f in args.files]
     parsed = ray.data.read_binary_files(files, include_paths=True).map_batches(
         parse_files, batch_size=1, batch_format="pyarrow", zero_copy_batch=True,
         fn_kwargs={"files": files, "text_columns": args.text_columns, "pair_columns": args.pair_columns,
-                   "id_column": id_column, "max_line_bytes": args.max_line_bytes}).materialize()
+                   "id_column": id_column, "max_line_bytes": args.max_line_bytes,
+                   "block_rows": window}).materialize()
     rows_in = parsed.count()
     read_s = time.perf_counter() - t0
     if rows_in == 0:
         raise BertedgeError(f"the input ({len(files)} file(s)) has no rows", "check --input")
-    window = WINDOW_BATCHES * args.batch_size
-    # Enough blocks that every actor gets work, few enough that per-task overhead stays small.
-    parsed = parsed.repartition(max(actors, min(rows_in // window, 8 * actors)))
 
     counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
     shipped = [ray.put(ship_bundle(args.bundle))] if transport is BundleTransport.SHIP else None
@@ -541,7 +552,8 @@ def run_job(args: DistributedArgs, id_column: str | None, log: TextIO, started: 
                                "providers": args.providers, "threads": args.threads_per_actor,
                                "batch_size": args.batch_size, "progress": counter,
                                "fault_marker": os.environ.get(FAULT_MARKER_ENV)},
-        max_restarts=-1, max_task_retries=-1)  # a killed actor restarts and its batch is retried
+    )  # Ray Data's actor pools default to max_restarts=-1, max_task_retries=-1: a killed actor
+    # restarts and its batch is retried (tests/test_distributed.py kills one to check)
     predicted = run_with_progress(predicted, counter, rows_in, log if args.progress else None)
     predict_s = time.perf_counter() - t1
     first = ray.get(counter.state.remote())[1]
@@ -549,11 +561,7 @@ def run_job(args: DistributedArgs, id_column: str | None, log: TextIO, started: 
 
     t2 = time.perf_counter()
     keep = ["file", "row", "line", "id"] if len(files) > 1 else ["row", "line", "id"]
-    rows_ok, truncated, error_rows = scan_results(predicted, files, keep)
-    if rows_ok + len(error_rows) != rows_in:
-        raise BertedgeError(f"{rows_in} rows in but {rows_ok} predicted + {len(error_rows)} errors "
-                            "came out", "this is a bug: please report it with the input")
-    write_output(predicted, args, files, keep)
+    rows_ok, truncated, error_rows = write_output(predicted, args, files, keep, rows_in)
     errors = write_errors(error_rows, args.errors) if error_rows else None
     write_s = time.perf_counter() - t2
     return DistributedReport(
@@ -617,24 +625,9 @@ def run_with_progress(ds: Any, counter: Any, total: int, log: TextIO | None,
     return done["ds"]
 
 
-def scan_results(ds: Any, files: list[str], keep: list[str]) -> tuple[int, int, list[dict[str, Any]]]:
-    """(ok rows, truncated rows, error rows) in one pass over the small columns."""
-    import pyarrow.compute as pc
-
-    ok = truncated = 0
-    errors: list[dict[str, Any]] = []
-    columns = ["file", "row", "line", "id", "status", "reason", "truncated"]
-    for batch in ds.select_columns(columns).iter_batches(batch_format="pyarrow", batch_size=None):
-        is_ok = pc.equal(batch.column("status"), "ok")
-        ok += int(pc.sum(is_ok).as_py() or 0)
-        truncated += int(pc.sum(batch.column("truncated")).as_py() or 0)
-        bad = batch.filter(pc.invert(is_ok)).drop_columns(["status", "truncated"])
-        errors.extend(finish_columns(bad, files, keep, []).to_pylist())
-    errors.sort(key=lambda r: (r.get("file") or "", r["row"]))
-    return ok, truncated, errors
-
-
 def with_status(status: str) -> Any:
+    """A Ray Data batch filter keeping the rows of one status."""
+
     def keep(batch: pa.Table) -> pa.Table:
         import pyarrow.compute as pc
 
@@ -655,35 +648,83 @@ def finish_columns(table: pa.Table, files: list[str], keep: list[str], drop: lis
     return table.drop_columns([c for c in drop if c in table.column_names])
 
 
-def write_output(ds: Any, args: DistributedArgs, files: list[str], keep: list[str]) -> None:
-    """ok rows in (file, row) order: one file written here, or part files written by the workers."""
-    ok = ds.map_batches(with_status("ok"), batch_format="pyarrow", batch_size=None)
-    ok = ok.sort(["file", "row"]).map_batches(
-        finish_columns, batch_format="pyarrow", batch_size=None,
-        fn_kwargs={"files": files, "keep": keep, "drop": ["status", "reason"]})
-    if not args.single_file_output:
-        if args.output.exists() and any(args.output.iterdir()):
-            raise BertedgeError(f"output folder '{args.output}' is not empty", "choose a new --out")
-        write = ok.write_json if args.output_format is OutputFormat.JSONL else ok.write_parquet
-        write(str(args.output))
-        return
-    args.output.parent.mkdir(parents=True, exist_ok=True)
+def write_output(ds: Any, args: DistributedArgs, files: list[str], keep: list[str],
+                 rows_in: int) -> tuple[int, int, list[dict[str, Any]]]:
+    """Write the ok rows; return (ok rows, truncated rows, error rows), checked against rows_in.
+
+    The predict stage preserves order, so its blocks already run in (file, row) order: a single
+    output file is streamed block by block from the object store, with no sort. A folder output is
+    written by the workers (`write_parquet` / `write_json`).
+    """
+    import pyarrow.compute as pc
+    import ray
+
+    single = args.single_file_output
     partial = args.output.with_name(args.output.name + ".partial")
-    batches = ok.iter_batches(batch_format="pyarrow", batch_size=None)
-    if args.output_format is OutputFormat.JSONL:
-        with partial.open("w", encoding="utf-8") as f:
-            for batch in batches:
-                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in batch.to_pylist())
+    if single:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+    elif args.output.exists() and any(args.output.iterdir()):
+        raise BertedgeError(f"output folder '{args.output}' is not empty", "choose a new --out")
+    ok = truncated = 0
+    errors: list[dict[str, Any]] = []
+    last = (-1, -1)
+    with table_sink(partial if single else None, args.output_format) as sink:
+        for ref in ds.to_arrow_refs():
+            block = ray.get(ref)
+            if not block.num_rows:
+                continue
+            first = (block.column("file")[0].as_py(), block.column("row")[0].as_py())
+            if first <= last:
+                raise BertedgeError("predicted blocks came back out of order",
+                                    "this is a bug: please report it with the Ray version")
+            last = (block.column("file")[-1].as_py(), block.column("row")[-1].as_py())
+            is_ok = pc.equal(block.column("status"), "ok")
+            ok += int(pc.sum(is_ok).as_py() or 0)
+            truncated += int(pc.sum(block.column("truncated")).as_py() or 0)
+            bad = block.filter(pc.invert(is_ok)).select(["file", "row", "line", "id", "reason"])
+            errors.extend(finish_columns(bad, files, keep, []).to_pylist())
+            sink(finish_columns(block.filter(is_ok), files, keep, ["status", "reason"]))
+    if ok + len(errors) != rows_in:
+        partial.unlink(missing_ok=True)
+        raise BertedgeError(f"{rows_in} rows in but {ok} predicted + {len(errors)} errors came out",
+                            "this is a bug: please report it with the input")
+    if single:
+        partial.replace(args.output)  # a failed job never leaves a half-written output
+    else:
+        ok_rows = ds.map_batches(with_status("ok"), batch_format="pyarrow", batch_size=None).map_batches(
+            finish_columns, batch_format="pyarrow", batch_size=None,
+            fn_kwargs={"files": files, "keep": keep, "drop": ["status", "reason"]})
+        if args.output_format is OutputFormat.JSONL:
+            ok_rows.write_json(str(args.output))
+        else:
+            ok_rows.write_parquet(str(args.output))
+    return ok, truncated, errors
+
+
+@contextlib.contextmanager
+def table_sink(path: Path | None, fmt: OutputFormat | None) -> Iterator[Callable[[pa.Table], None]]:
+    """A function that appends Arrow tables to a JSONL or Parquet file (no path: discards them)."""
+    if path is None:
+        yield lambda table: None
+    elif fmt is OutputFormat.JSONL:
+        with path.open("w", encoding="utf-8") as f:
+            yield lambda table: f.writelines(json.dumps(r, ensure_ascii=False) + "\n"
+                                             for r in table.to_pylist())
     else:
         import pyarrow.parquet as pq
 
-        writer: Any = None
-        for batch in batches:
-            writer = writer or pq.ParquetWriter(partial, batch.schema)
-            writer.write_table(batch)
-        if writer is not None:
-            writer.close()
-    partial.replace(args.output)  # a failed job never leaves a half-written output
+        writers: list[Any] = []
+
+        def write(table: pa.Table) -> None:
+            if not writers:
+                writers.append(pq.ParquetWriter(path, table.schema))
+            writers[0].write_table(table)
+
+        try:
+            yield write
+        finally:
+            for w in writers:
+                w.close()
 
 
 def write_errors(rows: list[dict[str, Any]], path: Path) -> Path:

@@ -34,6 +34,7 @@ from tokenizers import Encoding, Tokenizer
 from bertedge import ner, qa
 from bertedge.bundle import open_bundle
 from bertedge.errors import BertedgeError
+from bertedge.features import length_sorted_batches, load_tokenizer, pad_id
 from bertedge.tasks import decode_classification, get_task
 
 T = TypeVar("T")
@@ -159,15 +160,6 @@ def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
         yield chunk
 
 
-def length_sorted_batches(lengths: Sequence[int], size: int) -> Iterator[list[int]]:
-    """Index batches in order of length, so each batch pads to a similar width.
-
-    >>> list(length_sorted_batches([5, 1, 3, 2], 2))
-    [[1, 3], [2, 0]]
-    """
-    yield from batched(sorted(range(len(lengths)), key=lengths.__getitem__), size)
-
-
 def as_pair(item: Item) -> Pair | str:
     """An item as (text, pair), or a string saying what is wrong with it.
 
@@ -274,26 +266,6 @@ def feed_plan(session: ort.InferenceSession) -> dict[str, tuple[str, type]]:
                             "are not BERT-style token inputs",
                             "package an ONNX model made by `bertedge export`")
     return plan
-
-
-def load_tokenizer(path: Path, max_length: int) -> Tokenizer:
-    """tokenizer.json with truncation at max_length and no padding (batches pad themselves)."""
-    try:
-        tokenizer = Tokenizer.from_file(str(path))
-    except Exception as e:  # tokenizers raises a bare Exception on a bad file
-        raise BertedgeError(f"cannot read tokenizer.json ({e})", "rebuild the bundle") from None
-    tokenizer.no_padding()
-    tokenizer.enable_truncation(max_length)
-    return tokenizer
-
-
-def pad_id_of(tokenizer: Tokenizer) -> int:
-    """The tokenizer's padding id ([PAD] or <pad>; 0 when it names none)."""
-    for token in ("[PAD]", "<pad>"):
-        token_id = tokenizer.token_to_id(token)
-        if token_id is not None:
-            return int(token_id)
-    return 0
 
 
 # ----------------------------------------------------------------------------- latency
@@ -418,7 +390,8 @@ class Predictor:
             self.manifest: dict[str, Any] = opened.manifest
             self.session = make_session(opened.model_path, requested, threads)
             self.max_length = int(self.manifest["max_length"])
-            self.tokenizer = load_tokenizer(opened.tokenizer_path, self.max_length)
+            self.tokenizer = load_tokenizer(opened.tokenizer_path)
+            self.tokenizer.enable_truncation(self.max_length)
         self.task = get_task(self.manifest["task"])
         if self.task.name not in TASK_RUNTIMES:
             raise BertedgeError(f"this bertedge cannot run '{self.task.name}' bundles yet",
@@ -431,7 +404,7 @@ class Predictor:
             qa.configure_windows(self.tokenizer, self.max_length, stride)
         self.labels: tuple[str, ...] = tuple(self.manifest["labels"])
         self.batch_size = batch_size
-        self.pad_id = pad_id_of(self.tokenizer)
+        self.pad_id = pad_id(self.tokenizer)
         self.feeds = feed_plan(self.session)
         self.output_names = [o.name for o in self.session.get_outputs()]
         absent = [n for n in self.task.output_names if n not in self.output_names]

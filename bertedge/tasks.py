@@ -12,7 +12,6 @@ never import torch or transformers. Training imports the post-processing from he
 from __future__ import annotations
 
 import json
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,10 +109,7 @@ def _ner_load(path: Path, columns: Columns, labels: Sequence[str] | None, bad_ro
 
 
 def _ner_split(ex: ner.NerExamples, fraction: float, seed: int) -> tuple[ner.NerExamples, ner.NerExamples]:
-    order = list(range(len(ex)))
-    random.Random(seed).shuffle(order)
-    n_eval = max(1, int(round(len(order) * fraction)))
-    return ex.subset(sorted(order[n_eval:])), ex.subset(sorted(order[:n_eval]))
+    return seeded_split(ex, fraction, seed)  # type: ignore[arg-type, return-value]
 
 
 def _ner_encode(tok: Tokenizer, ex: ner.NerExamples, max_length: int, stride: int) -> Features:

@@ -37,7 +37,9 @@ def test_finetune_export_bench_package_predict(tiny_bert: Path, sentiment_csv: t
     accuracy = json.loads((tmp_path / "model" / "metrics.json").read_text())["eval"]["accuracy"]
     assert f"accuracy {accuracy:.4f}" in out and accuracy >= 0.85
 
-    invoke("export", str(tmp_path / "model"), "--out", str(tmp_path / "export"), "--eval", str(dev))
+    out = invoke("export", str(tmp_path / "model"), "--out", str(tmp_path / "export"), "--eval", str(dev),
+                 "--bundle", str(tmp_path / "direct.tar.gz"))
+    assert (tmp_path / "direct.tar.gz").is_file() and "bundle:" in out
     report = json.loads((tmp_path / "export" / "export-report.json").read_text())
     assert {a["name"] for a in report["artifacts"]} >= {"fp32", "fused", "int8"}
     assert all(a["validated"] for a in report["artifacts"] if a["name"] in ("fp32", "fused"))
