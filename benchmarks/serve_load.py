@@ -27,6 +27,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -59,6 +60,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="server onnxruntime threads (0 = per core)")
     p.add_argument("--modes", default="on,off", help="on (dynamic batching), off (--max-batch-size 1)")
     p.add_argument("--seed", type=int, default=0, help="seeds the sentence order")
+    p.add_argument("--note", default="", help="free text stored with the results (e.g. machine state)")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for serve_load.{json,md,png,jsonl}")
     args = p.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
@@ -288,7 +290,7 @@ def markdown(runs: list[Run], settings: dict[str, Any], result: dict[str, Any]) 
              f"`{settings['bundle']}` ({settings['precision']}) · {settings['texts_per_request']} "
              f"text(s)/request from `{Path(settings['data']).name}` · on = `--max-batch-size "
              f"{settings['max_batch_size']} --max-wait-ms {settings['max_wait_ms']}`, off = "
-             "`--max-batch-size 1`", "",
+             "`--max-batch-size 1`", *(["", f"Note: {settings['note']}"] if settings["note"] else []), "",
              "| batching | concurrency | requests | errors | lost | req/s | texts/s | p50 ms | p90 ms "
              "| p99 ms | mean batch | server CPU ms/text |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
@@ -353,12 +355,13 @@ def main() -> None:
                 "requests": args.requests, "time_cap_s": args.time_cap, "warmup": args.warmup,
                 "texts_per_request": args.texts_per_request, "max_batch_size": args.max_batch_size,
                 "max_wait_ms": args.max_wait_ms, "threads": args.threads, "modes": args.modes,
-                "seed": args.seed, "python": platform.python_version()}
+                "seed": args.seed, "python": platform.python_version(), "note": args.note}
     print("settings:", json.dumps(settings))
     args.out.mkdir(parents=True, exist_ok=True)
     runs: list[Run] = []
+    logs = Path(tempfile.mkdtemp(prefix="serve_load-"))  # printed if a server fails to start
     for mode in args.modes:
-        with server(args, mode, args.out / f"serve_load_server_{mode}.log") as (url, pid):
+        with server(args, mode, logs / f"server_{mode}.log") as (url, pid):
             for concurrency in args.concurrency:
                 run = measure(url, pid, args, mode, concurrency, texts)
                 runs.append(run)

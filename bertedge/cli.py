@@ -273,6 +273,20 @@ def package(export_dir: Path, out: Path, artifact: str | None, archive: str | No
 @click.option("--providers", default="cpu", show_default=True,
               help="cpu, auto (CUDA when available), cuda, or comma-separated onnxruntime provider names.")
 @click.option("--quiet", "-q", is_flag=True, help="No summary / latency report on stderr.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: stream stdin/--input to stdout; ray: Ray Data actors, --input file/folder/glob to --out.")
+@click.option("--out", "out", type=click.Path(path_type=Path), default=None,
+              help="[ray] Output: a .parquet / .jsonl file (in input order) or a folder of part files.")
+@click.option("--errors", "errors_out", type=click.Path(path_type=Path), default=None,
+              help="[ray] Error rows as JSONL (default: OUT.errors.jsonl).")
+@click.option("--id-column", default=None, help="[ray] Id column kept in the output (default: 'id' if present, else the row number).")
+@click.option("--address", default=None, help="[ray] Ray cluster address (default: $RAY_ADDRESS, else a local Ray).")
+@click.option("--actors", type=int, default=None, help="[ray] Predictor actors (default: cluster CPUs / --threads-per-actor).")
+@click.option("--threads-per-actor", type=int, default=1, show_default=True,
+              help="[ray] CPUs reserved per actor = its onnxruntime threads.")
+@click.option("--ship-bundle/--shared-bundle", default=None,
+              help="[ray] Ship the bundle through the object store, or load BUNDLE's path on every node "
+                   "(default: ship when connecting to a cluster).")
 @user_errors
 def predict(**opts: Any) -> None:
     """Predict with a bundle; JSONL (or a table) on stdout, latency report on stderr.
@@ -282,10 +296,19 @@ def predict(**opts: Any) -> None:
       bertedge predict runs/bundle "a gripping film" "a tedious mess"
       bertedge predict runs/bundle --input reviews.csv --text-column review > predictions.jsonl
       cat texts.txt | bertedge predict runs/bundle.tar.gz --output table
+      bertedge predict runs/bundle --engine ray --input 'data/*.parquet' --out preds.parquet
     \b
     Every input line gives exactly one output line, in order; an empty or non-UTF-8 line
-    gives {"line": N, "error": ...} instead of stopping the run.
+    gives {"line": N, "error": ...} instead of stopping the run. With --engine ray, such rows
+    go to OUT.errors.jsonl and rows in = predicted + errors is checked at the end.
     """
+    if opts["engine"] == "ray":
+        predict_ray(opts)
+        return
+    ray_only = [f"--{k.replace('_', '-')}" for k in ("out", "errors_out", "id_column", "address", "actors")
+                if opts[k] is not None]
+    if ray_only:
+        raise click.UsageError(f"{', '.join(ray_only)}: for --engine ray only")
     import os
     import sys
 
@@ -302,6 +325,30 @@ def predict(**opts: Any) -> None:
     except BrokenPipeError:  # `| head` closed the pipe: stop quietly, like other Unix tools
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
+
+
+def predict_ray(opts: dict[str, Any]) -> None:
+    """`predict --engine ray`: options -> DistributedArgs -> predict_dataset -> summary on stderr."""
+    from bertedge.distributed import BundleTransport, DistributedArgs, predict_dataset
+
+    if opts["texts"]:
+        raise click.UsageError("--engine ray reads --input, not texts on the command line")
+    if not opts["input_"] or not opts["out"]:
+        raise click.UsageError("--engine ray needs --input (a file, folder or glob) and --out")
+    if opts["format_"] or opts["threads"] or opts["output"] != "jsonl":
+        raise click.UsageError("--engine ray takes the format from each file's suffix, threads from "
+                               "--threads-per-actor and the output format from --out; drop "
+                               "--format / --threads / --output")
+    ship = opts["ship_bundle"]
+    report = predict_dataset(DistributedArgs(
+        bundle=opts["bundle"], inputs=[str(opts["input_"])], output=opts["out"], errors=opts["errors_out"],
+        text_columns=tuple(csv_list(opts["text_column"])), pair_columns=tuple(csv_list(opts["text_pair_column"])),
+        id_column=opts["id_column"], address=opts["address"], actors=opts["actors"],
+        threads_per_actor=opts["threads_per_actor"], batch_size=opts["batch_size"],
+        providers=opts["providers"], progress=not opts["quiet"],
+        transport=BundleTransport.AUTO if ship is None else BundleTransport.SHIP if ship else BundleTransport.PATH,
+    ))
+    click.echo(report.format(), err=True)
 
 
 @cli.command()

@@ -60,6 +60,7 @@ PARQUET_SUFFIXES = (".parquet", ".pq")
 TEXT_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".txt", ".text")
 FAULT_MARKER_ENV = "BERTEDGE_RAY_FAULT_MARKER"  # test hook: an actor that finds this file deletes it, then dies
 WINDOW_BATCHES = 8  # rows per actor call = 8 inference batches, as the local engine's read window
+BLOCKS_PER_ACTOR = 8  # input blocks per actor: load balance and a small retry unit
 PROBE_TEXT = "a"  # predicted once per actor to learn the output schema (works for any task)
 
 
@@ -123,6 +124,10 @@ class DistributedArgs:
             problems.append(f"--out '{self.output}' is also an input")
         if problems:
             raise BertedgeError("; ".join(problems), "see `bertedge predict --help`")
+
+    @property
+    def errors_path(self) -> Path:
+        return self.errors or Path(f"{self.output}.errors.jsonl")
 
     @property
     def single_file_output(self) -> bool:
@@ -264,7 +269,7 @@ def parse_files(batch: pa.Table, files: list[str], text_columns: tuple[str, ...]
                 max_line_bytes: int, block_rows: int) -> Iterator[pa.Table]:
     """Ray task: input files (bytes + path) -> one row per input record, errors included.
 
-    Yields blocks of `block_rows` rows, so the actors share even a single input file.
+    Yields tables of `block_rows` rows, so one huge file never makes one huge Python list.
     """
     import pyarrow as pa
 
@@ -304,7 +309,10 @@ def text_ids(data: bytes, path: Path, id_column: str, max_line_bytes: int) -> di
 
     fmt = input_format_of(path)
     if fmt in (InputFormat.CSV, InputFormat.TSV):  # the same reader, with the id as its "text"
-        records = read_records(io.BytesIO(data), fmt, (id_column,), (), max_line_bytes)
+        try:
+            records = list(read_records(io.BytesIO(data), fmt, (id_column,), (), max_line_bytes))
+        except BertedgeError:  # this file has no id column: its rows keep a null id
+            return {}
         return {r.line: r.item[0] if r.item else None for r in records}
     ids: dict[int, str | None] = {}
     for line in read_lines(io.BytesIO(data), max_line_bytes):
@@ -328,7 +336,11 @@ def parse_parquet(data: bytes, path: Path, text_columns: tuple[str, ...], pair_c
     text_at, pair_at = column_indices(table.column_names, text_columns, pair_columns)
     texts = table.column(text_at).to_pylist()
     pairs = table.column(pair_at).to_pylist() if pair_at is not None else [None] * len(texts)
-    ids = table.column(id_column).to_pylist() if id_column else list(range(len(texts)))
+    if id_column:
+        ids = (table.column(id_column).to_pylist() if id_column in table.column_names
+               else [None] * len(texts))
+    else:
+        ids = list(range(len(texts)))
     for row, (text, pair, id_) in enumerate(zip(texts, pairs, ids, strict=True)):
         checked = as_pair((decoded(text), decoded(pair)))
         good = not isinstance(checked, str)
@@ -481,7 +493,7 @@ def predict_dataset(args: DistributedArgs, log: TextIO | None = None) -> Distrib
     owned = not ray.is_initialized()
     if owned:
         ray.init(address=args.address, num_cpus=args.num_cpus if not (args.address or os.environ.get(
-            "RAY_ADDRESS")) else None, include_dashboard=False, logging_level="WARNING",
+            "RAY_ADDRESS")) else None, include_dashboard=False, logging_level=logging.WARNING,
             log_to_driver=True)
     import ray.data  # noqa: F401  (configures its loggers, which are quieted next)
 
@@ -531,17 +543,22 @@ def run_job(args: DistributedArgs, id_column: str | None, log: TextIO, started: 
     t0 = time.perf_counter()
     window = WINDOW_BATCHES * args.batch_size
     files = [str(f) for f in args.files]
+    parse: Any = parse_files  # a generator of blocks; Ray's stubs only admit single returns
     parsed = ray.data.read_binary_files(files, include_paths=True).map_batches(
-        parse_files, batch_size=1, batch_format="pyarrow", zero_copy_batch=True,
+        parse, batch_size=1, batch_format="pyarrow", zero_copy_batch=True,
         fn_kwargs={"files": files, "text_columns": args.text_columns, "pair_columns": args.pair_columns,
                    "id_column": id_column, "max_line_bytes": args.max_line_bytes,
                    "block_rows": window}).materialize()
     rows_in = parsed.count()
-    read_s = time.perf_counter() - t0
     if rows_in == 0:
         raise BertedgeError(f"the input ({len(files)} file(s)) has no rows", "check --input")
+    # Ray merges the parse stage's output into few large blocks; split them so every actor gets
+    # work (here, before the actors hold the CPUs that this split needs).
+    blocks = max(actors, min(-(-rows_in // window), BLOCKS_PER_ACTOR * actors))
+    parsed = parsed.repartition(blocks, shuffle=False).materialize()
+    read_s = time.perf_counter() - t0
 
-    counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
+    counter: Any = ray.remote(num_cpus=0)(ProgressCounter).remote()
     shipped = [ray.put(ship_bundle(args.bundle))] if transport is BundleTransport.SHIP else None
     t1, t1_wall = time.perf_counter(), time.time()
     predicted = parsed.map_batches(
@@ -562,13 +579,13 @@ def run_job(args: DistributedArgs, id_column: str | None, log: TextIO, started: 
     t2 = time.perf_counter()
     keep = ["file", "row", "line", "id"] if len(files) > 1 else ["row", "line", "id"]
     rows_ok, truncated, error_rows = write_output(predicted, args, files, keep, rows_in)
-    errors = write_errors(error_rows, args.errors) if error_rows else None
+    errors = write_errors(error_rows, args.errors_path) if error_rows else None
     write_s = time.perf_counter() - t2
     return DistributedReport(
         rows_in=rows_in, rows_ok=rows_ok, rows_error=len(error_rows), truncated=truncated, files=len(files),
         output=str(args.output), errors=str(errors) if errors else None, address=address,
         actors=actors, threads_per_actor=args.threads_per_actor, transport=transport.value,
-        init_s=init_s, read_s=read_s, first_batch_s=max(0.0, first_batch_s), predict_s=predict_s,
+        init_s=init_s, read_s=read_s, first_batch_s=min(max(0.0, first_batch_s), predict_s), predict_s=predict_s,
         write_s=write_s, wall_s=time.perf_counter() - started, rows_per_s=rows_in / max(predict_s, 1e-9))
 
 

@@ -7,15 +7,25 @@ torch or transformers.
 
 Endpoints:
     POST /v1/predict  {"texts": "one text" | [item, ...]} where an item is "text",
-                      ["text", "text_pair"] or {"text": ..., "text_pair": ...};
-                      -> {"predictions": [...], "truncated": n, "model": {...}}
+                      ["text", "text_pair"], {"text": ..., "text_pair": ...} or (QA)
+                      {"question": ..., "context": ...};
+                      -> {"predictions": [...], "truncated": n, "model": {...}}, one prediction
+                      per item in order, each the dict `bertedge predict` prints for the task
     GET  /v1/model    the bundle's manifest (task, labels, precision, checksums, ...) and limits
     GET  /healthz     200 while the process is alive
     GET  /readyz      200 once the bundle is verified and the session warmed up, else 503
     GET  /metrics     Prometheus text format
     GET  /docs        OpenAPI docs (/openapi.json)
 
-Every error is JSON: {"error": message, "problems": [{"field", "message", "limit"?}, ...]}.
+Every error is JSON: {"error": message, "problems": [{"field", "message", "limit"?}, ...]}:
+400 malformed JSON / non-UTF-8 / empty body, 413 body over the byte limit, 422 wrong types,
+empty list, too many texts, a text over the character limit or an item the task cannot take,
+503 not ready. Texts longer than the model's max_length tokens are truncated, as in
+`bertedge predict`, and marked "truncated": true.
+
+Batching: concurrent requests are coalesced into one predictor call of up to max_batch_size
+texts (see `Batcher`); inside it the runtime sorts by length and runs slices of
+run_batch_size texts per onnxruntime run, so little compute goes to padding.
 
     >>> app = create_app("runs/bundle", ServeConfig(max_batch_size=32, max_wait_ms=5))  # doctest: +SKIP
 """
@@ -154,13 +164,23 @@ class TextPair(BaseModel):
     text_pair: StrictStr | None = None
 
 
+class QuestionContext(BaseModel):
+    """A QA item as an object (the same as {"text": question, "text_pair": context})."""
+
+    model_config = ConfigDict(extra="forbid")
+    question: StrictStr
+    context: StrictStr
+
+
 def item_kind(value: Any) -> str | None:
     """The union branch an item belongs to, chosen by its JSON type (so errors name one branch)."""
     if isinstance(value, str):
         return "~text"
     if isinstance(value, list | tuple):
         return "~pair"
-    return "~object" if isinstance(value, dict | TextPair) else None
+    if isinstance(value, dict) and ("question" in value or "context" in value):
+        return "~qa"
+    return "~object" if isinstance(value, dict | TextPair | QuestionContext) else None
 
 
 def texts_kind(value: Any) -> str | None:
@@ -169,9 +189,11 @@ def texts_kind(value: Any) -> str | None:
     return "~list" if isinstance(value, list) else None
 
 
-ITEM_ERROR = 'expected a string, a ["text", "text_pair"] list or a {"text", "text_pair"} object'
+ITEM_ERROR = ('expected a string, a ["text", "text_pair"] list, a {"text", "text_pair"} object '
+              'or a {"question", "context"} object')
 Item = Annotated[
-    Annotated[StrictStr, Tag("~text")] | Annotated[tuple[StrictStr, StrictStr], Tag("~pair")] | Annotated[TextPair, Tag("~object")],
+    Annotated[StrictStr, Tag("~text")] | Annotated[tuple[StrictStr, StrictStr], Tag("~pair")]
+    | Annotated[TextPair, Tag("~object")] | Annotated[QuestionContext, Tag("~qa")],
     Discriminator(item_kind, custom_error_type="item_type", custom_error_message=ITEM_ERROR)]
 
 
@@ -181,13 +203,15 @@ class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"texts": "a gripping, beautifully shot film"},
         {"texts": ["a gripping film", ["is it good?", "it is great"],
-                   {"text": "a man plays guitar", "text_pair": "someone makes music"}]}]})
+                   {"text": "a man plays guitar", "text_pair": "someone makes music"}]},
+        {"texts": [{"question": "where does john live?", "context": "john lives in paris"}]}]})
     texts: Annotated[
         Annotated[StrictStr, Tag("~one")] | Annotated[list[Item], Tag("~list")],
         Discriminator(texts_kind, custom_error_type="texts_type",
                       custom_error_message="expected a string or a list of items"),
         Field(description="One text, or a list of items; each item is a string, a "
-                          "[text, text_pair] list or a {text, text_pair} object."),
+                          "[text, text_pair] list, a {text, text_pair} object or (QA) a "
+                          "{question, context} object."),
     ]
 
 
@@ -294,7 +318,19 @@ def parse_json(raw: bytes) -> Any:
                        [Problem(field="body", message="nested too deeply")]) from None
 
 
-def parse_items(payload: Any, config: ServeConfig) -> list[Pair]:
+Check = Callable[[Pair], str | None]  # the task's own item check (e.g. QA needs a pair)
+
+
+def as_tuple(item: str | tuple[str, str] | TextPair | QuestionContext) -> Pair:
+    """A validated item as the runtime's (text, text_pair or None)."""
+    if isinstance(item, TextPair):
+        return item.text, item.text_pair
+    if isinstance(item, QuestionContext):
+        return item.question, item.context
+    return (item, None) if isinstance(item, str) else item
+
+
+def parse_items(payload: Any, config: ServeConfig, check: Check | None = None) -> list[Pair]:
     """Validate a decoded body into (text, pair) items; one 422 listing every problem."""
     texts = payload.get("texts") if isinstance(payload, dict) else None
     if isinstance(texts, list) and len(texts) > config.max_texts:  # before validating them all
@@ -311,10 +347,11 @@ def parse_items(payload: Any, config: ServeConfig) -> list[Pair]:
     items: list[Pair] = []
     problems: list[Problem] = []
     for i, item in enumerate(raw):
-        text, pair = (item.text, item.text_pair) if isinstance(item, TextPair) else (
-            (item, None) if isinstance(item, str) else item)
+        text, pair = as_tuple(item)
         where = "texts" if isinstance(request.texts, str) else f"texts[{i}]"
-        problems += item_problems(where, text, pair, config.max_chars)
+        found = item_problems(where, text, pair, config.max_chars)
+        task_problem = check((text, pair)) if check is not None and not found else None
+        problems += found + ([Problem(field=where, message=task_problem)] if task_problem else [])
         items.append((text, pair))
     if problems:
         raise ApiError(422, f"invalid request: {len(problems)} problem(s)", problems)
@@ -467,6 +504,7 @@ class Batcher:
     async def _work(self) -> None:
         while True:
             batch, stop = await self._collect()
+            self.metrics.queue_depth.dec(sum(len(p.items) for p in batch))
             if batch:
                 await self._run(batch)
             if stop:
@@ -503,7 +541,6 @@ class Batcher:
 
     async def _run(self, batch: list[Pending]) -> None:
         """Predict a batch and hand each request its slice; a bad request fails alone."""
-        self.metrics.queue_depth.dec(sum(len(p.items) for p in batch))
         live = [p for p in batch if not p.future.done()]  # a cancelled caller needs no answer
         if not live:
             return
@@ -564,6 +601,22 @@ def load_predictor(bundle: str | Path, config: ServeConfig) -> PredictorLike:
                      batch_size=config.max_batch_size)
 
 
+def task_check(predictor: PredictorLike) -> Check | None:
+    """The runtime's per-task item check, when the predictor exposes one."""
+    return getattr(getattr(predictor, "runtime", None), "check", None)
+
+
+async def warm_up(batcher: Batcher) -> None:
+    """One prediction, then a full run batch, so the first request pays no start-up cost."""
+    item: Pair = (WARM_UP_TEXT, None)
+    try:
+        await batcher.call([item])
+    except BertedgeError:  # a QA model takes (question, context) pairs only
+        item = ("what is this?", WARM_UP_TEXT)
+        await batcher.call([item])
+    await batcher.call([item] * batcher.run_batch_size)
+
+
 def model_summary(manifest: dict[str, Any]) -> dict[str, Any]:
     """The short model description sent with every prediction."""
     model_file = manifest.get("files", {}).get("model.onnx", {})
@@ -612,8 +665,7 @@ def create_app(predictor_or_bundle: PredictorLike | str | Path,
                      if isinstance(predictor_or_bundle, str | Path) else predictor_or_bundle)
         batcher = Batcher(predictor, config, metrics)
         state.status = "warming up"
-        await batcher.call([(WARM_UP_TEXT, None)])
-        await batcher.call([(WARM_UP_TEXT, None)] * batcher.run_batch_size)
+        await warm_up(batcher)
         batcher.start()
         state.predictor, state.batcher, state.ready, state.status = predictor, batcher, True, "ready"
         metrics.ready.set(1)
@@ -649,12 +701,12 @@ def create_app(predictor_or_bundle: PredictorLike | str | Path,
         Over-long texts are truncated to the model's max_length tokens, as in `bertedge predict`,
         and marked `"truncated": true`; the response counts them.
         """
-        if state.batcher is None or not state.ready:
+        if state.batcher is None or state.predictor is None or not state.ready:
             raise ApiError(503, f"not ready: {state.status}")
         with state.batcher.receiving():
-            items = parse_items(parse_json(await read_body(request, config.body_limit)), config)
+            payload = parse_json(await read_body(request, config.body_limit))
+            items = parse_items(payload, config, task_check(state.predictor))
         results = await state.batcher.submit(items)  # no await in between: the count stays true
-        assert state.predictor is not None
         return JSONResponse({"predictions": results,
                              "truncated": sum(bool(r.get("truncated")) for r in results),
                              "model": model_summary(state.predictor.manifest)})

@@ -114,6 +114,41 @@ def test_long_text_is_truncated_and_says_so(client: TestClient, predictor: Predi
     assert_same(body["predictions"], predictor.predict([long, "good"]))
 
 
+@pytest.fixture(scope="module")
+def task_predictors(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Predictor]:
+    """Tiny QA and NER bundles through the real pipeline, loaded."""
+    from tiny import make_tiny_model
+
+    from bertedge.export import ExportArgs, Optimization, Quantization, export
+
+    base, loaded = tmp_path_factory.mktemp("tasks"), {}
+    for task, labels in (("qa", ("start", "end")), ("ner", ("O", "B-PER", "I-PER", "B-LOC", "I-LOC"))):
+        model = make_tiny_model(base / f"{task}-model", task=task, labels=labels)
+        export(ExportArgs(model, base / f"{task}-export", optimization=Optimization.NONE,
+                          quantize=Quantization.NONE))
+        loaded[task] = Predictor(package(PackageArgs(base / f"{task}-export", base / task)).root)
+    return loaded
+
+
+def test_qa_and_ner_bundles_answer_like_predict(task_predictors: dict[str, Predictor]) -> None:
+    qa, ner = task_predictors["qa"], task_predictors["ner"]
+    with TestClient(create_app(qa, LIMITS)) as client:
+        items = [{"question": "who lives in paris?", "context": "john smith lives in paris"},
+                 ["where does john live?", "john lives in paris"]]
+        body = client.post("/v1/predict", json={"texts": items}).json()
+        want = qa.predict([("who lives in paris?", "john smith lives in paris"),
+                           ("where does john live?", "john lives in paris")])
+        assert [p["answer"] for p in body["predictions"]] == [w["answer"] for w in want]
+        assert body["predictions"][0].keys() == want[0].keys()
+        r = client.post("/v1/predict", json={"texts": ["ok?", ["q?", "a context"]]})
+        assert r.status_code == 422 and [p["field"] for p in r.json()["problems"]] == ["texts[0]"]
+    with TestClient(create_app(ner, LIMITS)) as client:
+        body = client.post("/v1/predict", json={"texts": "john smith lives in paris"}).json()
+        assert body["predictions"] == ner.predict(["john smith lives in paris"])
+        r = client.post("/v1/predict", json={"texts": ["fine", ["a", "pair"]]})
+        assert r.status_code == 422 and [p["field"] for p in r.json()["problems"]] == ["texts[1]"]
+
+
 BAD_INPUTS = [  # (body, status, field named, limit named)
     (b'{"texts": ["a", ', 400, "body", None),
     (b'{"texts": ["caf\xe9"]}', 400, "body", None),
@@ -279,10 +314,11 @@ def test_batch_size_one_is_one_call_per_request() -> None:
 
 
 def test_a_bad_request_fails_alone() -> None:
-    results, fake, _ = run_batcher([["a"], ["boom"], ["c"]], max_batch_size=8)
+    results, fake, metrics = run_batcher([["a"], ["boom"], ["c"]], max_batch_size=8)
     assert results[0][0]["label"] == "a" and results[2][0]["label"] == "c"
     assert isinstance(results[1], ApiError) and results[1].status == 422
-    assert fake.calls[0][0] == 3  # the coalesced call failed, then each request ran alone
+    assert [n for n, _ in fake.calls] == [3, 1, 1, 1]  # the coalesced call failed, then one each
+    assert metrics.queue_depth._value.get() == 0
 
 
 def test_closed_batcher_refuses_and_drains() -> None:
