@@ -7,7 +7,6 @@ Heavy modules (torch, transformers) are imported inside each command so that `--
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -273,6 +272,9 @@ def package(export_dir: Path, out: Path, artifact: str | None, archive: str | No
 @click.option("--providers", default="cpu", show_default=True,
               help="cpu, auto (CUDA when available), cuda, or comma-separated onnxruntime provider names.")
 @click.option("--quiet", "-q", is_flag=True, help="No summary / latency report on stderr.")
+@click.option("--aggregation", type=click.Choice(["simple", "first", "max", "average"]), default="first",
+              show_default=True, help="NER: how sub-word predictions become words and entities.")
+@click.option("--top-k", default=1, show_default=True, help="QA: answer spans returned per question (best first).")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: stream stdin/--input to stdout; ray: Ray Data actors, --input file/folder/glob to --out.")
 @click.option("--out", "out", type=click.Path(path_type=Path), default=None,
@@ -318,7 +320,8 @@ def predict(**opts: Any) -> None:
         bundle=opts["bundle"], texts=list(opts["texts"]), input=opts["input_"], format=opts["format_"],
         text_columns=tuple(csv_list(opts["text_column"])), pair_columns=tuple(csv_list(opts["text_pair_column"])),
         output=opts["output"], batch_size=opts["batch_size"], threads=opts["threads"] or None,
-        providers=opts["providers"], report=not opts["quiet"],
+        providers=opts["providers"], report=not opts["quiet"], aggregation=opts["aggregation"],
+        top_k=opts["top_k"],
     )
     try:
         run_predict(args, sys.stdout, sys.stderr)

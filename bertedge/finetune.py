@@ -177,7 +177,7 @@ def _load_data(task: Task, args: FinetuneArgs) -> tuple[Any, Any, dict[str, Any]
         train, evalset = task.split(train, args.eval_fraction, args.seed)
     skipped = [asdict(s) for s in getattr(full, "skipped", [])]
     eval_skipped = [asdict(s) for s in getattr(evalset, "skipped", [])] if args.eval else []
-    report = {
+    report: dict[str, Any] = {
         "train_file": str(args.train),
         "train_rows_in_file": getattr(full, "rows_read", len(full)),
         "train_rows_skipped": skipped,
@@ -186,9 +186,9 @@ def _load_data(task: Task, args: FinetuneArgs) -> tuple[Any, Any, dict[str, Any]
         "eval_rows_used": len(evalset),
         "eval_rows_skipped": eval_skipped,
     }
-    for key in ("train_rows_skipped", "eval_rows_skipped"):
-        if report[key]:
-            print(f"warning: {len(report[key])} rows skipped ({key}); see metrics.json", file=sys.stderr)
+    for key, rows in (("train_rows_skipped", skipped), ("eval_rows_skipped", eval_skipped)):
+        if rows:
+            print(f"warning: {len(rows)} rows skipped ({key}); see metrics.json", file=sys.stderr)
     return train, evalset, report
 
 
@@ -396,7 +396,7 @@ def _save(args: FinetuneArgs, task: Task, max_length: int, model: nn.Module, tok
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.", dir=args.out.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True)  # type: ignore[operator]
         tokenizer.model_max_length = max_length
         tokenizer.save_pretrained(tmp)
         (tmp / "labels.json").write_text(json.dumps(labels, indent=1) + "\n", encoding="utf-8")

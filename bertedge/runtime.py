@@ -397,7 +397,11 @@ class Predictor:
             raise BertedgeError(f"this bertedge cannot run '{self.task.name}' bundles yet",
                                 "upgrade: pip install -U bertedge")
         self.runtime = TASK_RUNTIMES[self.task.name]
-        self.aggregation = ner.Aggregation(aggregation)
+        try:
+            self.aggregation = ner.Aggregation(aggregation)
+        except ValueError:
+            raise BertedgeError(f"unknown NER aggregation '{aggregation}'",
+                                f"use one of: {', '.join(a.value for a in ner.Aggregation)}") from None
         self.top_k, self.max_answer_tokens = top_k, max_answer_tokens
         if self.task.name == "qa":
             stride = int(self.manifest.get("stride") or min(128, self.max_length // 2))
@@ -729,6 +733,8 @@ class PredictArgs:
     threads: int | None = None  # onnxruntime intra-op threads
     providers: str | None = None  # cpu (default), auto, cuda, or a comma list of provider names
     report: bool = True  # print the summary and latency report to stderr
+    aggregation: str = "first"  # NER: simple, first, max or average (see bertedge.ner.Aggregation)
+    top_k: int = 1  # QA: answer spans per question
     max_line_bytes: int = 1 << 20  # longer input lines are cut (txt) or rejected (csv / jsonl)
 
     def __post_init__(self) -> None:
@@ -744,6 +750,8 @@ class PredictArgs:
             problems.append(f"--threads must be 0 or more (got {self.threads})")
         if self.texts and self.input is not None:
             problems.append("texts were given both as arguments and with --input")
+        if self.top_k < 1:
+            problems.append(f"--top-k must be at least 1 (got {self.top_k})")
         if isinstance(self.input, Path) and not self.input.is_file():
             problems.append(f"input file '{self.input}' does not exist")
         if problems:
@@ -769,7 +777,7 @@ def run_predict(args: PredictArgs, stdout: TextIO, stderr: TextIO,
                 stdin: IO[bytes] | None = None) -> PredictSummary:
     """Load the bundle, stream predictions to stdout, then the summary and latency to stderr."""
     predictor = Predictor(args.bundle, providers=args.providers, threads=args.threads,
-                          batch_size=args.batch_size)
+                          batch_size=args.batch_size, aggregation=args.aggregation, top_k=args.top_k)
     with input_stream(args, stdin, stderr) as stream:
         if args.texts:
             records: Iterable[InputRecord] = records_from_texts(args.texts)

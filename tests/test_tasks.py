@@ -216,7 +216,8 @@ def test_ner_cli_end_to_end(tmp_path: Path) -> None:
     _cli("package", str(tmp_path / "x"), "--out", str(tmp_path / "b"), "--artifact", "fp32")
     inp = tmp_path / "in.jsonl"
     inp.write_text('{"text": "John Smith lives in Paris ."}\n\n{"text": "acme corp"}\n', encoding="utf-8")
-    lines = [json.loads(x) for x in _cli("predict", str(tmp_path / "b"), "-i", str(inp), "-q").splitlines()]
+    lines = [json.loads(x) for x in _cli("predict", str(tmp_path / "b"), "-i", str(inp), "-q",
+                                         "--aggregation", "average").splitlines()]
     assert [x["line"] for x in lines] == [1, 2, 3] and "error" in lines[1]
     for rec, text in ((lines[0], "John Smith lives in Paris ."), (lines[2], "acme corp")):
         for e in rec["entities"]:
@@ -257,5 +258,7 @@ def test_qa_cli_end_to_end_matches_pytorch(tmp_path: Path) -> None:
     inp = tmp_path / "q.jsonl"
     inp.write_text(json.dumps({"question": question, "context": context}) + "\n"
                    + json.dumps({"question": "who ?", "context": ""}) + "\n", encoding="utf-8")
-    lines = [json.loads(x) for x in _cli("predict", str(tmp_path / "b"), "-i", str(inp), "-q").splitlines()]
+    lines = [json.loads(x) for x in _cli("predict", str(tmp_path / "b"), "-i", str(inp), "-q",
+                                         "--top-k", "2").splitlines()]
     assert lines[0]["answer"] == got["answer"] and "error" in lines[1]
+    assert len(lines[0]["answers"]) == 2 and lines[0]["answers"][0]["text"] == got["answer"]
