@@ -46,7 +46,8 @@ lint: install
 	$(VENV)/bin/mypy bertedge
 
 bench: install
-	$(PY) benchmarks/head_to_head.py --model $(DEMO)/model --data $(DATA)/sst2/dev.tsv
+	$(PY) benchmarks/head_to_head.py --model $(DEMO)/model --export $(DEMO)/export --data $(DATA)/sst2/dev.tsv \
+		--text-column sentence,content --label-column label --threads 2 --rounds 3
 
 clean:
 	rm -rf $(RUNS) build dist *.egg-info
