@@ -45,6 +45,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("bundle", type=Path, help="bundle folder or .tar.gz / .zip")
     p.add_argument("--input", type=Path, default=None, help="texts for the throughput run (default: synthetic)")
     p.add_argument("--format", choices=[f.value for f in InputFormat], default=None, help="input format")
+    p.add_argument("--text-column", default="text,sentence,content",
+                   help="CSV/TSV column or JSONL field with the text (first present wins)")
     p.add_argument("--synthetic", type=int, default=2000, help="synthetic texts when no --input")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = per core)")
     p.add_argument("--providers", default="cpu", help="cpu, auto, cuda or provider names")
@@ -108,7 +110,8 @@ def throughput(predictor: Predictor, args: argparse.Namespace) -> dict[str, Any]
     else:
         fmt = InputFormat(args.format) if args.format else input_format_of(args.input)
         with args.input.open("rb") as f:
-            n = sum(1 for _ in predict_stream(predictor, read_records(f, fmt), window, recorder))
+            n = sum(1 for _ in predict_stream(predictor, read_records(f, fmt, tuple(args.text_column.split(","))),
+                                                window, recorder))
     return {"lines": n, **recorder.report().to_dict()}
 
 

@@ -319,7 +319,9 @@ class _Trainer:
 
         history: list[dict[str, Any]] = []
         best_score, best_state, bad_evals, step = -1.0, None, 0, 0
-        bar = tqdm(total=total_steps, desc="finetune", unit="step", disable=not args.progress, file=sys.stderr)
+        # Redrawn in place on a terminal; a line every 30 s when stderr goes to a log file.
+        bar = tqdm(total=total_steps, desc="finetune", unit="step", disable=not args.progress, file=sys.stderr,
+                   mininterval=0.1 if sys.stderr.isatty() else 30.0)
         while step < total_steps:
             for idx in _length_grouped_batches(lengths, args.batch_size, rng):
                 if step >= total_steps:
