@@ -447,6 +447,7 @@ class Loaded:
     file: Path | None
     notes: list[str] = field(default_factory=list)
     keep: Any = None  # the session or model, kept alive while timing
+    run_outputs: Callable[[Feeds], dict[str, np.ndarray]] | None = None  # every graph output, by name
 
 
 def _os_threads() -> int | None:
@@ -481,11 +482,18 @@ def load_torch(source: Source, backend: Backend, threads: int) -> Loaded:
 
         return call
 
-    def run(feeds: Feeds) -> np.ndarray:
-        with torch.inference_mode():
-            return model(**{n: torch.from_numpy(feeds[n]) for n in names}).logits.float().numpy()
+    output_names = get_task(source.task).output_names
 
-    return Loaded(run, prepare, [], torch.get_num_threads(), "torch.get_num_threads()", load_s, None, keep=model)
+    def run_outputs(feeds: Feeds) -> dict[str, np.ndarray]:
+        with torch.inference_mode():
+            out = model(**{n: torch.from_numpy(feeds[n]) for n in names})
+        return {k: out[k].float().numpy() for k in output_names}
+
+    def run(feeds: Feeds) -> np.ndarray:
+        return run_outputs(feeds)[output_names[0]]
+
+    return Loaded(run, prepare, [], torch.get_num_threads(), "torch.get_num_threads()", load_s, None, keep=model,
+                  run_outputs=run_outputs)
 
 
 def session_options(threads: int) -> Any:
@@ -525,12 +533,19 @@ def load_ort(source: Source, backend: Backend, threads: int) -> Loaded:
     else:
         used, how = int(session.get_session_options().intra_op_num_threads), "session options"
 
+    output_names = [o.name for o in session.get_outputs()]
+
+    def run_outputs(feeds: Feeds) -> dict[str, np.ndarray]:
+        outs = session.run(None, {n: feeds[n] for n in names})
+        return {k: np.asarray(v, dtype=np.float32) for k, v in zip(output_names, outs, strict=True)}
+
     def run(feeds: Feeds) -> np.ndarray:
-        return np.asarray(session.run(None, {n: feeds[n] for n in names})[0], dtype=np.float32)
+        return run_outputs(feeds)[output_names[0]]
 
     prepare = (_bound_call(session, names) if backend.io_binding
                else lambda feeds: _host_call(session, {n: feeds[n] for n in names}))
-    return Loaded(run, prepare, list(session.get_providers()), used, how, load_s, path, keep=session)
+    return Loaded(run, prepare, list(session.get_providers()), used, how, load_s, path, keep=session,
+                  run_outputs=run_outputs)
 
 
 def _host_call(session: Any, feeds: Feeds) -> Call:
@@ -626,6 +641,7 @@ class BackendResult:
     cold_start: ColdStart | None = None
     cold_start_note: str = ""
     accuracy: Accuracy | None = None
+    task_metric: dict[str, Any] | None = None  # NER / QA: the task's metric on labelled --data
     shapes: list[ShapeResult] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -835,6 +851,44 @@ def measure_shapes(loaded: Loaded, inputs: dict[tuple[int, int], Feeds], args: B
     return results
 
 
+@dataclass
+class TaskData:
+    """NER / QA --data as the task record reads it: examples, model windows, labels."""
+
+    task: Any
+    examples: Any
+    features: Any
+    labels: tuple[str, ...]
+    pad: int
+
+
+def load_task_data(path: Path, source: Source) -> TaskData:
+    """Read labelled NER (CoNLL / JSONL) or QA (SQuAD) data and cut it into model windows."""
+    from bertedge.data import BadRows
+    from bertedge.features import load_tokenizer, pad_id
+
+    task = get_task(source.task)
+    tokenizer = load_tokenizer(source.tokenizer)
+    examples = task.load(path, Columns(), list(source.labels) or None, BadRows.ERROR)
+    stride = min(128, source.max_length // 2)
+    features = task.encode(tokenizer, examples, source.max_length, stride)
+    return TaskData(task, examples, features, source.labels, pad_id(tokenizer))
+
+
+def task_metric(run_outputs: Callable[[Feeds], dict[str, np.ndarray]], data: TaskData) -> dict[str, Any]:
+    """The task's own metric (entity F1, SQuAD F1 / EM) through load -> encode -> run -> predict -> score."""
+    from bertedge.features import run_windows
+
+    start = time.perf_counter()
+    outputs = run_windows(run_outputs, data.features, data.pad, data.task.per_token_outputs)
+    seconds = time.perf_counter() - start
+    scores = data.task.score(data.task.predict(outputs, data.features, data.examples, data.labels),
+                             data.examples, data.labels)
+    keep = {k: v for k, v in scores.items() if isinstance(v, (int, float))}
+    return {"name": data.task.metric, "value": float(scores[data.task.metric]), "scores": keep,
+            "examples": len(data.examples), "windows": len(data.features), "seconds": seconds}
+
+
 def data_logits(loaded: Loaded, data: DataSet) -> tuple[np.ndarray, float]:
     """Logits for every --data row, in file order, and the seconds the model calls took."""
     outs, seconds = [], 0.0
@@ -862,7 +916,7 @@ def score(name: str, logits: np.ndarray, seconds: float, data: DataSet,
 
 def bench_backend(backend: Backend, source: Source, inputs: dict[tuple[int, int], Feeds], args: BenchArgs,
                   threads: int, data: DataSet | None, reference: tuple[str, np.ndarray] | None,
-                  ) -> tuple[BackendResult, np.ndarray | None]:
+                  task_data: TaskData | None = None) -> tuple[BackendResult, np.ndarray | None]:
     """Load one backend in this process, time every shape and run the --data pass."""
     result = BackendResult(backend.name, backend.description, provider_requested=backend.provider,
                            io_binding=backend.io_binding, threads_requested=threads)
@@ -881,6 +935,8 @@ def bench_backend(backend: Backend, source: Source, inputs: dict[tuple[int, int]
     if data is not None:
         logits, seconds = data_logits(loaded, data)
         result.accuracy = score(backend.name, logits, seconds, data, reference)
+    if task_data is not None and loaded.run_outputs is not None:
+        result.task_metric = task_metric(loaded.run_outputs, task_data)
     rss_after = _rss_mb()
     result.rss_delta_mb = rss_after - rss_before if rss_after is not None and rss_before is not None else None
     result.gpu_memory_mb = gpu_memory_mb(os.getpid()) if backend.gpu else None
@@ -986,13 +1042,18 @@ def _sentences(data: TextExamples | None) -> list[str]:
     return list(data.texts) if data is not None else list(BUILTIN_SENTENCES)
 
 
+def _task_sentences(data: TaskData) -> list[str]:
+    """Real text from NER sentences (words joined) or QA contexts, to fill the timed inputs."""
+    if hasattr(data.examples, "words"):
+        return [" ".join(w) for w in data.examples.words]
+    return [e.context for e in data.examples.items]
+
+
 def load_data(args: BenchArgs, source: Source) -> TextExamples | None:
-    """--data (labels optional; texts only for per-token tasks), a seeded subset with --max-data-rows."""
-    if args.data is None:
-        return None
-    classification = not get_task(source.task).per_token_outputs
-    columns = args.columns if classification else Columns(text=args.columns.text, text_pair=args.columns.text_pair, label=())
-    examples = load_text_classification(args.data, columns, label_names=list(source.labels) or None,
+    """Classification --data (labels optional), a seeded subset with --max-data-rows."""
+    if args.data is None or get_task(source.task).per_token_outputs:
+        return None  # NER / QA data is read by the task record (load_task_data)
+    examples = load_text_classification(args.data, args.columns, label_names=list(source.labels) or None,
                                         require_labels=False)
     return seeded_subset(examples, args.max_data_rows, args.seed)
 
@@ -1037,17 +1098,16 @@ def bench(args: BenchArgs, echo: Callable[[str], None] | None = None) -> BenchRe
     for key, value in report.settings.items():
         say(f"{key:18s} {value}")
     tokenizer = load_plain_tokenizer(source.tokenizer)
-    sentences = _sentences(examples)
+    task_data = load_task_data(args.data, source) if args.data is not None and examples is None else None
+    sentences = _task_sentences(task_data) if task_data is not None else _sentences(examples)
     inputs = {(b, s): realistic_batch(tokenizer, sentences, b, s, seed=args.seed + 1000 * b + s)
               for b in args.batch_sizes for s in seq_lens}
     data = None
-    if examples is not None and get_task(source.task).per_token_outputs:
-        notes.append(f"--data accuracy is measured for classification only; the {source.task} texts only feed the inputs")
-    elif examples is not None:
+    if examples is not None:
         data = tokenize_dataset(tokenizer, examples, source.max_length, args.data_batch_size)
     if data is not None and data.truncated:
         notes.append(f"{data.truncated} of {len(examples or [])} --data rows are longer than {source.max_length} tokens and were truncated")
-    _run_backends(report, chosen, source, inputs, args, threads, data, say)
+    _run_backends(report, chosen, source, inputs, args, threads, data, say, task_data)
     report.environment["load_average_end"] = list(os.getloadavg())
     report.seconds = time.perf_counter() - start
     if not any(b.status == "ok" for b in report.backends):
@@ -1060,7 +1120,7 @@ def bench(args: BenchArgs, echo: Callable[[str], None] | None = None) -> BenchRe
 
 def _run_backends(report: BenchReport, chosen: Sequence[tuple[Backend, str]], source: Source,
                   inputs: dict[tuple[int, int], Feeds], args: BenchArgs, threads: int,
-                  data: DataSet | None, say: Callable[[str], None]) -> None:
+                  data: DataSet | None, say: Callable[[str], None], task_data: TaskData | None = None) -> None:
     reference: tuple[str, np.ndarray] | None = None
     usable = _usable_cores()
     for backend, skip in _reference_first(chosen):
@@ -1071,7 +1131,10 @@ def _run_backends(report: BenchReport, chosen: Sequence[tuple[Backend, str]], so
             say(f"{backend.name}: skipped ({skip})")
             continue
         say(f"{backend.name}: timing {len(inputs)} shapes ...")
-        result, logits = _bench_one(backend, source, inputs, args, threads, data, reference)
+        result, logits = _bench_one(backend, source, inputs, args, threads, data, reference, task_data)
+        if result.task_metric is not None:
+            say(f"{backend.name}: {result.task_metric['name']} {result.task_metric['value']:.4f} "
+                f"on {result.task_metric['examples']} --data examples")
         if reference is None and logits is not None:
             reference = (backend.name, logits)
         result.warnings = thread_and_provider_warnings(result, usable)
@@ -1085,9 +1148,9 @@ def _run_backends(report: BenchReport, chosen: Sequence[tuple[Backend, str]], so
 
 def _bench_one(backend: Backend, source: Source, inputs: dict[tuple[int, int], Feeds], args: BenchArgs,
                threads: int, data: DataSet | None, reference: tuple[str, np.ndarray] | None,
-               ) -> tuple[BackendResult, np.ndarray | None]:
+               task_data: TaskData | None = None) -> tuple[BackendResult, np.ndarray | None]:
     try:
-        return bench_backend(backend, source, inputs, args, threads, data, reference)
+        return bench_backend(backend, source, inputs, args, threads, data, reference, task_data)
     except BertedgeError:
         raise
     except Exception as e:  # an engine that cannot load or run a file is reported, not fatal
@@ -1126,7 +1189,8 @@ def summary_rows(report: BenchReport) -> list[dict[str, str]]:
             "cold start s": _fmt(cs.seconds if cs else None, ".2f"),
             "peak RSS MB": _fmt(cs.peak_rss_mb if cs else None, ".0f"),
             "GPU MB": _fmt(b.gpu_memory_mb if b.gpu_memory_mb is not None else (cs.gpu_memory_mb if cs else None), ".0f"),
-            "accuracy": _fmt(acc.accuracy * 100 if acc and acc.accuracy is not None else None, ".2f"),
+            "accuracy": (f"{b.task_metric['name']} {100 * b.task_metric['value']:.2f}" if b.task_metric
+                         else _fmt(acc.accuracy * 100 if acc and acc.accuracy is not None else None, ".2f")),
             f"agreement vs {acc.reference if acc else 'ref'}": _fmt(acc.agreement * 100 if acc and acc.agreement is not None else None, ".1f"),
             "max|Δlogit|": _fmt(acc.max_abs_logit_diff if acc else None, ".2e"),
             "data sent/s": _fmt(acc.sequences_per_s if acc else None, ".0f"),

@@ -281,3 +281,21 @@ def test_cli_bench_errors(export_dir: Path) -> None:
     assert result.exit_code != 0 and "model-int8-static.onnx" in result.output
     result = CliRunner().invoke(cli, ["bench", str(export_dir), "--seq-lens", "8,x"])
     assert result.exit_code != 0 and "comma-separated integers" in result.output
+
+
+def test_ner_bench_reports_entity_f1_per_backend(tmp_path: Path) -> None:
+    """NER --data is read by the task record; every backend gets the task's own metric."""
+    from tiny import make_tiny_model
+
+    from bertedge.bench import BenchArgs, bench
+    from bertedge.export import ExportArgs, export
+
+    model = make_tiny_model(tmp_path / "m", task="ner", labels=("O", "B-PER", "I-PER", "B-LOC", "I-LOC"))
+    conll = tmp_path / "dev.txt"
+    conll.write_text("john\tB-PER\nsmith\tI-PER\nlives\tO\nin\tO\nparis\tB-LOC\n\nthe\tO\nfilm\tO\n\n", encoding="utf-8")
+    export(ExportArgs(model_dir=model, out=tmp_path / "x", eval_file=conll))
+    report = bench(BenchArgs(model=tmp_path / "x", backends=("torch", "onnx", "int8"), batch_sizes=(1,),
+                             seq_lens=(16,), runs=3, data=conll, cold_start=False, plots=False, out=tmp_path / "b"))
+    metrics = {b.name: b.task_metric for b in report.backends}
+    assert all(m is not None and m["name"] == "f1" and m["examples"] == 2 for m in metrics.values())
+    assert metrics["onnx"]["value"] == pytest.approx(metrics["torch"]["value"])  # type: ignore[index]
