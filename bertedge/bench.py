@@ -32,7 +32,8 @@ import numpy as np
 from bertedge import __version__
 from bertedge.data import Columns, TextExamples, load_text_classification, seeded_subset
 from bertedge.errors import BertedgeError
-from bertedge.tasks import get_task, read_model_info
+from bertedge.features import load_tokenizer, pad_batch, pad_id
+from bertedge.tasks import CLASSIFICATION, get_task, read_model_info
 
 Feeds = dict[str, np.ndarray]
 Call = Callable[[], object]
@@ -346,16 +347,6 @@ def _export_source(root: Path) -> Source:
 # ----------------------------------------------------------------------------- realistic inputs
 
 
-def load_plain_tokenizer(path: Path) -> Any:
-    """tokenizer.json without truncation or padding (inputs are cut and padded here)."""
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(path))
-    tokenizer.no_truncation()
-    tokenizer.no_padding()
-    return tokenizer
-
-
 def _special_ids(tokenizer: Any) -> tuple[int, int]:
     ids = tokenizer.encode("", add_special_tokens=True).ids
     if len(ids) == 2:
@@ -402,33 +393,15 @@ class DataSet:
 
 
 def tokenize_dataset(tokenizer: Any, examples: TextExamples, max_length: int, batch_size: int) -> DataSet:
-    """Tokenize with truncation at max_length; batches of similar length, padded to their longest."""
-    pairs = examples.pairs
-    inputs: list[Any] = list(zip(examples.texts, pairs, strict=True)) if pairs is not None else list(examples.texts)
-    encodings = tokenizer.encode_batch(inputs, add_special_tokens=True)
-    truncated = sum(len(e.ids) > max_length for e in encodings)
-    lengths = np.array([min(len(e.ids), max_length) for e in encodings])
+    """Tokenize as the task record does (truncation at max_length); batches of similar length,
+    padded to their longest."""
+    features = CLASSIFICATION.encode(tokenizer, examples, max_length, 0)
+    lengths = np.array([len(e.ids) for e in features.encodings])
     order = np.argsort(lengths, kind="stable")
-    batches = [_pad([encodings[i] for i in order[s:s + batch_size]], max_length, _pad_id(tokenizer))
+    pad = pad_id(tokenizer)
+    batches = [pad_batch([features.encodings[i] for i in order[s:s + batch_size]], pad)
                for s in range(0, len(order), batch_size)]
-    return DataSet(examples, batches, order, int(lengths.sum()), truncated)
-
-
-def _pad_id(tokenizer: Any) -> int:
-    return next((int(i) for t in ("[PAD]", "<pad>") if (i := tokenizer.token_to_id(t)) is not None), 0)
-
-
-def _pad(encodings: Sequence[Any], max_length: int, pad_id: int) -> Feeds:
-    width = max(min(len(e.ids), max_length) for e in encodings)
-    feeds = {n: np.zeros((len(encodings), width), dtype=np.int64) for n in TOKEN_INPUTS}
-    feeds["input_ids"].fill(pad_id)
-    for row, e in enumerate(encodings):
-        ids = e.ids if len(e.ids) <= max_length else [*e.ids[: max_length - 1], e.ids[-1]]
-        types = e.type_ids[: len(ids)]
-        feeds["input_ids"][row, : len(ids)] = ids
-        feeds["attention_mask"][row, : len(ids)] = 1
-        feeds["token_type_ids"][row, : len(ids)] = types
-    return feeds
+    return DataSet(examples, batches, order, int(lengths.sum()), sum(features.truncated))
 
 
 # ----------------------------------------------------------------------------- loading backends
@@ -865,7 +838,6 @@ class TaskData:
 def load_task_data(path: Path, source: Source) -> TaskData:
     """Read labelled NER (CoNLL / JSONL) or QA (SQuAD) data and cut it into model windows."""
     from bertedge.data import BadRows
-    from bertedge.features import load_tokenizer, pad_id
 
     task = get_task(source.task)
     tokenizer = load_tokenizer(source.tokenizer)
@@ -1097,7 +1069,7 @@ def bench(args: BenchArgs, echo: Callable[[str], None] | None = None) -> BenchRe
                          environment=environment(), warnings=notes)
     for key, value in report.settings.items():
         say(f"{key:18s} {value}")
-    tokenizer = load_plain_tokenizer(source.tokenizer)
+    tokenizer = load_tokenizer(source.tokenizer)
     task_data = load_task_data(args.data, source) if args.data is not None and examples is None else None
     sentences = _task_sentences(task_data) if task_data is not None else _sentences(examples)
     inputs = {(b, s): realistic_batch(tokenizer, sentences, b, s, seed=args.seed + 1000 * b + s)

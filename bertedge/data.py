@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 from bertedge.errors import BertedgeError
 
@@ -257,7 +258,18 @@ def check_trainable(train: TextExamples) -> None:
         )
 
 
-def seeded_subset(examples: TextExamples, max_rows: int, seed: int) -> TextExamples:
+class Subsettable(Protocol):
+    """Any examples container: classification, NER sentences or QA questions."""
+
+    def __len__(self) -> int: ...
+
+    def subset(self: E, indices: Sequence[int]) -> E: ...
+
+
+E = TypeVar("E", bound=Subsettable)
+
+
+def seeded_subset(examples: E, max_rows: int, seed: int) -> E:
     """A reproducible random subset of at most `max_rows` rows (0 keeps everything)."""
     if max_rows <= 0 or max_rows >= len(examples):
         return examples
@@ -265,7 +277,7 @@ def seeded_subset(examples: TextExamples, max_rows: int, seed: int) -> TextExamp
     return examples.subset(sorted(indices))
 
 
-def seeded_split(examples: TextExamples, eval_fraction: float, seed: int) -> tuple[TextExamples, TextExamples]:
+def seeded_split(examples: E, eval_fraction: float, seed: int) -> tuple[E, E]:
     """Split into (train, eval) reproducibly; the eval part gets at least one row."""
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from bertedge import __version__
-from bertedge.data import BadRows, Columns, check_trainable
+from bertedge.data import BadRows, Columns, check_trainable, seeded_subset
 from bertedge.errors import BertedgeError
 from bertedge.features import Features, load_tokenizer, pad_batch, pad_id, run_windows
 from bertedge.models import resolve_model
@@ -168,7 +168,7 @@ def finetune(args: FinetuneArgs) -> FinetuneResult:
 def _load_data(task: Task, args: FinetuneArgs) -> tuple[Any, Any, dict[str, Any]]:
     names = args.label_names or None
     full = task.load(args.train, args.columns, names, args.bad_rows)
-    train = _subset(full, args.max_train_rows, args.seed)
+    train = seeded_subset(full, args.max_train_rows, args.seed)
     if args.eval is not None:
         evalset = task.load(args.eval, args.columns, train.label_names, args.bad_rows)
         if task is CLASSIFICATION:
@@ -190,13 +190,6 @@ def _load_data(task: Task, args: FinetuneArgs) -> tuple[Any, Any, dict[str, Any]
         if rows:
             print(f"warning: {len(rows)} rows skipped ({key}); see metrics.json", file=sys.stderr)
     return train, evalset, report
-
-
-def _subset(examples: Any, max_rows: int, seed: int) -> Any:
-    """A reproducible random subset of at most `max_rows` examples (0 keeps everything)."""
-    if max_rows <= 0 or max_rows >= len(examples):
-        return examples
-    return examples.subset(sorted(random.Random(seed).sample(range(len(examples)), max_rows)))
 
 
 def _encode(task: Task, tokenizer: Any, examples: Any, max_length: int, stride: int) -> Features:

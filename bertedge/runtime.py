@@ -34,7 +34,7 @@ from tokenizers import Encoding, Tokenizer
 from bertedge import ner, qa
 from bertedge.bundle import open_bundle
 from bertedge.errors import BertedgeError
-from bertedge.features import length_sorted_batches, load_tokenizer, pad_id
+from bertedge.features import Features, length_sorted_batches, load_tokenizer, pad_batch, pad_id
 from bertedge.tasks import decode_classification, get_task
 
 T = TypeVar("T")
@@ -50,8 +50,8 @@ PROVIDER_ALIASES = {
     "dml": "DmlExecutionProvider", "rocm": "ROCMExecutionProvider",
 }
 # Graph input name -> which tokenizer array feeds it (old TF-style exports use the second names).
-FEED_SOURCES = {"input_ids": "ids", "attention_mask": "mask", "token_type_ids": "types",
-                "input_mask": "mask", "segment_ids": "types"}
+FEED_SOURCES = {"input_ids": "input_ids", "attention_mask": "attention_mask", "token_type_ids": "token_type_ids",
+                "input_mask": "attention_mask", "segment_ids": "token_type_ids"}
 ONNX_INT_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
 # A text longer than this many characters per allowed token is cut before tokenizing, so one
 # giant input cannot stall a batch; such a text is far past max_length tokens anyway.
@@ -62,24 +62,15 @@ CHARS_PER_TOKEN_CAP = 64
 
 
 @dataclass(frozen=True)
-class Windows:
-    """Model windows for a list of items: several per item for long QA contexts, else one."""
-
-    encodings: list[Encoding]
-    owner: list[int]  # window -> item index
-    truncated: list[bool]  # per item
-
-
-@dataclass(frozen=True)
 class TaskRuntime:
     """How a task's items become windows and its graph outputs become answers."""
 
     check: Callable[[Pair], str | None]  # what is wrong with an item for this task, if anything
-    encode: Callable[[Tokenizer, list[Pair], int], Windows]  # (tokenizer, items, char cap)
-    decode: Callable[[Predictor, list[Pair], Windows, list[dict[str, np.ndarray]]], list[Result]]
+    encode: Callable[[Tokenizer, list[Pair], int], Features]  # (tokenizer, items, char cap)
+    decode: Callable[[Predictor, list[Pair], Features, list[dict[str, np.ndarray]]], list[Result]]
 
 
-def _one_window_each(tokenizer: Tokenizer, pairs: list[Pair], cap: int) -> Windows:
+def _one_window_each(tokenizer: Tokenizer, pairs: list[Pair], cap: int) -> Features:
     """Classification / NER: one window per item, truncated at max_length."""
     cut = [len(t) > cap or (p is not None and len(p) > cap) for t, p in pairs]
     inputs = [t[:cap] if p is None else (t[:cap], p[:cap]) for t, p in pairs]
@@ -87,22 +78,21 @@ def _one_window_each(tokenizer: Tokenizer, pairs: list[Pair], cap: int) -> Windo
         encodings = tokenizer.encode_batch(inputs)
     except Exception as e:  # e.g. a pair given to a tokenizer with no pair template
         raise BertedgeError(f"tokenizing failed ({e})", "check the inputs (pairs need a pair-aware tokenizer)") from None
-    return Windows(encodings, list(range(len(pairs))),
-                   [c or bool(e.overflowing) for c, e in zip(cut, encodings, strict=True)])
+    return Features(encodings, list(range(len(pairs))),
+                    truncated=[c or bool(e.overflowing) for c, e in zip(cut, encodings, strict=True)])
 
 
-def _qa_windows(tokenizer: Tokenizer, pairs: list[Pair], cap: int) -> Windows:
+def _qa_windows(tokenizer: Tokenizer, pairs: list[Pair], cap: int) -> Features:
     """QA: (question, context) -> overlapping windows over the whole context (nothing is cut)."""
-    features = qa.encode_qa(tokenizer, [q for q, _ in pairs], [c or "" for _, c in pairs])
-    return Windows(features.encodings, features.example_index, [False] * len(pairs))
+    return qa.encode_qa(tokenizer, [q for q, _ in pairs], [c or "" for _, c in pairs])
 
 
-def _decode_classification(p: Predictor, pairs: list[Pair], w: Windows,
+def _decode_classification(p: Predictor, pairs: list[Pair], w: Features,
                            outputs: list[dict[str, np.ndarray]]) -> list[Result]:
     return decode_classification(np.stack([o["logits"] for o in outputs]), list(p.labels))
 
 
-def _decode_ner(p: Predictor, pairs: list[Pair], w: Windows, outputs: list[dict[str, np.ndarray]]) -> list[Result]:
+def _decode_ner(p: Predictor, pairs: list[Pair], w: Features, outputs: list[dict[str, np.ndarray]]) -> list[Result]:
     results = []
     for (text, _), enc, out in zip(pairs, w.encodings, outputs, strict=True):
         entities = ner.group_entities(text, out["logits"], enc.word_ids, enc.offsets, p.labels, p.aggregation)
@@ -110,9 +100,9 @@ def _decode_ner(p: Predictor, pairs: list[Pair], w: Windows, outputs: list[dict[
     return results
 
 
-def _decode_qa(p: Predictor, pairs: list[Pair], w: Windows, outputs: list[dict[str, np.ndarray]]) -> list[Result]:
+def _decode_qa(p: Predictor, pairs: list[Pair], w: Features, outputs: list[dict[str, np.ndarray]]) -> list[Result]:
     per_item: list[list[Any]] = [[] for _ in pairs]
-    for enc, owner, out in zip(w.encodings, w.owner, outputs, strict=True):
+    for enc, owner, out in zip(w.encodings, w.example_index, outputs, strict=True):
         per_item[owner].append((enc, out["start_logits"], out["end_logits"]))
     results = []
     for (_, context), windows in zip(pairs, per_item, strict=True):
@@ -471,20 +461,13 @@ class Predictor:
                 timings.add(len(index), tokenize_s * share, seconds, decode_s * share)
         return [{**r, "truncated": True} if cut else r for r, cut in zip(results, windows.truncated, strict=True)]
 
-    def encode_windows(self, pairs: list[Pair]) -> Windows:
+    def encode_windows(self, pairs: list[Pair]) -> Features:
         """Tokenize items into model windows (QA: several per long context)."""
         return self.runtime.encode(self.tokenizer, pairs, self.max_length * CHARS_PER_TOKEN_CAP)
 
     def features(self, encodings: Sequence[Encoding]) -> dict[str, np.ndarray]:
         """The graph feed for a batch: padded to its longest item, by graph input name."""
-        width = max(len(e.ids) for e in encodings)
-        arrays = {"ids": np.full((len(encodings), width), self.pad_id, dtype=np.int64),
-                  "mask": np.zeros((len(encodings), width), dtype=np.int64),
-                  "types": np.zeros((len(encodings), width), dtype=np.int64)}
-        for row, e in enumerate(encodings):
-            arrays["ids"][row, : len(e.ids)] = e.ids
-            arrays["mask"][row, : len(e.ids)] = e.attention_mask
-            arrays["types"][row, : len(e.ids)] = e.type_ids
+        arrays = pad_batch(encodings, self.pad_id)
         return {name: arrays[source].astype(dtype, copy=False)
                 for name, (source, dtype) in self.feeds.items()}
 

@@ -109,7 +109,7 @@ def _ner_load(path: Path, columns: Columns, labels: Sequence[str] | None, bad_ro
 
 
 def _ner_split(ex: ner.NerExamples, fraction: float, seed: int) -> tuple[ner.NerExamples, ner.NerExamples]:
-    return seeded_split(ex, fraction, seed)  # type: ignore[arg-type, return-value]
+    return seeded_split(ex, fraction, seed)
 
 
 def _ner_encode(tok: Tokenizer, ex: ner.NerExamples, max_length: int, stride: int) -> Features:

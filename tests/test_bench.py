@@ -82,7 +82,7 @@ def test_bench_args_are_validated_all_at_once(export_dir: Path) -> None:
 
 @pytest.mark.parametrize("seq_len", [4, 16, 64, 128])
 def test_realistic_inputs_have_exactly_the_requested_length(tiny_bert: Path, seq_len: int) -> None:
-    tokenizer = b.load_plain_tokenizer(tiny_bert / "tokenizer.json")
+    tokenizer = b.load_tokenizer(tiny_bert / "tokenizer.json")
     cls, sep, pad = (tokenizer.token_to_id(t) for t in ("[CLS]", "[SEP]", "[PAD]"))
     feeds = realistic_batch(tokenizer, b.BUILTIN_SENTENCES, batch_size=3, seq_len=seq_len, seed=1)
     ids = feeds["input_ids"]
@@ -95,7 +95,7 @@ def test_realistic_inputs_have_exactly_the_requested_length(tiny_bert: Path, seq
 
 
 def test_realistic_inputs_come_from_real_text(tiny_bert: Path) -> None:
-    tokenizer = b.load_plain_tokenizer(tiny_bert / "tokenizer.json")
+    tokenizer = b.load_tokenizer(tiny_bert / "tokenizer.json")
     feeds = realistic_batch(tokenizer, ["the film was great"], batch_size=1, seq_len=12)
     assert tokenizer.decode(feeds["input_ids"][0].tolist()).startswith("the film was great the film")
 
