@@ -37,9 +37,9 @@ from typing import Any
 
 import numpy as np
 
-from bertedge import bench as b
-from bertedge.data import Columns, load_text_classification, seeded_subset
-from bertedge.tasks import read_model_info
+from bertedge.build import bench as b
+from bertedge.runtime.data import Columns, load_text_classification, seeded_subset
+from bertedge.runtime.meta import read_model_meta
 
 SHAPES = ((1, 128), (32, 128))
 EAGER, OPTIMUM = "torch-eager", "optimum-int8"
@@ -121,7 +121,7 @@ def bertedge_best(model_dir: Path, export_dir: Path | None, work: Path, threads:
     """bertedge's recommended artifact; runs `bertedge export` (gated on --data) when no --export is given."""
     build_s = 0.0
     if export_dir is None:
-        from bertedge.export import ExportArgs, export
+        from bertedge.build.export import ExportArgs, export
 
         export_dir, start = work / "bertedge-export", time.perf_counter()
         export(ExportArgs(model_dir, export_dir, eval_file=data, columns=columns))
@@ -275,7 +275,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     for k, v in settings.items():
         say(f"{k:22s} {v}")
     columns = Columns(text=tuple(args.text_column.split(",")), label=tuple(args.label_column.split(",")))
-    info = read_model_info(args.model)
+    info = read_model_meta(args.model)
     examples = seeded_subset(load_text_classification(args.data, columns, label_names=list(info.labels)),
                              args.max_rows, args.seed)
     tokenizer = b.load_plain_tokenizer(args.model / "tokenizer.json")

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from bertedge.distributed import DistributedArgs, predict_dataset
+from bertedge.edges.ray import DistributedArgs, predict_dataset
 from bertedge.runtime import PredictArgs, Predictor, run_predict
 
 RESULTS = Path(__file__).parent / "results"

@@ -25,15 +25,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from bertedge.runtime import (
-    InputFormat,
-    LatencyRecorder,
-    Predictor,
-    input_format_of,
-    predict_stream,
-    read_records,
-    records_from_texts,
-)
+from bertedge.runtime.predict import predict_stream
+from bertedge.runtime.predictor import LatencyRecorder, Predictor
+from bertedge.runtime.records import InputFormat, input_format_of, read_records, records_from_texts
 
 WORDS = ("the film was a gripping and beautifully acted story with a plot that never once "
          "felt tedious or dull").split()

@@ -69,7 +69,7 @@ def data_options(fn: F) -> F:
 
 
 def columns_from(text_column: str, text_pair_column: str | None, label_column: str) -> Any:
-    from bertedge.data import Columns
+    from bertedge.runtime.data import Columns
 
     return Columns(text=tuple(csv_list(text_column)), text_pair=tuple(csv_list(text_pair_column)),
                    label=tuple(csv_list(label_column)))
@@ -122,9 +122,9 @@ def finetune(**opts: Any) -> None:
     \b
     Writes a Hugging Face model folder plus labels.json, bertedge.json, metrics.json, args.json.
     """
-    from bertedge.data import BadRows
-    from bertedge.finetune import FinetuneArgs
-    from bertedge.finetune import finetune as run
+    from bertedge.build.finetune import FinetuneArgs
+    from bertedge.build.finetune import finetune as run
+    from bertedge.runtime.data import BadRows
 
     args = FinetuneArgs(
         model=opts["model"], train=opts["train"], eval=opts["eval_"], out=opts["out"], task=opts["task"],
@@ -149,7 +149,7 @@ def finetune(**opts: Any) -> None:
 @cli.command()
 def models() -> None:
     """List the base models that ship inside installed or installable packages."""
-    from bertedge.models import REGISTRY
+    from bertedge.build.models import REGISTRY
 
     for m in REGISTRY:
         click.echo(f"{m.name:10s} {m.architecture:6s} {m.parameters_m:5.1f}M  {m.description}  "
@@ -198,7 +198,7 @@ def export_cmd(**opts: Any) -> None:
     """
     from rich.console import Console
 
-    from bertedge.export import ExportArgs, Optimization, Quantization, export, render
+    from bertedge.build.export import ExportArgs, Optimization, Quantization, export, render
 
     report = export(ExportArgs(
         model_dir=opts["model_dir"], out=opts["out"], optimization=Optimization(opts["opt"]),
@@ -220,7 +220,7 @@ def export_cmd(**opts: Any) -> None:
         click.echo(f"warning: {warning}", err=True)
     click.echo(f"recommended: {report.recommended}  ->  {opts['out']}/export-report.json")
     if opts["bundle"] is not None:
-        from bertedge.bundle import PackageArgs, package
+        from bertedge.runtime.bundle import PackageArgs, package
 
         bundle = package(PackageArgs(export_dir=opts["out"], out=opts["bundle"]))
         click.echo(f"bundle: {bundle.root}")
@@ -243,8 +243,8 @@ def package(export_dir: Path, out: Path, artifact: str | None, archive: str | No
       bertedge package runs/export --out runs/bundle
       bertedge package runs/export --out runs/bundle.tar.gz --artifact fp32
     """
-    from bertedge.bundle import ArchiveFormat, PackageArgs
-    from bertedge.bundle import package as run
+    from bertedge.runtime.bundle import ArchiveFormat, PackageArgs
+    from bertedge.runtime.bundle import package as run
 
     bundle = run(PackageArgs(export_dir=export_dir, out=out, artifact=artifact, force=force,
                              archive=ArchiveFormat(archive) if archive else None))
@@ -314,7 +314,7 @@ def predict(**opts: Any) -> None:
     import os
     import sys
 
-    from bertedge.runtime import PredictArgs, run_predict
+    from bertedge.runtime.predict import PredictArgs, run_predict
 
     args = PredictArgs(
         bundle=opts["bundle"], texts=list(opts["texts"]), input=opts["input_"], format=opts["format_"],
@@ -332,7 +332,7 @@ def predict(**opts: Any) -> None:
 
 def predict_ray(opts: dict[str, Any]) -> None:
     """`predict --engine ray`: options -> DistributedArgs -> predict_dataset -> summary on stderr."""
-    from bertedge.distributed import BundleTransport, DistributedArgs, predict_dataset
+    from bertedge.edges.ray import BundleTransport, DistributedArgs, predict_dataset
 
     if opts["texts"]:
         raise click.UsageError("--engine ray reads --input, not texts on the command line")
@@ -386,8 +386,8 @@ def serve(**opts: Any) -> None:
     Endpoints: POST /v1/predict, GET /v1/model, /healthz, /readyz, /metrics, /docs.
     """
     try:
-        from bertedge.serve import ServeArgs, ServeConfig
-        from bertedge.serve import serve as run
+        from bertedge.edges.serve import ServeArgs, ServeConfig
+        from bertedge.edges.serve import serve as run
     except ImportError as e:
         raise BertedgeError(f"bertedge serve needs FastAPI, uvicorn and prometheus-client ({e})",
                             "pip install 'bertedge[serve]'") from None
@@ -435,8 +435,8 @@ def bench(**opts: Any) -> None:
     """
     from rich.console import Console
 
-    from bertedge.bench import BenchArgs, render
-    from bertedge.bench import bench as run
+    from bertedge.build.bench import BenchArgs, render
+    from bertedge.build.bench import bench as run
 
     model: Path = opts["model_or_bundle"]
     args = BenchArgs(

@@ -12,8 +12,8 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 
-from bertedge import bench as b
-from bertedge.bench import BenchArgs, BenchReport, bench, latency_stats, realistic_batch
+from bertedge.build import bench as b
+from bertedge.build.bench import BenchArgs, BenchReport, bench, latency_stats, realistic_batch
 from bertedge.cli import cli
 from bertedge.errors import BertedgeError
 
@@ -24,7 +24,7 @@ HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 @pytest.fixture(scope="module")
 def export_dir(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A bertedge export (fp32, fused, dynamic INT8) of the tiny BERT."""
-    from bertedge.export import ExportArgs, export
+    from bertedge.build.export import ExportArgs, export
 
     out = tmp_path_factory.mktemp("bench_export") / "export"
     export(ExportArgs(tiny_bert, out))
@@ -136,7 +136,7 @@ def test_accuracy_and_agreement(report: tuple[BenchReport, Path], tiny_bert: Pat
     import torch
     import transformers
 
-    from bertedge.data import load_text_classification
+    from bertedge.runtime.data import load_text_classification
 
     rep, _ = report
     examples = load_text_classification(sentiment_csv[1], label_names=["negative", "positive"])
@@ -238,7 +238,7 @@ def test_model_folder_runs_torch_and_drops_default_lengths_beyond_the_limit(tiny
 
 
 def test_bundle_folder(export_dir: Path, tmp_path: Path) -> None:
-    from bertedge.bundle import PackageArgs, package
+    from bertedge.runtime.bundle import PackageArgs, package
 
     bundle = package(PackageArgs(export_dir=export_dir, out=tmp_path / "bundle")).root
     rep = bench(BenchArgs(bundle, backends=("onnx",), cold_start=False, **FAST))  # type: ignore[arg-type]
@@ -287,8 +287,8 @@ def test_ner_bench_reports_entity_f1_per_backend(tmp_path: Path) -> None:
     """NER --data is read by the task record; every backend gets the task's own metric."""
     from tiny import make_tiny_model
 
-    from bertedge.bench import BenchArgs, bench
-    from bertedge.export import ExportArgs, export
+    from bertedge.build.bench import BenchArgs, bench
+    from bertedge.build.export import ExportArgs, export
 
     model = make_tiny_model(tmp_path / "m", task="ner", labels=("O", "B-PER", "I-PER", "B-LOC", "I-LOC"))
     conll = tmp_path / "dev.txt"

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from bertedge.bundle import ArchiveFormat, PackageArgs, open_bundle, package
 from bertedge.cli import cli
 from bertedge.errors import BertedgeError
 from bertedge.runtime import Predictor
+from bertedge.runtime.bundle import ArchiveFormat, PackageArgs, open_bundle, package
 
 LABELS = ["negative", "positive"]
 TEXTS = ["a good film", "the plot was awful", ("what a story", "it was great")]
@@ -132,7 +132,7 @@ def test_incomplete_export_folder_lists_what_is_missing(tmp_path: Path) -> None:
         package(PackageArgs(tmp_path / "nope", tmp_path / "b"))
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "bertedge.json").write_text("{}")
-    with pytest.raises(BertedgeError, match="missing export-report.json, tokenizer.json"):
+    with pytest.raises(BertedgeError, match="missing export-report.json, config.json, tokenizer.json"):
         package(PackageArgs(tmp_path / "half", tmp_path / "b"))
 
 

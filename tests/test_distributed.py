@@ -27,8 +27,8 @@ ROWS = sentiment_rows(120, seed=3)
 @pytest.fixture(scope="module")
 def bundle(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real pipeline on the tiny BERT: export (fp32 only) -> package."""
-    from bertedge.bundle import PackageArgs, package
-    from bertedge.export import ExportArgs, Optimization, Quantization, export
+    from bertedge.build.export import ExportArgs, Optimization, Quantization, export
+    from bertedge.runtime.bundle import PackageArgs, package
 
     root = tmp_path_factory.mktemp("ray_bundle")
     export(ExportArgs(tiny_bert, root / "export", optimization=Optimization.NONE,
@@ -85,14 +85,14 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def test_import_wall() -> None:
     """Importing the module pulls in neither torch, transformers nor Ray (Ray loads per job)."""
-    code = ("import sys, bertedge.distributed; "
+    code = ("import sys, bertedge.edges.ray; "
             "print(sorted(m for m in ('torch', 'transformers', 'ray') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 
 def test_bad_options_are_listed_together(tmp_path: Path) -> None:
-    from bertedge.distributed import DistributedArgs
+    from bertedge.edges.ray import DistributedArgs
 
     with pytest.raises(BertedgeError) as e:
         DistributedArgs(bundle=tmp_path / "nope", inputs=[str(tmp_path / "*.jsonl")],
@@ -106,7 +106,7 @@ def test_mixed_formats_match_local_engine(bundle: Path, inputs: Path, ray_local:
                                           tmp_path: Path) -> None:
     import pyarrow.parquet as pq
 
-    from bertedge.distributed import DistributedArgs, predict_dataset
+    from bertedge.edges.ray import DistributedArgs, predict_dataset
     from bertedge.runtime import Predictor
 
     out = tmp_path / "preds.parquet"
@@ -169,7 +169,7 @@ def test_cli_engine_ray_matches_engine_local(bundle: Path, inputs: Path, ray_loc
 
 def test_killed_actor_is_retried_and_output_complete(bundle: Path, ray_local: Any, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    from bertedge.distributed import (
+    from bertedge.edges.ray import (
         FAULT_MARKER_ENV,
         BundleTransport,
         DistributedArgs,

@@ -15,10 +15,8 @@ import transformers
 from click.testing import CliRunner
 from tiny import make_tiny_model, sentiment_rows, write_csv, write_jsonl
 
-from bertedge import quantize as q
-from bertedge.cli import cli
-from bertedge.errors import BertedgeError
-from bertedge.export import (
+from bertedge.build import quantize as q
+from bertedge.build.export import (
     ExportArgs,
     ExportReport,
     Optimization,
@@ -27,6 +25,8 @@ from bertedge.export import (
     label_agreement,
     max_abs_diff,
 )
+from bertedge.cli import cli
+from bertedge.errors import BertedgeError
 
 TEXTS = ["a good film", "the plot was very dull and the acting was poor", "superb", "boring movie"]
 INT8_ATOL = 1e-2  # tiny random models have logits ~1e-3; INT8 error stays well under this

@@ -9,10 +9,10 @@ import pytest
 from click.testing import CliRunner
 from tiny import sentiment_rows, write_csv, write_jsonl
 
+from bertedge.build.finetune import FinetuneArgs, _layer_depth, _param_groups, finetune
 from bertedge.cli import cli
-from bertedge.data import BadRows, Columns, load_text_classification
 from bertedge.errors import BertedgeError
-from bertedge.finetune import FinetuneArgs, _layer_depth, _param_groups, finetune
+from bertedge.runtime.data import BadRows, Columns, load_text_classification
 
 
 def quick_args(model: Path, train: Path, out: Path, **kw: object) -> FinetuneArgs:

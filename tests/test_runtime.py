@@ -20,21 +20,13 @@ import pytest
 from click.testing import CliRunner
 from test_bundle import LABELS, hand_export
 
-from bertedge.bundle import PackageArgs, package
 from bertedge.cli import cli
 from bertedge.errors import BertedgeError
-from bertedge.runtime import (
-    CPU,
-    CUDA,
-    InputFormat,
-    LatencyRecorder,
-    Predictor,
-    make_session,
-    predict_stream,
-    read_lines,
-    read_records,
-    resolve_providers,
-)
+from bertedge.runtime.bundle import PackageArgs, package
+from bertedge.runtime.predict import predict_stream
+from bertedge.runtime.predictor import LatencyRecorder, Predictor
+from bertedge.runtime.records import InputFormat, read_lines, read_records
+from bertedge.runtime.sessions import CPU, CUDA, make_session, resolve_providers
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["a good film", "the plot was awful and very boring", "great", "the acting was dull " * 30,
@@ -44,7 +36,7 @@ TEXTS = ["a good film", "the plot was awful and very boring", "great", "the acti
 @pytest.fixture(scope="session")
 def exported(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real `bertedge export` of the tiny BERT (fp32, fused, INT8, validated)."""
-    from bertedge.export import ExportArgs, export
+    from bertedge.build.export import ExportArgs, export
 
     out = tmp_path_factory.getbasetemp() / "real-export-bert"
     export(ExportArgs(model_dir=tiny_bert, out=out))
@@ -217,7 +209,7 @@ def test_cuda_predictor(bundle: Path, predictor: Predictor) -> None:
 
 
 def test_import_wall() -> None:
-    code = ("import bertedge.runtime, bertedge.bundle, sys; "
+    code = ("import bertedge.runtime.predictor, bertedge.runtime.predict, bertedge.runtime.bundle, bertedge.runtime.meta, sys; "
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, "
             "[m for m in sys.modules if m.startswith(('torch', 'transformers'))]; "
             "assert 'onnxruntime' in sys.modules and 'tokenizers' in sys.modules")

@@ -22,11 +22,11 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from bertedge.bundle import PackageArgs, package
 from bertedge.cli import cli
+from bertedge.edges.serve import ApiError, Batcher, Metrics, ServeConfig, create_app
 from bertedge.errors import BertedgeError
 from bertedge.runtime import Predictor
-from bertedge.serve import ApiError, Batcher, Metrics, ServeConfig, create_app
+from bertedge.runtime.bundle import PackageArgs, package
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["good", "bad", "film", "plot", "acting", "boring", "superb", "dull", "paris", "story"]
@@ -36,7 +36,7 @@ LIMITS = ServeConfig(max_texts=8, max_chars=500, max_wait_ms=2)
 @pytest.fixture(scope="module")
 def bundle(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny BERT through the real pipeline: `export` (fp32 only) then `package`."""
-    from bertedge.export import ExportArgs, Optimization, Quantization, export
+    from bertedge.build.export import ExportArgs, Optimization, Quantization, export
 
     base = tmp_path_factory.mktemp("serve")
     export(ExportArgs(tiny_bert, base / "export", optimization=Optimization.NONE, quantize=Quantization.NONE))
@@ -75,7 +75,7 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 
 def test_import_keeps_torch_out() -> None:
-    code = ("import sys, bertedge.serve; bad = {'torch', 'transformers'} & set(sys.modules); "
+    code = ("import sys, bertedge.edges.serve; bad = {'torch', 'transformers'} & set(sys.modules); "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
@@ -119,7 +119,7 @@ def task_predictors(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Predi
     """Tiny QA and NER bundles through the real pipeline, loaded."""
     from tiny import make_tiny_model
 
-    from bertedge.export import ExportArgs, Optimization, Quantization, export
+    from bertedge.build.export import ExportArgs, Optimization, Quantization, export
 
     base, loaded = tmp_path_factory.mktemp("tasks"), {}
     for task, labels in (("qa", ("start", "end")), ("ner", ("O", "B-PER", "I-PER", "B-LOC", "I-LOC"))):

@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 from tiny import make_tokenizer
 
-from bertedge import ner, qa
+from bertedge.build.finetune import FinetuneArgs, finetune
 from bertedge.errors import BertedgeError
-from bertedge.features import load_tokenizer
-from bertedge.finetune import FinetuneArgs, finetune
-from bertedge.tasks import NER, QA, QaExamples
+from bertedge.runtime.features import load_tokenizer
+from bertedge.runtime.tasks import NER, QA, QaExamples, ner, qa
 
 LABELS = ["O", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-PER", "I-PER"]
 

@@ -27,7 +27,8 @@ from typing import IO, Any
 
 from bertedge import __version__
 from bertedge.errors import BertedgeError
-from bertedge.tasks import get_task
+from bertedge.runtime.meta import ModelMeta, read_model_meta
+from bertedge.runtime.tasks import get_task
 
 MANIFEST = "manifest.json"
 MODEL = "model.onnx"
@@ -131,11 +132,11 @@ def package(args: PackageArgs) -> Bundle:
         "forced": bool(args.force and not record.get("passed")),
         "export": {k: report[k] for k in EXPORT_FACTS if k in report},
     }
-    fields = {
-        "task": meta["task"], "labels": list(meta["labels"]), "max_length": int(meta["max_length"]),
-        "model_type": meta.get("model_type", "bert"), "precision": record.get("precision"),
+    fields: dict[str, Any] = {
+        "task": meta.task.name, "labels": list(meta.labels), "max_length": meta.max_length,
+        "model_type": meta.model_type, "precision": record.get("precision"),
         "quantization": record.get("quantization"), "provenance": provenance,
-        "stride": int(meta["stride"]) if meta.get("stride") else None,
+        "stride": meta.stride, "max_positions": meta.max_positions,
     }
     if args.archive is None:
         return build_bundle(args.out, model_file, args.export_dir / TOKENIZER, **fields)
@@ -145,25 +146,21 @@ def package(args: PackageArgs) -> Bundle:
     return Bundle(root=dest, manifest=built.manifest)
 
 
-def read_export(export_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(export-report.json, bertedge.json) of an export folder; every missing piece listed."""
+def read_export(export_dir: Path) -> tuple[dict[str, Any], ModelMeta]:
+    """(export-report.json, model metadata) of an export folder; every missing piece listed."""
     if not export_dir.is_dir():
         raise BertedgeError(f"export folder '{export_dir}' does not exist",
                             "run `bertedge export MODEL_DIR --out EXPORT_DIR` first")
-    needed = ("export-report.json", "bertedge.json", TOKENIZER)
+    needed = ("export-report.json", "bertedge.json", "config.json", TOKENIZER)
     missing = [n for n in needed if not (export_dir / n).is_file()]
     if missing:
         raise BertedgeError(f"'{export_dir}' is not a complete export folder (missing {', '.join(missing)})",
                             "run `bertedge export MODEL_DIR --out EXPORT_DIR` again")
-    report, meta = (read_json(export_dir / n) for n in needed[:2])
-    problems = [f"bertedge.json has no '{k}'" for k in ("task", "labels", "max_length") if k not in meta]
+    report = read_json(export_dir / "export-report.json")
     if not isinstance(report.get("artifacts"), list) or not report["artifacts"]:
-        problems.append("export-report.json lists no artifacts")
-    if problems:
-        raise BertedgeError(f"export folder '{export_dir}': {'; '.join(problems)}",
+        raise BertedgeError(f"export folder '{export_dir}': export-report.json lists no artifacts",
                             "run `bertedge export` again")
-    get_task(meta["task"])
-    return report, meta
+    return report, read_model_meta(export_dir)
 
 
 def choose_artifact(report: dict[str, Any], name: str | None, force: bool) -> dict[str, Any]:
@@ -190,7 +187,8 @@ def choose_artifact(report: dict[str, Any], name: str | None, force: bool) -> di
 def build_bundle(out: Path, model: Path, tokenizer: Path, *, task: str, labels: list[str],
                  max_length: int, model_type: str, precision: str | None = None,
                  quantization: dict[str, Any] | None = None,
-                 provenance: dict[str, Any] | None = None, stride: int | None = None) -> Bundle:
+                 provenance: dict[str, Any] | None = None, stride: int | None = None,
+                 max_positions: int | None = None) -> Bundle:
     """Write a bundle folder from a model file and a tokenizer (export can call this directly).
 
     An existing bundle at `out` is replaced; any other non-empty folder is refused.
@@ -209,6 +207,7 @@ def build_bundle(out: Path, model: Path, tokenizer: Path, *, task: str, labels: 
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "task": task, "labels": list(labels), "max_length": int(max_length), "model_type": model_type,
         **({"stride": stride} if stride else {}),  # QA: overlap of context windows
+        **({"max_positions": max_positions} if max_positions else {}),  # the position table's limit
         "inputs": graph_inputs(out / MODEL), "precision": precision, "quantization": quantization,
         "provenance": provenance or {},
         "files": {n: {"sha256": sha256_of(out / n), "bytes": (out / n).stat().st_size}
@@ -220,15 +219,9 @@ def build_bundle(out: Path, model: Path, tokenizer: Path, *, task: str, labels: 
 
 def graph_inputs(model: Path) -> list[str]:
     """The ONNX graph's input names, read through onnxruntime (the `onnx` package is build-only)."""
-    import onnxruntime as ort
+    from bertedge.runtime.sessions import make_session
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    try:
-        session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime raises its own untyped errors for bad models
-        raise BertedgeError(f"'{model}' is not a loadable ONNX model ({e})",
-                            "run `bertedge export` again") from None
+    session = make_session(model, optimize=False, fix="run `bertedge export` again")
     return [i.name for i in session.get_inputs()]
 
 

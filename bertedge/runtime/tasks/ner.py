@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from bertedge.data import read_text
 from bertedge.errors import BertedgeError
-from bertedge.features import IGNORE, Features
-from bertedge.metrics import softmax
+from bertedge.runtime.data import read_text
+from bertedge.runtime.features import IGNORE, Features
+from bertedge.runtime.metrics import softmax
 
 
 class Aggregation(str, Enum):

@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
-from bertedge.data import read_text
 from bertedge.errors import BertedgeError
-from bertedge.features import Features
+from bertedge.runtime.data import read_text
+from bertedge.runtime.features import Features
 
 
 @dataclass

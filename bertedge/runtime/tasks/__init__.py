@@ -11,7 +11,6 @@ never import torch or transformers. Training imports the post-processing from he
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +19,8 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from bertedge import ner, qa
-from bertedge.data import (
+from bertedge.errors import BertedgeError
+from bertedge.runtime.data import (
     BadRows,
     Columns,
     TextExamples,
@@ -29,9 +28,9 @@ from bertedge.data import (
     load_text_classification,
     seeded_split,
 )
-from bertedge.errors import BertedgeError
-from bertedge.features import IGNORE, Features
-from bertedge.metrics import classification_metrics, softmax
+from bertedge.runtime.features import IGNORE, Features
+from bertedge.runtime.metrics import classification_metrics, softmax
+from bertedge.runtime.tasks import ner, qa
 
 WindowOutputs = list[dict[str, np.ndarray]]  # one {output name: array} per window, padding removed
 
@@ -256,59 +255,3 @@ def decode_classification(logits: np.ndarray, labels: list[str]) -> list[dict[st
         }
         for b, p in zip(best, probs)
     ]
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What bertedge knows about a Hugging Face model folder (read from JSON, no torch)."""
-
-    task: Task
-    labels: tuple[str, ...]
-    max_length: int
-    model_type: str  # config.json model_type: "bert", "distilbert", ...
-    num_layers: int
-    hidden_size: int
-    num_heads: int
-
-
-def read_model_info(model_dir: Path) -> ModelInfo:
-    """Read task, labels and shape facts from config.json (+ bertedge.json when finetune wrote it).
-
-    Raises:
-        BertedgeError: the folder is not a Hugging Face model with a supported head.
-    """
-    config_path = model_dir / "config.json"
-    if not config_path.is_file():
-        raise BertedgeError(
-            f"'{model_dir}' is not a model folder (no config.json)",
-            "point at the --out folder of `bertedge finetune` or any Hugging Face model folder",
-        )
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BertedgeError(f"'{config_path}' is not valid JSON ({e})", "restore the file") from None
-    meta_path = model_dir / "bertedge.json"
-    meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
-    if "task" in meta:
-        task = get_task(meta["task"])
-    else:
-        archs = config.get("architectures") or []
-        if not archs:
-            raise BertedgeError(
-                f"'{config_path}' names no architecture, so the task is unknown",
-                "fine-tune it with `bertedge finetune` first",
-            )
-        task = task_for_architecture(archs[0])
-    id2label = config.get("id2label") or {}
-    labels = tuple(meta.get("labels") or [id2label[k] for k in sorted(id2label, key=int)])
-    max_positions = int(config.get("max_position_embeddings", 512))
-    max_length = int(meta.get("max_length") or min(max_positions, 512))
-    return ModelInfo(
-        task=task,
-        labels=labels,
-        max_length=max_length,
-        model_type=str(config.get("model_type", "bert")),
-        num_layers=int(config.get("num_hidden_layers") or config.get("n_layers") or 0),
-        hidden_size=int(config.get("hidden_size") or config.get("dim") or 0),
-        num_heads=int(config.get("num_attention_heads") or config.get("n_heads") or 0),
-    )

@@ -4,7 +4,7 @@ A benchmark is a slimmed copy of the hot loop: every backend gets the same reali
 inputs (real sentences cut to exactly the requested length), a warm-up, then timed runs with
 `time.perf_counter()`. Backends are data (`BACKENDS`): how to load them and which file they
 read. Cold start and peak RSS are measured in a fresh process per backend that imports only
-what that backend needs (`python -m bertedge.bench _cold-start SPEC`), as a user meets them.
+what that backend needs (`python -m bertedge.build.bench _cold-start SPEC`), as a user meets them.
 
 Keep the module-level imports light (stdlib, numpy, torch-free bertedge modules): the
 cold-start child imports this module before it starts the clock on its own imports.
@@ -30,10 +30,12 @@ from typing import Any
 import numpy as np
 
 from bertedge import __version__
-from bertedge.data import Columns, TextExamples, load_text_classification, seeded_subset
 from bertedge.errors import BertedgeError
-from bertedge.features import load_tokenizer, pad_batch, pad_id
-from bertedge.tasks import CLASSIFICATION, get_task, read_model_info
+from bertedge.runtime.data import Columns, TextExamples, load_text_classification, seeded_subset
+from bertedge.runtime.features import load_tokenizer, pad_batch, pad_id
+from bertedge.runtime.meta import read_model_meta
+from bertedge.runtime.sessions import make_session
+from bertedge.runtime.tasks import CLASSIFICATION, get_task
 
 Feeds = dict[str, np.ndarray]
 Call = Callable[[], object]
@@ -312,15 +314,15 @@ def resolve_source(root: Path) -> Source:
     if (root / "export-report.json").is_file():
         return _export_source(root)
     if (root / "config.json").is_file():
-        info = read_model_info(root)
+        info = read_model_meta(root)
         return Source(root, "model", info.task.name, info.labels, info.max_length,
-                      _max_positions([root], info.max_length), info.model_type, root / "tokenizer.json", root, {})
+                      info.max_positions, info.model_type, root / "tokenizer.json", root, {})
     raise BertedgeError(f"'{root}' has no manifest.json, export-report.json or config.json",
                         "pass the --out folder of `bertedge export`, `bertedge package` or `bertedge finetune`")
 
 
 def _bundle_source(root: Path) -> Source:
-    from bertedge.bundle import read_manifest
+    from bertedge.runtime.bundle import read_manifest
 
     m = read_manifest(root)
     torch_dir = _model_dir(m.get("provenance", {}).get("model_dir"))
@@ -331,17 +333,11 @@ def _bundle_source(root: Path) -> Source:
 
 def _export_source(root: Path) -> Source:
     report = _read_json(root / "export-report.json")
-    meta = _read_json(root / "bertedge.json") if (root / "bertedge.json").is_file() else {}
-    info = read_model_info(root) if (root / "config.json").is_file() else None
-    task = str(meta.get("task") or (info.task.name if info else report.get("task", "classification")))
-    labels = tuple(meta.get("labels") or (info.labels if info else report.get("labels", ())))
-    max_length = int(meta.get("max_length") or (info.max_length if info else 512))
+    info = read_model_meta(root)
     torch_dir = _model_dir(report.get("model_dir"))
     precisions = {a["file"]: str(a.get("precision", "")) for a in report.get("artifacts", []) if a.get("file")}
-    return Source(root, "export", get_task(task).name, labels, max_length,
-                  _max_positions([root, torch_dir], max_length),
-                  str(meta.get("model_type") or (info.model_type if info else "bert")),
-                  root / "tokenizer.json", torch_dir, precisions)
+    return Source(root, "export", info.task.name, info.labels, info.max_length, info.max_positions,
+                  info.model_type, root / "tokenizer.json", torch_dir, precisions)
 
 
 # ----------------------------------------------------------------------------- realistic inputs
@@ -469,18 +465,6 @@ def load_torch(source: Source, backend: Backend, threads: int) -> Loaded:
                   run_outputs=run_outputs)
 
 
-def session_options(threads: int) -> Any:
-    """ORT_ENABLE_ALL, `threads` intra-op threads, one inter-op thread, sequential."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    return options
-
-
 def provider_list(backend: Backend) -> list[Any]:
     """The providers to ask onnxruntime for, with options, CPU last as its own fallback."""
     if backend.provider == TENSORRT:
@@ -490,13 +474,12 @@ def provider_list(backend: Backend) -> list[Any]:
 
 def load_ort(source: Source, backend: Backend, threads: int) -> Loaded:
     """An onnxruntime session on the backend's file; IO binding for device backends."""
-    import onnxruntime as ort
 
     path = source.file_for(backend)
     assert path is not None, "select_backends checks the file exists"
     before = _os_threads()
     start = time.perf_counter()
-    session = ort.InferenceSession(str(path), session_options(threads), providers=provider_list(backend))
+    session = make_session(path, provider_list(backend), threads, fix="run `bertedge export` again")
     load_s = time.perf_counter() - start
     after = _os_threads()
     names = [i.name for i in session.get_inputs()]
@@ -837,7 +820,7 @@ class TaskData:
 
 def load_task_data(path: Path, source: Source) -> TaskData:
     """Read labelled NER (CoNLL / JSONL) or QA (SQuAD) data and cut it into model windows."""
-    from bertedge.data import BadRows
+    from bertedge.runtime.data import BadRows
 
     task = get_task(source.task)
     tokenizer = load_tokenizer(source.tokenizer)
@@ -849,7 +832,7 @@ def load_task_data(path: Path, source: Source) -> TaskData:
 
 def task_metric(run_outputs: Callable[[Feeds], dict[str, np.ndarray]], data: TaskData) -> dict[str, Any]:
     """The task's own metric (entity F1, SQuAD F1 / EM) through load -> encode -> run -> predict -> score."""
-    from bertedge.features import run_windows
+    from bertedge.runtime.features import run_windows
 
     start = time.perf_counter()
     outputs = run_windows(run_outputs, data.features, data.pad, data.task.per_token_outputs)
@@ -952,7 +935,7 @@ def _cold_start_once(spec: dict[str, Any]) -> dict[str, Any]:
     package_root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     spawned = time.time()
-    proc = subprocess.run([sys.executable, "-m", "bertedge.bench", "_cold-start", json.dumps(spec)],
+    proc = subprocess.run([sys.executable, "-m", "bertedge.build.bench", "_cold-start", json.dumps(spec)],
                           capture_output=True, text=True, env=env, timeout=600)
     if proc.returncode != 0:
         raise RuntimeError(f"cold-start process failed: {proc.stderr.strip().splitlines()[-1:]}")
@@ -989,12 +972,13 @@ def _cold_start_child(spec: dict[str, Any]) -> dict[str, Any]:
         with torch.inference_mode():
             model(**tokenizer([spec["text"]], return_tensors="pt"))
     else:
-        import onnxruntime as ort
         from tokenizers import Tokenizer
+
+        from bertedge.runtime.sessions import make_session as open_session
 
         t1 = time.perf_counter()
         providers = [tuple(p) if isinstance(p, list) else p for p in spec["providers"]]
-        session = ort.InferenceSession(spec["file"], session_options(spec["threads"]), providers=providers)
+        session = open_session(Path(spec["file"]), providers, spec["threads"])
         tokenizer = Tokenizer.from_file(spec["tokenizer"])
         t2 = time.perf_counter()
         enc = tokenizer.encode(spec["text"])
@@ -1283,9 +1267,9 @@ def _jsonable(x: object) -> object:
 
 
 def _main(argv: Sequence[str]) -> int:
-    """Hidden entry for the cold-start child: `python -m bertedge.bench _cold-start SPEC_JSON`."""
+    """Hidden entry for the cold-start child: `python -m bertedge.build.bench _cold-start SPEC_JSON`."""
     if len(argv) != 2 or argv[0] != "_cold-start":
-        print("usage: python -m bertedge.bench _cold-start SPEC_JSON (internal; use `bertedge bench`)", file=sys.stderr)
+        print("usage: python -m bertedge.build.bench _cold-start SPEC_JSON (internal; use `bertedge bench`)", file=sys.stderr)
         return 2
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -26,11 +26,11 @@ import torch
 from torch import nn
 
 from bertedge import __version__
-from bertedge.data import BadRows, Columns, check_trainable, seeded_subset
+from bertedge.build.models import resolve_model
 from bertedge.errors import BertedgeError
-from bertedge.features import Features, load_tokenizer, pad_batch, pad_id, run_windows
-from bertedge.models import resolve_model
-from bertedge.tasks import CLASSIFICATION, Task, get_task
+from bertedge.runtime.data import BadRows, Columns, check_trainable, seeded_subset
+from bertedge.runtime.features import Features, load_tokenizer, pad_batch, pad_id, run_windows
+from bertedge.runtime.tasks import CLASSIFICATION, Task, get_task
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """`bertedge predict --engine ray`: the same `Predictor`, fanned out over CPUs or nodes by Ray Data.
 
-This module adds transport only. Input lines are parsed by `bertedge.runtime.read_records` (so
+This module adds transport only. Input lines are parsed by `bertedge.runtime.records.read_records` (so
 error rows and line numbers match `--engine local` exactly), and every prediction comes from
 `bertedge.runtime.Predictor.predict` (tokenization, batching and post-processing live there).
 
@@ -220,7 +220,7 @@ def supported(path: Path) -> bool:
 
 def columns_of(path: Path, max_line_bytes: int) -> list[str]:
     """Column (field) names of an input file, read from its header, schema or first JSON object."""
-    from bertedge.runtime import input_format_of, read_lines
+    from bertedge.runtime.records import input_format_of, read_lines
 
     if path.suffix.lower() in PARQUET_SUFFIXES:
         import pyarrow.parquet as pq
@@ -292,7 +292,7 @@ def parse_files(batch: pa.Table, files: list[str], text_columns: tuple[str, ...]
 def parse_text(data: bytes, path: Path, text_columns: tuple[str, ...], pair_columns: tuple[str, ...],
                id_column: str | None, max_line_bytes: int) -> Iterator[dict[str, Any]]:
     """Rows of a JSONL / CSV / TSV / TXT file through the local engine's own reader."""
-    from bertedge.runtime import input_format_of, read_records
+    from bertedge.runtime.records import input_format_of, read_records
 
     fmt = input_format_of(path)
     records = read_records(io.BytesIO(data), fmt, text_columns, pair_columns, max_line_bytes)
@@ -305,7 +305,7 @@ def parse_text(data: bytes, path: Path, text_columns: tuple[str, ...], pair_colu
 
 def text_ids(data: bytes, path: Path, id_column: str, max_line_bytes: int) -> dict[int, str | None]:
     """Line number -> id value of a JSONL / CSV / TSV file (JSON numbers as their JSON text)."""
-    from bertedge.runtime import InputFormat, input_format_of, read_lines, read_records
+    from bertedge.runtime.records import InputFormat, input_format_of, read_lines, read_records
 
     fmt = input_format_of(path)
     if fmt in (InputFormat.CSV, InputFormat.TSV):  # the same reader, with the id as its "text"
@@ -330,7 +330,7 @@ def parse_parquet(data: bytes, path: Path, text_columns: tuple[str, ...], pair_c
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from bertedge.runtime import as_pair, column_indices
+    from bertedge.runtime.records import as_pair, column_indices
 
     table = pq.read_table(pa.BufferReader(data))
     text_at, pair_at = column_indices(table.column_names, text_columns, pair_columns)
@@ -375,7 +375,7 @@ class BundlePredictor:
 
     def __init__(self, bundle: str, shipped: list[Any] | None, providers: str | None, threads: int,
                  batch_size: int, progress: Any = None, fault_marker: str | None = None) -> None:
-        from bertedge.runtime import Predictor
+        from bertedge.runtime.predictor import Predictor
 
         self.fault_marker = fault_marker
         self.progress = progress
@@ -604,7 +604,7 @@ def check_capacity(actors: int, threads: int, cpus: int) -> None:
 
 def ship_bundle(bundle: Path) -> tuple[str, bytes]:
     """(archive name, bytes) of the bundle, packing a folder into a .tar.gz first."""
-    from bertedge.bundle import ArchiveFormat, archive_bundle, archive_format_of
+    from bertedge.runtime.bundle import ArchiveFormat, archive_bundle, archive_format_of
 
     if bundle.is_file() and archive_format_of(bundle):
         return bundle.name, bundle.read_bytes()

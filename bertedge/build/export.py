@@ -2,7 +2,7 @@
 
 Every artifact is checked against PyTorch before the export folder appears: max |output
 difference| on real and on random inputs, label agreement, and the task metric on `--eval`
-data. INT8 runs a fallback search (`bertedge.quantize`) against an accuracy budget. The
+data. INT8 runs a fallback search (`bertedge.build.quantize`) against an accuracy budget. The
 folder is built next to `--out` and moved into place only when everything succeeded.
 """
 
@@ -22,11 +22,13 @@ from typing import Any
 
 import numpy as np
 
-from bertedge import quantize as q
-from bertedge.data import BadRows, Columns, load_text_classification, seeded_subset
+from bertedge.build import quantize as q
 from bertedge.errors import BertedgeError
-from bertedge.features import Features, load_tokenizer, pad_batch, pad_id
-from bertedge.tasks import ModelInfo, Task, read_model_info
+from bertedge.runtime.data import BadRows, Columns, load_text_classification, seeded_subset
+from bertedge.runtime.features import Features, load_tokenizer, pad_batch, pad_id
+from bertedge.runtime.meta import ModelMeta, read_model_meta, write_meta
+from bertedge.runtime.sessions import make_session
+from bertedge.runtime.tasks import Task
 
 Feeds = dict[str, np.ndarray]
 Outputs = dict[str, np.ndarray]
@@ -170,7 +172,7 @@ class ExportReport:
 class Source:
     """The PyTorch side: model, tokenizer and what the graph's inputs are."""
 
-    info: ModelInfo
+    info: ModelMeta
     model: Any  # transformers.PreTrainedModel, in eval mode
     tokenizer: Any  # tokenizers.Tokenizer from tokenizer.json: the runtime's own tokenization
     input_names: list[str]
@@ -181,7 +183,7 @@ def load_source(model_dir: Path) -> Source:
     """Load model and tokenizer from a model folder, turning every failure into a BertedgeError."""
     if not model_dir.is_dir():
         raise BertedgeError(f"model folder '{model_dir}' does not exist", "pass the --out folder of `bertedge finetune`")
-    info = read_model_info(model_dir)
+    info = read_model_meta(model_dir)
     if info.model_type not in SUPPORTED_MODEL_TYPES:
         raise BertedgeError(
             f"model_type '{info.model_type}' in {model_dir / 'config.json'} is not supported",
@@ -194,10 +196,7 @@ def load_source(model_dir: Path) -> Source:
         )
     tokenizer = load_tokenizer(model_dir / "tokenizer.json")
     model = _load_pretrained(model_dir, info.task)
-    meta_path = model_dir / "bertedge.json"
-    meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
-    stride = int(meta.get("stride") or min(128, info.max_length // 2))  # finetune's default at 384 tokens
-    return Source(info, model, tokenizer, _input_names(model), stride)
+    return Source(info, model, tokenizer, _input_names(model), info.stride)
 
 
 def _load_pretrained(model_dir: Path, task: Task) -> Any:
@@ -332,9 +331,7 @@ def torch_runner(source: Source) -> Run:
 
 def ort_runner(path: Path, providers: Sequence[str] = ("CPUExecutionProvider",)) -> Run:
     """Run an ONNX file with onnxruntime, feeding the graph's own input names."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=list(providers))
+    session = make_session(path, providers, fix="re-run `bertedge export`; report the error if it persists")
     inputs = [i.name for i in session.get_inputs()]
     outputs = [o.name for o in session.get_outputs()]
 
@@ -511,7 +508,7 @@ def export_fp32(source: Source, path: Path, opset: int) -> None:
     source.model.eval()
 
 
-def fuse(info: ModelInfo, src: Path, dst: Path) -> str:
+def fuse(info: ModelMeta, src: Path, dst: Path) -> str:
     """Fuse attention / layer-norm / GELU subgraphs with onnxruntime's transformer optimizer."""
     from onnxruntime.transformers.optimizer import optimize_model
 
@@ -652,15 +649,13 @@ def cpu_info() -> dict[str, object]:
     return {"model": model, **{f: f in flags for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni")}}
 
 
-def copy_metadata(model_dir: Path, info: ModelInfo, out: Path) -> None:
+def copy_metadata(model_dir: Path, info: ModelMeta, out: Path) -> None:
     """Make the export folder self-contained for `bertedge package`."""
     for name in COPIED_FILES:
         if (model_dir / name).is_file():
             shutil.copy2(model_dir / name, out / name)
     if not (out / "bertedge.json").is_file():
-        meta = {"task": info.task.name, "labels": list(info.labels), "max_length": info.max_length,
-                "model_type": info.model_type}
-        (out / "bertedge.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        write_meta(out, info)
 
 
 def recommend(artifacts: Sequence[ArtifactReport]) -> str:

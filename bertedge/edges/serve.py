@@ -595,7 +595,7 @@ class ServerState:
 
 def load_predictor(bundle: str | Path, config: ServeConfig) -> PredictorLike:
     """Load and verify a bundle (checksums included) with the runtime's `Predictor`."""
-    from bertedge.runtime import Predictor
+    from bertedge.runtime.predictor import Predictor
 
     return Predictor(bundle, providers=config.providers, threads=config.threads,
                      batch_size=config.max_batch_size)
