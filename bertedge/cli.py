@@ -19,8 +19,15 @@ from bertedge.errors import BertedgeError
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+# Top-level package of an optional dependency -> the extra that installs it.
+EXTRAS = {"torch": "train", "transformers": "train", "onnx": "train", "optimum": "train", "tqdm": "train",
+          "rich": "train", "matplotlib": "train", "psutil": "train", "safetensors": "train",
+          "fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve", "pydantic": "serve",
+          "starlette": "serve", "ray": "ray", "pyarrow": "ray"}
+
+
 def user_errors(fn: F) -> F:
-    """Turn BertedgeError into a one-line click error with a non-zero exit code."""
+    """Turn BertedgeError (and a missing optional dependency) into a one-line click error."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -28,6 +35,13 @@ def user_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except BertedgeError as e:
             raise click.ClickException(str(e)) from None
+        except ModuleNotFoundError as e:
+            extra = EXTRAS.get((e.name or "").split(".")[0])
+            if extra is None:
+                raise
+            raise click.ClickException(f"`bertedge {click.get_current_context().info_name}` needs the "
+                                       f"'{e.name}' package, which is not installed -- "
+                                       f"pip install 'bertedge[{extra}]'") from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -222,8 +236,8 @@ def export_cmd(**opts: Any) -> None:
     if opts["bundle"] is not None:
         from bertedge.runtime.bundle import PackageArgs, package
 
-        bundle = package(PackageArgs(export_dir=opts["out"], out=opts["bundle"]))
-        click.echo(f"bundle: {bundle.root}")
+        bundle = package(PackageArgs(export_dir=opts["out"], out=opts["bundle"], overwrite=opts["overwrite"]))
+        click.echo(f"bundle: {bundle.root}  digest: {bundle.digest}")
 
 
 @cli.command()
@@ -234,8 +248,10 @@ def export_cmd(**opts: Any) -> None:
 @click.option("--archive", type=click.Choice(["tar.gz", "zip"]), default=None,
               help="Ship one archive file instead of a folder (default: from the --out suffix).")
 @click.option("--force", is_flag=True, help="Package an artifact that failed or skipped validation.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing bundle folder or archive at --out.")
 @user_errors
-def package(export_dir: Path, out: Path, artifact: str | None, archive: str | None, force: bool) -> None:
+def package(export_dir: Path, out: Path, artifact: str | None, archive: str | None, force: bool,
+            overwrite: bool) -> None:
     """Package an export as a bundle: model.onnx + tokenizer.json + manifest.json (checksums).
 
     \b
@@ -247,12 +263,13 @@ def package(export_dir: Path, out: Path, artifact: str | None, archive: str | No
     from bertedge.runtime.bundle import package as run
 
     bundle = run(PackageArgs(export_dir=export_dir, out=out, artifact=artifact, force=force,
-                             archive=ArchiveFormat(archive) if archive else None))
+                             archive=ArchiveFormat(archive) if archive else None, overwrite=overwrite))
     m = bundle.manifest
     artifact_name = m["provenance"].get("artifact", {}).get("name")
     click.echo(f"packaged artifact '{artifact_name}' ({m['precision']}, {m['task']}, "
                f"{len(m['labels'])} labels, max length {m['max_length']})")
     click.echo(f"bundle written to {bundle.root}")
+    click.echo(f"digest: {bundle.digest}  (pin it: bertedge predict|serve BUNDLE --expect-digest DIGEST)")
 
 
 @cli.command()

@@ -148,3 +148,74 @@ def test_packaged_minilm_finetunes(tmp_path: Path) -> None:
     assert result.metrics["eval"]["accuracy"] >= 0.9
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["architectures"] == ["BertForSequenceClassification"] and config["num_hidden_layers"] == 6
+
+
+# --- issue 12: clean errors before training, never after ------------------------------------
+
+
+@pytest.mark.parametrize("epochs", ["nan", "inf"])
+def test_non_finite_epochs_is_one_line(epochs: str, tiny_bert: Path, sentiment_csv: tuple[Path, Path],
+                                       tmp_path: Path) -> None:
+    train, _ = sentiment_csv
+    done = CliRunner().invoke(cli, ["finetune", "--model", str(tiny_bert), "--train", str(train),
+                                    "--out", str(tmp_path / "m"), "--epochs", epochs])
+    assert done.exit_code != 0 and done.exception is None or isinstance(done.exception, SystemExit)
+    assert "--epochs must be a finite number" in done.output and "Traceback" not in done.output
+
+
+def test_max_length_beyond_positions_fails_before_training(tiny_bert: Path, sentiment_csv: tuple[Path, Path],
+                                                           tmp_path: Path) -> None:
+    train, _ = sentiment_csv  # the tiny model has 128 positions
+    with pytest.raises(BertedgeError, match=r"max_length 256 .* outside 1\.\.128"):
+        finetune(quick_args(tiny_bert, train, tmp_path / "m", max_length=256))
+    assert not (tmp_path / "m").exists()
+
+
+def test_unwritable_out_fails_before_training(tiny_bert: Path, sentiment_csv: tuple[Path, Path],
+                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    train, _ = sentiment_csv
+    (tmp_path / "a-file").write_text("x")
+    import bertedge.build.finetune as ft
+
+    monkeypatch.setattr(ft, "_load_data", lambda *a: pytest.fail("training data read before the check"))
+    with pytest.raises(BertedgeError, match="not a writable folder"):
+        finetune(quick_args(tiny_bert, train, tmp_path / "a-file" / "m"))
+
+
+def test_progress_bar_stays_quiet_in_logs(tiny_bert: Path, sentiment_csv: tuple[Path, Path],
+                                          tmp_path: Path) -> None:
+    train, _ = sentiment_csv  # CliRunner's stderr is not a terminal: a log file, as in `make demo`
+    done = CliRunner().invoke(cli, ["finetune", "--model", str(tiny_bert), "--train", str(train),
+                                    "--out", str(tmp_path / "m"), "--epochs", "3", "--batch-size", "8",
+                                    "--max-length", "32"])
+    assert done.exit_code == 0, done.output
+    bar_lines = [ln for ln in done.output.replace("\r", "\n").splitlines() if ln.startswith("finetune")]
+    assert len(bar_lines) <= 10, bar_lines  # 69 steps, 3 evaluations: a refresh per step prints 69
+
+
+@pytest.mark.parametrize(("name", "body", "match"), [
+    ("s.jsonl", '{"text": "good \\ud800", "label": "1"}\n{"text": "bad", "label": "0"}\n', "lone surrogate"),
+    ("q.csv", 'text,label\n"good film,1\nbad,0\nok,1\n', "row starting at line 2 is malformed"),
+])
+def test_bad_training_rows_are_named(name: str, body: str, match: str, tmp_path: Path) -> None:
+    (tmp_path / name).write_text(body, encoding="utf-8")
+    with pytest.raises(BertedgeError, match=match):
+        load_text_classification(tmp_path / name, Columns())
+
+
+def test_missing_build_extra_names_the_install(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "class Block:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] in ('torch', 'transformers'):\n"
+            "            raise ModuleNotFoundError(f\"No module named '{name}'\", name=name)\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "from bertedge.cli import main\n"
+            f"sys.argv = ['bertedge', 'finetune', '--train', {str(tmp_path / 'x.csv')!r}, '--out', {str(tmp_path / 'm')!r}]\n"
+            "main()\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "pip install 'bertedge[train]'" in done.stderr and "Traceback" not in done.stderr, done.stderr

@@ -30,6 +30,7 @@ from bertedge.build.models import resolve_model
 from bertedge.errors import BertedgeError
 from bertedge.runtime.data import BadRows, Columns, check_trainable, seeded_subset
 from bertedge.runtime.features import Features, load_tokenizer, pad_batch, pad_id, run_windows
+from bertedge.runtime.meta import check_max_length, position_limit, read_json_object
 from bertedge.runtime.tasks import CLASSIFICATION, Task, get_task
 
 
@@ -97,8 +98,13 @@ class FinetuneArgs:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.epochs <= 0:
-            problems.append("--epochs must be > 0")
+        if not math.isfinite(self.epochs) or self.epochs <= 0:
+            problems.append(f"--epochs must be a finite number > 0 (got {self.epochs})")
+        for name, value in (("--lr", self.lr), ("--weight-decay", self.weight_decay),
+                            ("--warmup-ratio", self.warmup_ratio), ("--grad-clip", self.grad_clip),
+                            ("--head-lr", self.head_lr or 0.0)):
+            if not math.isfinite(value):
+                problems.append(f"{name} must be a finite number (got {value})")
         if self.batch_size < 1:
             problems.append("--batch-size must be >= 1")
         if not 0 < self.lr < 1:
@@ -129,7 +135,10 @@ def finetune(args: FinetuneArgs) -> FinetuneResult:
     max_length = args.max_length or task.default_max_length
     if args.out.exists() and not args.overwrite:
         raise BertedgeError(f"output folder {args.out} already exists", "choose another --out or pass --overwrite")
+    check_writable_parent(args.out)
     model_dir = resolve_model(args.model)
+    check_max_length(max_length, position_limit(read_json_object(model_dir / "config.json", "restore the model folder")),
+                     "--max-length" if args.max_length else f"the {task.name} default")
     train, evalset, data_report = _load_data(task, args)
     _seed_everything(args.seed)
     if args.threads:
@@ -163,6 +172,16 @@ def finetune(args: FinetuneArgs) -> FinetuneResult:
     }
     _save(args, task, max_length, model, hf_tokenizer, model_dir, labels, metrics)
     return FinetuneResult(args.out, metrics)
+
+
+def check_writable_parent(out: Path) -> None:
+    """Fail before any work when the output folder cannot be created (read-only parent, a file...)."""
+    parent = out.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise BertedgeError(f"cannot write '{out}': '{parent}' is not a writable folder",
+                            "choose an --out inside a folder you can write to")
 
 
 def _load_data(task: Task, args: FinetuneArgs) -> tuple[Any, Any, dict[str, Any]]:
@@ -334,7 +353,8 @@ class _Trainer:
                 scheduler.step()
                 step += 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[-1]:.1e}")
+                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[-1]:.1e}",
+                                refresh=False)  # a refresh per step floods non-terminal logs
                 if step % eval_every == 0 or step == total_steps:
                     m = self.evaluate(eval_f, evalset, args.batch_size * 2)
                     score = float(m[self.task.metric])

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from bertedge.errors import BertedgeError
 
@@ -120,6 +120,7 @@ def _iter_jsonl(path: Path, text: str) -> Iterator[tuple[int, dict[str, str]]]:
             raise BertedgeError(f"{path}: line {n} is not valid JSON ({e.msg})", "fix or remove that line") from None
         if not isinstance(record, dict):
             raise BertedgeError(f"{path}: line {n} is not a JSON object", 'write one {"text": ..., "label": ...} per line')
+        _no_surrogates(path, n, record)
         yield n, {k: "" if v is None else str(v) for k, v in record.items()}
 
 
@@ -128,12 +129,12 @@ def _iter_delimited(path: Path, text: str, delimiter: str) -> Iterator[tuple[int
     if delimiter == "\t":
         reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=csv.QUOTE_NONE)
     else:
-        reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    header = next(reader, None)
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    header = next(_rows(path, reader), None)
     if not header:
         raise BertedgeError(f"{path} has no header row", "put column names on the first line")
     header = [h.strip() for h in header]
-    for row in reader:
+    for row in _rows(path, reader):
         n = reader.line_num
         if not row or all(not c.strip() for c in row):
             continue
@@ -143,6 +144,34 @@ def _iter_delimited(path: Path, text: str, delimiter: str) -> Iterator[tuple[int
                 "quote fields that contain the delimiter, or fix that line",
             )
         yield n, dict(zip(header, row))
+
+
+def _rows(path: Path, reader: Any) -> Iterator[list[str]]:
+    """The csv reader's rows; a quote left open (which would swallow every later row) is an error."""
+    start = reader.line_num + 1
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise BertedgeError(f"{path}: the row starting at line {start} is malformed ({e}; "
+                                "an unterminated quote?)",
+                                'close the quote, or double a quote inside a quoted field ("")') from None
+        start = reader.line_num + 1
+        yield row
+
+
+def _no_surrogates(path: Path, n: int, record: dict[str, Any]) -> None:
+    """JSON allows lone surrogate escapes such as \\ud800; they are not text and cannot be tokenized."""
+    for key, value in record.items():
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise BertedgeError(f"{path}: line {n}, field '{key}' holds a lone surrogate escape "
+                                    "(\\ud800-\\udfff), which is not a character",
+                                    "fix or remove that escape (re-export the file as UTF-8)") from None
 
 
 def _pick(path: Path, available: Sequence[str], wanted: tuple[str, ...], role: str, option: str) -> str:
