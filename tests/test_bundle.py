@@ -141,8 +141,38 @@ def test_will_not_overwrite_a_folder_that_is_not_a_bundle(bert_export: Path, tmp
     (tmp_path / "precious" / "notes.txt").write_text("keep me")
     with pytest.raises(BertedgeError, match="not a bundle; refusing"):
         package(PackageArgs(bert_export, tmp_path / "precious"))
-    first = package(PackageArgs(bert_export, tmp_path / "b")).root
-    assert package(PackageArgs(bert_export, first)).root == first  # an old bundle is replaced
+
+
+@pytest.mark.parametrize("name", ["b", "b.tar.gz", "b.zip"])
+def test_existing_bundle_is_replaced_only_with_overwrite(bert_export: Path, tmp_path: Path,
+                                                         name: str) -> None:
+    first = package(PackageArgs(bert_export, tmp_path / name)).root
+    before = first.stat().st_mtime_ns
+    with pytest.raises(BertedgeError, match="already exists.*--overwrite"):
+        package(PackageArgs(bert_export, tmp_path / name))
+    assert first.stat().st_mtime_ns == before  # untouched
+    again = package(PackageArgs(bert_export, tmp_path / name, overwrite=True))
+    assert again.root == first and Predictor(again.root).predict(TEXTS[:1])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # no partial or probe left
+
+
+def test_unwritable_out_is_one_clean_error_before_writing(bert_export: Path, tmp_path: Path) -> None:
+    import os
+
+    if os.geteuid() == 0:  # root ignores permission bits: use a folder no one may create files in
+        out = Path("/sys/bertedge-test-bundle")
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        out = locked / "bundle"
+    for dest in (out, out.with_name(out.name + ".tar.gz")):
+        with pytest.raises(BertedgeError, match="cannot write the bundle into") as e:
+            package(PackageArgs(bert_export, dest))
+        assert "\n" not in str(e.value) and not dest.exists()
+    file_parent = tmp_path / "a-file"
+    file_parent.write_text("x")
+    with pytest.raises(BertedgeError, match="cannot write the bundle into"):
+        package(PackageArgs(bert_export, file_parent / "bundle"))
 
 
 def test_corrupt_file_is_named(bert_bundle: Path, tmp_path: Path) -> None:
@@ -219,6 +249,10 @@ def test_cli_package(bert_export: Path, tmp_path: Path) -> None:
     ok = runner.invoke(cli, ["package", str(bert_export), "--out", str(tmp_path / "b.zip")])
     assert ok.exit_code == 0, ok.output
     assert "packaged artifact 'fp32'" in ok.output and (tmp_path / "b.zip").is_file()
+    again = runner.invoke(cli, ["package", str(bert_export), "--out", str(tmp_path / "b.zip")])
+    assert again.exit_code != 0 and "already exists" in again.output and again.output.count("\n") == 1
+    again = runner.invoke(cli, ["package", str(bert_export), "--out", str(tmp_path / "b.zip"), "--overwrite"])
+    assert again.exit_code == 0, again.output
     bad = runner.invoke(cli, ["package", str(bert_export), "--out", str(tmp_path / "c"), "--artifact", "int8"])
     assert bad.exit_code != 0
     assert bad.output.startswith("Error: artifact 'int8' failed validation") and bad.output.count("\n") == 1

@@ -224,7 +224,8 @@ def test_corrupt_bundle_fails_start_up(bundle: Path, tmp_path: Path) -> None:
 
 
 class FakePredictor:
-    """Echoes each text as its label and records every call; 'boom' is a bad input."""
+    """Echoes each text as its label and records every call; 'boom' is a bad input, 'crash' a
+    non-BertedgeError failure (e.g. a tokenizers exception on an over-long QA question)."""
 
     manifest = {"task": "classification", "precision": "fp32", "files": {}}
 
@@ -238,6 +239,8 @@ class FakePredictor:
         time.sleep(self.delay_s)
         if any(t == "boom" for t, _ in items):
             raise BertedgeError("item 0: boom")
+        if any(t == "crash" for t, _ in items):
+            raise RuntimeError("tokenizers: sequence too long")
         return [{"label": t, "pair": p} for t, p in items]
 
 
@@ -319,6 +322,44 @@ def test_a_bad_request_fails_alone() -> None:
     assert isinstance(results[1], ApiError) and results[1].status == 422
     assert [n for n, _ in fake.calls] == [3, 1, 1, 1]  # the coalesced call failed, then one each
     assert metrics.queue_depth._value.get() == 0
+
+
+def test_a_crashing_item_fails_alone_with_a_500() -> None:
+    results, fake, metrics = run_batcher([["a"], ["crash"], ["c", "d"]], max_batch_size=8)
+    assert results[0][0]["label"] == "a" and [r["label"] for r in results[2]] == ["c", "d"]
+    assert isinstance(results[1], ApiError) and results[1].status == 500
+    assert "RuntimeError" in results[1].message
+    assert [n for n, _ in fake.calls] == [4, 1, 1, 2]
+
+
+def test_batcher_survives_a_python310_style_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On 3.10 asyncio.wait_for raises asyncio.TimeoutError, which is not the builtin TimeoutError:
+    the batcher must not depend on which one it is (here: a class neither name catches)."""
+
+    class Py310Timeout(Exception):
+        pass
+
+    async def wait_for(aw: Any, timeout: float | None) -> Any:
+        task = asyncio.ensure_future(aw)
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+        if done:
+            return task.result()
+        task.cancel()
+        raise Py310Timeout
+
+    monkeypatch.setattr(asyncio, "wait_for", wait_for)
+
+    async def main() -> list[str]:
+        batcher = Batcher(FakePredictor(), ServeConfig(max_batch_size=8, max_wait_ms=30), Metrics())
+        batcher.start()
+        with batcher.receiving():  # a request on its way in: the collector waits, then times out
+            first = await asyncio.wait({asyncio.ensure_future(batcher.submit([("a", None)]))}, timeout=5)
+        second = await asyncio.wait({asyncio.ensure_future(batcher.submit([("b", None)]))}, timeout=5)
+        labels = [t.result()[0]["label"] for done, _ in (first, second) for t in done]
+        await batcher.close()
+        return labels
+
+    assert asyncio.run(main()) == ["a", "b"]  # before the fix the worker died: "b" never came
 
 
 def test_closed_batcher_refuses_and_drains() -> None:

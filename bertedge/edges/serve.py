@@ -431,6 +431,27 @@ class MetricsMiddleware:
 # ----------------------------------------------------------------------------- the batcher
 
 
+EMPTY = object()  # what get_within returns when nothing arrived in time
+
+
+async def get_within(queue: asyncio.Queue[Any], seconds: float) -> Any:
+    """The next queue entry, or EMPTY after `seconds`.
+
+    Built on asyncio.wait, which reports a timeout by returning, not raising: asyncio.wait_for
+    raises asyncio.TimeoutError, which before Python 3.11 is not the builtin TimeoutError, so
+    an `except TimeoutError` there killed the batching worker on 3.10.
+    """
+    getter = asyncio.ensure_future(queue.get())
+    done, _ = await asyncio.wait({getter}, timeout=max(seconds, 0))
+    if done:
+        return getter.result()
+    getter.cancel()  # a cancelled get leaves the entry in the queue: nothing is lost
+    await asyncio.wait({getter})  # let the cancel land (raises nothing, unlike awaiting getter)
+    if not getter.cancelled():  # it got an entry between the timeout and the cancel
+        return getter.result()
+    return EMPTY
+
+
 @dataclass
 class Pending:
     """One request's items waiting in the queue, and where its results go."""
@@ -526,10 +547,10 @@ class Batcher:
                 remaining = deadline - loop.time()
                 if remaining <= 0 or not self.arriving:
                     break
-                try:
-                    nxt = await asyncio.wait_for(self.queue.get(), remaining)
-                except TimeoutError:
+                got = await get_within(self.queue, remaining)
+                if got is EMPTY:
                     break
+                nxt = got  # type: ignore[assignment]
             if nxt is None:
                 return batch, True
             if size + len(nxt.items) > self.max_batch_size:
@@ -548,17 +569,16 @@ class Batcher:
         started = time.perf_counter()
         try:
             results = await self.call(items)
-        except BertedgeError as e:  # the runtime refused an input that passed our checks
-            if len(live) == 1:
+        except Exception as e:
+            if len(live) > 1:  # find the request at fault; the others still get their answers
+                for p in live:
+                    await self._run([p])
+            elif isinstance(e, BertedgeError):  # the runtime refused an input that passed our checks
                 self._fail(live[0], ApiError(422, str(e), [Problem(field="texts", message=e.problem)]))
-                return
-            for p in live:  # find the request at fault; the others still get answers
-                await self._run([p])
-            return
-        except Exception as e:  # a bug, not bad input: every caller of this batch gets a 500
-            log.exception("prediction failed")
-            for p in live:
-                self._fail(p, e)
+            else:  # this request's items break the predictor: a 500 for it alone
+                log.error("prediction failed for one request", exc_info=e)
+                self._fail(live[0], ApiError(500, f"prediction failed ({type(e).__name__}: "
+                                             f"{str(e)[:200]})"))
             return
         self._observe(len(items), len(live), time.perf_counter() - started, results)
         offset = 0
@@ -602,8 +622,9 @@ def load_predictor(bundle: str | Path, config: ServeConfig) -> PredictorLike:
 
 
 def task_check(predictor: PredictorLike) -> Check | None:
-    """The runtime's per-task item check, when the predictor exposes one."""
-    return getattr(getattr(predictor, "runtime", None), "check", None)
+    """The runtime's per-task item check (the task record's `check_item`), when there is one."""
+    check = getattr(getattr(predictor, "task", None), "check_item", None)
+    return check or getattr(getattr(predictor, "runtime", None), "check", None)
 
 
 async def warm_up(batcher: Batcher) -> None:

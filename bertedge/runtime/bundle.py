@@ -16,6 +16,7 @@ import datetime as dt
 import enum
 import hashlib
 import json
+import os
 import shutil
 import tarfile
 import tempfile
@@ -58,6 +59,7 @@ class PackageArgs:
     artifact: str | None = None  # artifact name (or file) from export-report.json; None: "recommended"
     archive: ArchiveFormat | None = None  # ship as one archive file instead of a folder
     force: bool = False  # package an artifact that failed (or skipped) validation
+    overwrite: bool = False  # replace an existing bundle folder or archive at out
 
     def __post_init__(self) -> None:
         self.export_dir = Path(self.export_dir)
@@ -82,6 +84,25 @@ class Bundle:
     @property
     def tokenizer_path(self) -> Path:
         return self.root / TOKENIZER
+
+    @property
+    def digest(self) -> str:
+        """The bundle's identity: SHA-256 of its canonical manifest (see `manifest_digest`)."""
+        return manifest_digest(self.manifest)
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """SHA-256 of the canonical manifest JSON (sorted keys, no spaces).
+
+    The manifest lists the size and SHA-256 of every file, so this one value pins the model,
+    the tokenizer and every field (labels, max length, ...): pass it as `expect_digest` to
+    refuse any other bundle, as pip's --require-hashes does for packages.
+
+    >>> manifest_digest({"b": 1, "a": [1, 2]}) == manifest_digest({"a": [1, 2], "b": 1})
+    True
+    """
+    canonical = json.dumps(manifest, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 def archive_format_of(path: Path) -> ArchiveFormat | None:
@@ -113,11 +134,15 @@ def sha256_of(path: Path) -> str:
 def package(args: PackageArgs) -> Bundle:
     """Build a bundle from an export folder: the chosen artifact as model.onnx, plus manifest.
 
+    Nothing is written until every check passed (export folder, artifact, --out); the bundle is
+    built beside its destination and moved into place, so a failure leaves no half bundle.
+
     Returns:
         The bundle (`root`: its folder, or the archive file when an archive was asked for).
 
     Raises:
-        BertedgeError: every problem with the export folder or the artifact choice, at once.
+        BertedgeError: every problem with the export folder or the artifact choice, at once; an
+            existing bundle at --out without `overwrite`; an --out that cannot be written.
     """
     report, meta = read_export(args.export_dir)
     record = choose_artifact(report, args.artifact, args.force)
@@ -125,6 +150,8 @@ def package(args: PackageArgs) -> Bundle:
     if not model_file.is_file():
         raise BertedgeError(f"artifact '{record['name']}' file '{model_file}' is missing",
                             "run `bertedge export` again")
+    dest = args.out if args.archive is None else archive_path(args.out, args.archive)
+    check_destination(dest, archive=args.archive is not None, overwrite=args.overwrite)
     provenance = {
         "export_dir": str(args.export_dir.resolve()),
         "recommended": report.get("recommended"),
@@ -138,12 +165,51 @@ def package(args: PackageArgs) -> Bundle:
         "quantization": record.get("quantization"), "provenance": provenance,
         "stride": meta.stride, "max_positions": meta.max_positions,
     }
-    if args.archive is None:
-        return build_bundle(args.out, model_file, args.export_dir / TOKENIZER, **fields)
-    with tempfile.TemporaryDirectory(prefix="bertedge-bundle-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f".{dest.name}.partial-", dir=dest.parent) as tmp:
         built = build_bundle(Path(tmp) / "bundle", model_file, args.export_dir / TOKENIZER, **fields)
-        dest = archive_bundle(built.root, archive_path(args.out, args.archive), args.archive)
+        if args.archive is None:
+            replace_path(built.root, dest)
+        else:
+            archive_bundle(built.root, Path(tmp) / dest.name, args.archive)
+            replace_path(Path(tmp) / dest.name, dest)
     return Bundle(root=dest, manifest=built.manifest)
+
+
+def check_destination(dest: Path, archive: bool, overwrite: bool) -> None:
+    """Refuse an --out that exists (unless `overwrite` and it is a bundle) or cannot be written.
+
+    Checked before anything is written, so a read-only folder costs no work and leaves nothing.
+    """
+    fix = "choose another --out, or pass --overwrite to replace the bundle"
+    if archive and dest.is_dir():
+        raise BertedgeError(f"'{dest}' is a folder, not an archive file", "choose another --out")
+    if not archive and dest.exists() and not dest.is_dir():
+        raise BertedgeError(f"'{dest}' exists and is a file, not a bundle folder", "choose another --out")
+    if dest.is_dir() and any(dest.iterdir()):
+        if not (dest / MANIFEST).is_file():
+            raise BertedgeError(f"'{dest}' exists and is not a bundle; refusing to overwrite it",
+                                "choose another --out or empty that folder")
+        if not overwrite:
+            raise BertedgeError(f"bundle folder '{dest}' already exists", fix)
+    if dest.is_file() and not overwrite:
+        raise BertedgeError(f"bundle archive '{dest}' already exists", fix)
+    try:  # a real probe: permission bits say nothing for root or on a read-only mount
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=f".{dest.name}.probe-", dir=dest.parent)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as e:
+        raise BertedgeError(f"cannot write the bundle into '{dest.parent}' ({e.strerror or e})",
+                            "choose an --out in a folder you can write to") from None
+
+
+def replace_path(built: Path, dest: Path) -> None:
+    """Move a finished bundle folder or archive to dest, replacing an old one (already allowed)."""
+    if dest.is_dir():
+        shutil.rmtree(dest)
+    elif dest.exists():
+        dest.unlink()
+    os.replace(built, dest)
 
 
 def read_export(export_dir: Path) -> tuple[dict[str, Any], ModelMeta]:
