@@ -278,3 +278,71 @@ def test_cli_export(tiny_bert: Path, sentiment_csv: tuple[Path, Path], tmp_path:
     assert not (tmp_path / "strict").exists()
     bad = runner.invoke(cli, ["export", str(tmp_path), "--out", str(tmp_path / "x")])
     assert bad.exit_code != 0 and bad.output.count("\n") == 1 and "Error:" in bad.output
+
+
+def test_int8_candidate_that_cannot_load_is_recorded_and_skipped(
+        tiny_bert: Path, sentiment_csv: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A candidate that quantizes but writes a file onnxruntime cannot load does not abort export."""
+    real = q.quantize
+
+    def broken_first(src: Path, dst: Path, config: q.Int8Config, calibration: object = ()) -> None:
+        if not config.per_channel:  # the first rung: plain dynamic
+            dst.write_bytes(b"not an onnx graph")
+            return
+        real(src, dst, config, calibration)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(q, "quantize", broken_first)
+    report = export(ExportArgs(tiny_bert, tmp_path / "out", eval_file=sentiment_csv[1]))
+    first, second = report.int8_search[0], report.int8_search[1]
+    assert first["candidate"] == "dynamic" and "cannot load or run" in str(first["error"])
+    assert not first["passed"] and second["error"] is None
+    int8 = report.artifact("int8")
+    assert int8 is not None and int8.passed and int8.quantization is not None and int8.quantization["per_channel"]
+    assert not list((tmp_path / "out").glob("*candidate*"))
+
+
+SIGTERM_SCRIPT = """
+import sys
+from pathlib import Path
+from bertedge.build.export import ExportArgs, export
+export(ExportArgs(Path(sys.argv[1]), Path(sys.argv[2]), search_all=True, min_agreement=0.5))
+"""
+
+
+def test_sigterm_during_export_leaves_no_partial_folder(tiny_bert: Path, tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "work" / "out"
+    proc = subprocess.Popen([sys.executable, "-c", SIGTERM_SCRIPT, str(tiny_bert), str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while not list(out.parent.glob(".out.partial-*/model.onnx")) and proc.poll() is None:
+        assert time.monotonic() < deadline, "export never started writing"
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[0].decode()  # still exporting: the signal lands mid-work
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert list(out.parent.iterdir()) == []
+
+
+def test_unwritable_out_parent_fails_before_work(tiny_bert: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from bertedge.build import export as export_module
+
+    monkeypatch.setattr(export_module, "load_source", lambda *a: pytest.fail("work started"))
+    with pytest.raises(BertedgeError, match="cannot write next to --out"):  # root cannot write /sys either
+        export(ExportArgs(tiny_bert, Path("/sys/bertedge-test/out")))
+    if os.geteuid() != 0:  # root ignores file modes
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o555)
+        with pytest.raises(BertedgeError, match="cannot write next to --out"):
+            export(ExportArgs(tiny_bert, ro / "out"))
+    runner = CliRunner()
+    bad = runner.invoke(cli, ["export", str(tiny_bert), "--out", "/sys/bertedge-test/out"])
+    assert bad.exit_code != 0 and bad.output.count("\n") == 1 and "cannot write next to --out" in bad.output

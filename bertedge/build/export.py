@@ -8,13 +8,16 @@ folder is built next to `--out` and moved into place only when everything succee
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
+import signal
 import tempfile
+import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -23,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from bertedge.build import quantize as q
+from bertedge.build.families import FAMILIES, family
 from bertedge.errors import BertedgeError
 from bertedge.runtime.data import BadRows, Columns, load_text_classification, seeded_subset
 from bertedge.runtime.features import Features, load_tokenizer, pad_batch, pad_id
@@ -34,7 +38,8 @@ Feeds = dict[str, np.ndarray]
 Outputs = dict[str, np.ndarray]
 Run = Callable[[Feeds], Outputs]
 
-SUPPORTED_MODEL_TYPES = {"bert": "bert", "distilbert": "bert"}  # config model_type -> ORT optimizer type
+# config model_type -> onnxruntime optimizer type, for every family in bertedge.build.families
+SUPPORTED_MODEL_TYPES = {f.model_type: f.optimizer_type for f in FAMILIES if f.exportable}
 ARTIFACT_FILES = {"fp32": "model.onnx", "fused": "model-fused.onnx", "int8": "model-int8.onnx",
                   "int8-static": "model-int8-static.onnx", "fp16": "model-fp16.onnx"}
 COPIED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -184,11 +189,10 @@ def load_source(model_dir: Path) -> Source:
     if not model_dir.is_dir():
         raise BertedgeError(f"model folder '{model_dir}' does not exist", "pass the --out folder of `bertedge finetune`")
     info = read_model_meta(model_dir)
-    if info.model_type not in SUPPORTED_MODEL_TYPES:
-        raise BertedgeError(
-            f"model_type '{info.model_type}' in {model_dir / 'config.json'} is not supported",
-            f"export one of: {', '.join(SUPPORTED_MODEL_TYPES)}",
-        )
+    found = family(info.model_type, str(model_dir / "config.json"))
+    if not found.exportable:
+        raise BertedgeError(f"{found.name} cannot be exported to ONNX: {found.blocker}",
+                            f"export one of: {', '.join(SUPPORTED_MODEL_TYPES)}")
     if not (model_dir / "tokenizer.json").is_file():
         raise BertedgeError(
             f"'{model_dir}' has no tokenizer.json (the runtime needs the fast tokenizer file)",
@@ -217,11 +221,16 @@ def _first_line(e: BaseException) -> str:
 
 
 def _input_names(model: Any) -> list[str]:
-    """The encoder inputs this architecture's forward() accepts (DistilBERT: no token_type_ids)."""
+    """The graph inputs: the family's signature, less anything this forward() does not accept.
+
+    DistilBERT, MPNet and ModernBERT take no token_type_ids; RoBERTa / XLM-R (one token type)
+    and DeBERTa-v3 (none) accept them but ignore them, so the graph leaves them out.
+    """
     import inspect
 
     accepted = inspect.signature(model.forward).parameters
-    return [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in accepted]
+    wanted = family(model.config.model_type).input_names(int(getattr(model.config, "type_vocab_size", 0) or 0))
+    return [n for n in wanted if n in accepted]
 
 
 # ----------------------------------------------------------------------------- inputs and eval
@@ -692,19 +701,54 @@ def export(args: ExportArgs) -> ExportReport:
     """
     start = time.perf_counter()
     _check_out(args)
-    source = load_source(args.model_dir)
-    eval_set, calibration = load_eval(args, source), load_calibration(args, source)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.partial-", dir=args.out.parent))
+    tmp = _partial_folder(args.out)  # before any work: a read-only parent fails here, in one line
     try:
-        report = _build(args, source, eval_set, calibration, tmp)
-        report.seconds = round(time.perf_counter() - start, 3)
-        (tmp / "export-report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
-        _move_into_place(tmp, args.out)
+        with _terminate_cleanly():
+            source = load_source(args.model_dir)
+            eval_set, calibration = load_eval(args, source), load_calibration(args, source)
+            report = _build(args, source, eval_set, calibration, tmp)
+            report.seconds = round(time.perf_counter() - start, 3)
+            (tmp / "export-report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+            _move_into_place(tmp, args.out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return report
+
+
+def _partial_folder(out: Path) -> Path:
+    """The hidden build folder next to `out`; creating it is the real writability check."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as e:
+        raise BertedgeError(f"cannot write next to --out '{out}' ({e.strerror or type(e).__name__})",
+                            "choose an --out folder in a writable place") from None
+
+
+class Terminated(SystemExit):
+    """SIGTERM turned into an exception, so the cleanup in `export` runs before the process exits."""
+
+
+@contextlib.contextmanager
+def _terminate_cleanly() -> Iterator[None]:
+    """While exporting, SIGTERM raises `Terminated` (exit status 128 + 15) instead of killing the process.
+
+    Without this, the default action ends the process on the spot and leaves the hidden
+    `.OUT.partial-*` folder behind. Signal handlers can only be set from the main thread.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise Terminated(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _build(args: ExportArgs, source: Source, eval_set: EvalSet | None, calibration: list[Feeds],

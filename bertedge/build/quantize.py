@@ -321,7 +321,11 @@ def _try(src: Path, path: Path, config: Int8Config, check: Callable[[Path, Int8C
     except Exception as e:  # an onnxruntime quantizer failure ends this recipe, not the search
         path.unlink(missing_ok=True)
         return Attempt(config, time.perf_counter() - start, error=f"{type(e).__name__}: {e}")
-    verdict = check(path, config)
+    try:
+        verdict = check(path, config)
+    except Exception as e:  # it quantized, but onnxruntime cannot load or run the file: skip it
+        path.unlink(missing_ok=True)
+        return Attempt(config, time.perf_counter() - start, error=f"cannot load or run: {type(e).__name__}: {e}")
     return Attempt(config, time.perf_counter() - start, verdict=verdict)
 
 
