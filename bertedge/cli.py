@@ -292,6 +292,7 @@ def package(export_dir: Path, out: Path, artifact: str | None, archive: str | No
 @click.option("--aggregation", type=click.Choice(["simple", "first", "max", "average"]), default="first",
               show_default=True, help="NER: how sub-word predictions become words and entities.")
 @click.option("--top-k", default=1, show_default=True, help="QA: answer spans returned per question (best first).")
+@click.option("--expect-digest", default=None, help="Refuse any bundle but the one with this digest (printed by `bertedge package`).")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: stream stdin/--input to stdout; ray: Ray Data actors, --input file/folder/glob to --out.")
 @click.option("--out", "out", type=click.Path(path_type=Path), default=None,
@@ -338,7 +339,7 @@ def predict(**opts: Any) -> None:
         text_columns=tuple(csv_list(opts["text_column"])), pair_columns=tuple(csv_list(opts["text_pair_column"])),
         output=opts["output"], batch_size=opts["batch_size"], threads=opts["threads"] or None,
         providers=opts["providers"], report=not opts["quiet"], aggregation=opts["aggregation"],
-        top_k=opts["top_k"],
+        top_k=opts["top_k"], expect_digest=opts["expect_digest"],
     )
     try:
         run_predict(args, sys.stdout, sys.stderr)

@@ -12,10 +12,22 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 
-from bertedge.build import bench as b
-from bertedge.build.bench import BenchArgs, BenchReport, bench, latency_stats, realistic_batch
+from bertedge.build.bench import (
+    BenchArgs,
+    BenchReport,
+    backends,
+    bench,
+    latency_stats,
+    render,
+    time_calls,
+)
+from bertedge.build.bench.inputs import realistic_batch, resolve_source
+from bertedge.build.bench.results import BackendResult
+from bertedge.build.bench.spec import BUILTIN_SENTENCES, DEFAULT_DURATION_S, MIN_TIMED_RUNS
+from bertedge.build.bench.stage import select_backends, thread_and_provider_warnings
 from bertedge.cli import cli
 from bertedge.errors import BertedgeError
+from bertedge.runtime.features import load_tokenizer
 
 FAST = dict(batch_sizes=(1, 2), seq_lens=(8, 16), runs=3, warmup=1, threads=1)
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
@@ -63,10 +75,10 @@ def test_latency_stats_on_known_numbers() -> None:
 
 def test_time_calls_counts_runs_and_duration() -> None:
     calls: list[int] = []
-    assert len(b.time_calls(lambda: calls.append(1), warmup=2, runs=5, duration=0.0)) == 5
+    assert len(time_calls(lambda: calls.append(1), warmup=2, runs=5, duration=0.0)) == 5
     assert len(calls) == 7  # warm-up calls are not timed
-    timed = b.time_calls(lambda: None, warmup=0, runs=0, duration=0.0)
-    assert len(timed) == b.MIN_TIMED_RUNS  # --duration always yields enough runs for percentiles
+    timed = time_calls(lambda: None, warmup=0, runs=0, duration=0.0)
+    assert len(timed) == MIN_TIMED_RUNS  # --duration always yields enough runs for percentiles
 
 
 def test_bench_args_are_validated_all_at_once(export_dir: Path) -> None:
@@ -74,7 +86,7 @@ def test_bench_args_are_validated_all_at_once(export_dir: Path) -> None:
         BenchArgs(export_dir, backends=("onnx", "tpu"), duration=1.0, runs=3, batch_sizes=(0,))
     message = str(e.value)
     assert "not both" in message and "tpu" in message and "--batch-sizes" in message
-    assert BenchArgs(export_dir).duration == b.DEFAULT_DURATION_S
+    assert BenchArgs(export_dir).duration == DEFAULT_DURATION_S
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -82,9 +94,9 @@ def test_bench_args_are_validated_all_at_once(export_dir: Path) -> None:
 
 @pytest.mark.parametrize("seq_len", [4, 16, 64, 128])
 def test_realistic_inputs_have_exactly_the_requested_length(tiny_bert: Path, seq_len: int) -> None:
-    tokenizer = b.load_tokenizer(tiny_bert / "tokenizer.json")
+    tokenizer = load_tokenizer(tiny_bert / "tokenizer.json")
     cls, sep, pad = (tokenizer.token_to_id(t) for t in ("[CLS]", "[SEP]", "[PAD]"))
-    feeds = realistic_batch(tokenizer, b.BUILTIN_SENTENCES, batch_size=3, seq_len=seq_len, seed=1)
+    feeds = realistic_batch(tokenizer, BUILTIN_SENTENCES, batch_size=3, seq_len=seq_len, seed=1)
     ids = feeds["input_ids"]
     assert ids.shape == (3, seq_len) and ids.dtype == np.int64
     assert (ids[:, 0] == cls).all() and (ids[:, -1] == sep).all()
@@ -95,7 +107,7 @@ def test_realistic_inputs_have_exactly_the_requested_length(tiny_bert: Path, seq
 
 
 def test_realistic_inputs_come_from_real_text(tiny_bert: Path) -> None:
-    tokenizer = b.load_tokenizer(tiny_bert / "tokenizer.json")
+    tokenizer = load_tokenizer(tiny_bert / "tokenizer.json")
     feeds = realistic_batch(tokenizer, ["the film was great"], batch_size=1, seq_len=12)
     assert tokenizer.decode(feeds["input_ids"][0].tolist()).startswith("the film was great the film")
 
@@ -128,7 +140,7 @@ def test_report_structure_and_files(report: tuple[BenchReport, Path]) -> None:
                  "bench-history.jsonl"):
         assert (out / name).stat().st_size > 0, name
     assert (out / "latency_vs_seq_len.png").read_bytes()[:4] == b"\x89PNG"
-    assert len(b.render(rep)) == 2
+    assert len(render(rep)) == 2
 
 
 def test_accuracy_and_agreement(report: tuple[BenchReport, Path], tiny_bert: Path,
@@ -167,18 +179,18 @@ def test_threads_and_providers_are_recorded(report: tuple[BenchReport, Path]) ->
 
 
 def test_warning_when_threads_or_provider_differ() -> None:
-    result = b.BackendResult("cuda", "", threads_requested=2, threads_used=4, threads_how="session options",
+    result = BackendResult("cuda", "", threads_requested=2, threads_used=4, threads_how="session options",
                              provider_requested="CUDAExecutionProvider", providers_used=["CPUExecutionProvider"])
-    warnings = b.thread_and_provider_warnings(result, usable_cores=2)
+    warnings = thread_and_provider_warnings(result, usable_cores=2)
     assert any("asked for 2 threads, it uses 4" in w for w in warnings)
     assert any("silent fallback" in w for w in warnings)
-    result = b.BackendResult("onnx", "", threads_requested=8, threads_used=8)
-    assert any("oversubscribes" in w for w in b.thread_and_provider_warnings(result, usable_cores=2))
+    result = BackendResult("onnx", "", threads_requested=8, threads_used=8)
+    assert any("oversubscribes" in w for w in thread_and_provider_warnings(result, usable_cores=2))
 
 
 def test_measured_thread_mismatch_is_warned(export_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     counts = iter([10, 15])  # the session appears to start 5 threads: 6 in use, 1 asked for
-    monkeypatch.setattr(b, "_os_threads", lambda: next(counts))
+    monkeypatch.setattr(backends, "_os_threads", lambda: next(counts))
     rep = bench(BenchArgs(export_dir, backends=("onnx",), cold_start=False, **{**FAST, "seq_lens": (8,)}))  # type: ignore[arg-type]
     assert rep.backends[0].threads_used == 6
     assert any("asked for 1 threads, it uses 6" in w for w in rep.warnings)
@@ -188,13 +200,13 @@ def test_measured_thread_mismatch_is_warned(export_dir: Path, monkeypatch: pytes
 
 
 def test_cuda_backend_is_skipped_with_a_reason_when_unavailable(export_dir: Path) -> None:
-    source = b.resolve_source(export_dir)
+    source = resolve_source(export_dir)
     args = BenchArgs(export_dir, backends=("onnx", "cuda", "tensorrt"))
-    chosen = dict((k.name, reason) for k, reason in b.select_backends(args, source, ["CPUExecutionProvider"]))
+    chosen = dict((k.name, reason) for k, reason in select_backends(args, source, ["CPUExecutionProvider"]))
     assert chosen["onnx"] == ""
     assert "CUDAExecutionProvider is not available" in chosen["cuda"]
     assert "TensorrtExecutionProvider" in chosen["tensorrt"]
-    default = b.select_backends(BenchArgs(export_dir), source, ["CPUExecutionProvider"])
+    default = select_backends(BenchArgs(export_dir), source, ["CPUExecutionProvider"])
     assert [k.name for k, _ in default] == ["torch", "onnx", "onnx-fused", "int8"]  # no GPU backends
     if HAS_CUDA:
         return

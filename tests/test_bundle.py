@@ -256,3 +256,127 @@ def test_cli_package(bert_export: Path, tmp_path: Path) -> None:
     bad = runner.invoke(cli, ["package", str(bert_export), "--out", str(tmp_path / "c"), "--artifact", "int8"])
     assert bad.exit_code != 0
     assert bad.output.startswith("Error: artifact 'int8' failed validation") and bad.output.count("\n") == 1
+
+
+# ----------------------------------------------------------------------------- trust
+
+
+def write_manifest(bundle: Path, change: dict[str, object]) -> None:
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest.update(change)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_digest_is_the_canonical_manifest_hash_and_pins_the_bundle(bert_bundle: Path, tmp_path: Path) -> None:
+    manifest = json.loads((bert_bundle / "manifest.json").read_text())
+    canonical = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+    digest = hashlib.sha256(canonical).hexdigest()
+    with open_bundle(bert_bundle, expect_digest=digest) as b:
+        assert b.digest == digest
+    assert Predictor(bert_bundle, expect_digest=f"sha256:{digest.upper()}").predict(TEXTS[:1])
+    with pytest.raises(BertedgeError, match=f"has digest {digest}, not the expected {'0' * 64}"):
+        Predictor(bert_bundle, expect_digest="0" * 64)
+    with pytest.raises(BertedgeError, match="not a SHA-256 digest"):
+        Predictor(bert_bundle, expect_digest="abc")
+
+
+def test_tampered_manifest_is_refused_when_pinned(bert_bundle: Path, tmp_path: Path) -> None:
+    with open_bundle(bert_bundle) as b:
+        digest = b.digest
+    bundle = damaged(bert_bundle, tmp_path)
+    write_manifest(bundle, {"labels": ["negative", "POSITIVE"]})  # a renamed label: schema-valid
+    assert Predictor(bundle).labels == ("negative", "POSITIVE")  # unpinned, nothing can tell
+    with pytest.raises(BertedgeError, match="another or a modified bundle"):
+        Predictor(bundle, expect_digest=digest)
+    archive = package(PackageArgs(Path(json.loads((bert_bundle / "manifest.json").read_text())
+                                       ["provenance"]["export_dir"]), tmp_path / "b.zip"))
+    with open_bundle(archive.root, expect_digest=archive.digest):  # archives are pinned the same way
+        pass
+
+
+def test_cli_prints_the_digest_and_predict_checks_it(bert_export: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    out = runner.invoke(cli, ["package", str(bert_export), "--out", str(tmp_path / "b")])
+    assert out.exit_code == 0, out.output
+    digest = next(w for w in out.output.split() if len(w) == 64)
+    with open_bundle(tmp_path / "b") as b:
+        assert b.digest == digest
+    ok = runner.invoke(cli, ["predict", str(tmp_path / "b"), "a good film", "-q", "--expect-digest", digest])
+    assert ok.exit_code == 0, ok.output
+    bad = runner.invoke(cli, ["predict", str(tmp_path / "b"), "a good film", "--expect-digest", "f" * 64])
+    assert bad.exit_code != 0 and "not the expected" in bad.output and bad.output.count("\n") == 1
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"labels": ["a", "b", "c"]}, "3 labels but the model outputs 2 logits"),
+    ({"labels": None}, "labels must be a non-empty list"),
+    ({"labels": []}, "labels must be a non-empty list"),
+    ({"labels": ["a", "a"]}, "labels repeat 'a'"),
+    ({"labels": ["a", 1]}, "labels must all be strings"),
+    ({"max_length": 0}, r"max_length 0 is outside 1\.\.128"),
+    ({"max_length": 129}, r"max_length 129 is outside 1\.\.128 \(the model has 128 positions\)"),
+    ({"max_length": "32"}, "max_length must be an integer"),
+    ({"max_positions": 0}, "max_positions must be a positive integer"),
+    ({"stride": "x"}, "stride must be a positive integer or absent"),
+    ({"files": ["model.onnx", "tokenizer.json"]}, "files must be an object"),
+    ({"task": "qa"}, "task 'qa' needs graph output"),
+    ({"task": None}, "unknown task None"),
+    ({"format_version": "1"}, "format_version must be a positive integer"),
+])
+def test_manifest_schema_is_checked_without_pinning(bert_bundle: Path, tmp_path: Path,
+                                                   change: dict[str, object], message: str) -> None:
+    bundle = damaged(bert_bundle, tmp_path)
+    write_manifest(bundle, change)
+    with pytest.raises(BertedgeError, match=message) as e:
+        Predictor(bundle)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["../model.onnx", "/etc/passwd", "sub/model.onnx", "..", ""])
+def test_file_names_must_stay_inside_the_bundle(bert_bundle: Path, tmp_path: Path, name: str) -> None:
+    bundle = damaged(bert_bundle, tmp_path)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    write_manifest(bundle, {"files": {**manifest["files"], name: manifest["files"]["model.onnx"]}})
+    with pytest.raises(BertedgeError, match="is not a plain name inside the bundle"):
+        Predictor(bundle)
+
+
+def test_every_manifest_problem_in_one_error(bert_bundle: Path, tmp_path: Path) -> None:
+    bundle = damaged(bert_bundle, tmp_path)
+    write_manifest(bundle, {"labels": None, "max_length": 0, "files": {"../x": {}}})
+    with pytest.raises(BertedgeError) as e:
+        Predictor(bundle)
+    text = str(e.value)
+    assert all(m in text for m in ("labels must", "max_length 0", "'../x'", "no checksum for model.onnx"))
+
+
+def test_archive_caps(bert_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bertedge.runtime import bundle as bundle_module
+
+    archive = package(PackageArgs(bert_export, tmp_path / "b.tar.gz")).root
+    size = sum(m.size for m in tarfile.open(archive).getmembers())
+    monkeypatch.setattr(bundle_module, "MAX_ARCHIVE_BYTES", size - 1)
+    with pytest.raises(BertedgeError, match=f"at most 16 members and {size - 1} bytes"):
+        Predictor(archive)
+    monkeypatch.undo()
+    many = tmp_path / "many.zip"
+    with zipfile.ZipFile(many, "w") as zf:
+        for i in range(17):
+            zf.writestr(f"f{i}.txt", "x")
+    with pytest.raises(BertedgeError, match="holds 17 members"):
+        Predictor(many)
+
+
+def test_archive_that_lies_about_sizes_is_stopped_while_writing(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from bertedge.runtime import bundle as bundle_module
+
+    archive = tmp_path / "lies.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        info = tarfile.TarInfo("model.onnx")
+        info.size = 4096
+        tar.addfile(info, io.BytesIO(b"x" * 4096))
+    monkeypatch.setattr(bundle_module, "check_archive_index", lambda *a: None)  # as if the index lied
+    monkeypatch.setattr(bundle_module, "MAX_ARCHIVE_BYTES", 1000)
+    with pytest.raises(BertedgeError, match="expands past 1000 bytes"):
+        Predictor(archive)

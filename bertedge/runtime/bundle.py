@@ -21,6 +21,7 @@ import shutil
 import tarfile
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,11 @@ REQUIRED_KEYS = ("format", "format_version", "task", "labels", "max_length", "mo
 EXPORT_FACTS = ("model_dir", "opset", "onnxruntime_version", "gate", "validation_inputs", "cpu",
                 "warnings")  # export-report.json facts kept as provenance
 REBUILD = "rebuild it with `bertedge package EXPORT_DIR --out BUNDLE` or copy it again"
+# Caps on what extracting an archive may write: a bundle is 3 files, and the largest BERT-family
+# ONNX models bertedge ships are well under 4 GiB (protobuf's own 2 GiB limit without external data).
+MAX_ARCHIVE_BYTES = 4 << 30
+MAX_ARCHIVE_MEMBERS = 16
+SHA256_HEX = frozenset("0123456789abcdef")
 
 
 class ArchiveFormat(str, enum.Enum):
@@ -319,22 +325,29 @@ def archive_bundle(folder: Path, dest: Path, fmt: ArchiveFormat) -> Path:
 
 
 @contextlib.contextmanager
-def open_bundle(path: str | Path) -> Iterator[Bundle]:
+def open_bundle(path: str | Path, expect_digest: str | None = None) -> Iterator[Bundle]:
     """Verify a bundle folder or archive and yield it; an archive lives in a temp dir meanwhile.
 
     Load what you need (session, tokenizer) inside the `with` block: an extracted archive is
     deleted when it ends.
 
+    Args:
+        path: bundle folder or .tar.gz / .zip archive.
+        expect_digest: the digest `bertedge package` printed (see `manifest_digest`); any other
+            bundle, a tampered manifest included, is refused before anything else is read.
+
     Raises:
-        BertedgeError: missing bundle, bad manifest, or a file that is missing, truncated or corrupt.
+        BertedgeError: missing bundle, digest mismatch, bad manifest, an archive over the size or
+            member caps, or a file that is missing, truncated or corrupt.
     """
     path = Path(path)
+    pinned = normalize_digest(expect_digest) if expect_digest is not None else None
     fmt = archive_format_of(path) if path.is_file() else None
     if path.is_dir():
-        yield verify_bundle(path)
+        yield verify_bundle(path, pinned)
     elif fmt is not None:
         with tempfile.TemporaryDirectory(prefix="bertedge-bundle-") as tmp:
-            yield verify_bundle(extract_archive(path, fmt, Path(tmp)))
+            yield verify_bundle(extract_archive(path, fmt, Path(tmp)), pinned)
     elif path.exists():
         raise BertedgeError(f"'{path}' is neither a bundle folder nor a .tar.gz / .zip bundle",
                             "point at the --out of `bertedge package`")
@@ -343,23 +356,47 @@ def open_bundle(path: str | Path) -> Iterator[Bundle]:
                             "build one with `bertedge package EXPORT_DIR --out BUNDLE`")
 
 
+def normalize_digest(digest: str) -> str:
+    """A pinned digest as 64 lower-case hex digits ("sha256:" prefix allowed).
+
+    >>> normalize_digest("sha256:" + "AB" * 32) == "ab" * 32
+    True
+    """
+    value = str(digest).strip().lower().removeprefix("sha256:")
+    if len(value) != 64 or not set(value) <= SHA256_HEX:
+        raise BertedgeError(f"--expect-digest '{digest}' is not a SHA-256 digest (64 hex digits)",
+                            "copy the digest `bertedge package` printed")
+    return value
+
+
 def extract_archive(archive: Path, fmt: ArchiveFormat, dest: Path) -> Path:
-    """Extract a bundle archive's plain files into dest; the bundle root (dest or its one subfolder)."""
+    """Extract a bundle archive's plain files into dest; the bundle root (dest or its one subfolder).
+
+    At most MAX_ARCHIVE_MEMBERS members and MAX_ARCHIVE_BYTES bytes, checked against the
+    archive's index before anything is written and again while writing.
+    """
     try:
         if fmt is ArchiveFormat.TAR_GZ:
             with tarfile.open(archive, "r:gz") as tar:
-                for member in tar.getmembers():
+                members = tar.getmembers()
+                check_archive_index(archive, [(m.name, m.size) for m in members])
+                budget = [MAX_ARCHIVE_BYTES]
+                for member in members:
                     if member.isfile():
                         source = tar.extractfile(member)
                         assert source is not None  # isfile() members always have data
-                        write_member(dest, member.name, source)
+                        write_member(dest, member.name, source, budget, archive)
         else:
             with zipfile.ZipFile(archive) as zf:
-                for info in zf.infolist():
+                infos = zf.infolist()
+                check_archive_index(archive, [(i.filename, i.file_size) for i in infos])
+                budget = [MAX_ARCHIVE_BYTES]
+                for info in infos:
                     if not info.is_dir():
                         with zf.open(info) as source:
-                            write_member(dest, info.filename, source)
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+                            write_member(dest, info.filename, source, budget, archive)
+    except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError,
+            NotImplementedError, RuntimeError) as e:  # zipfile: NotImplemented compression, encrypted
         raise BertedgeError(f"bundle archive '{archive}' is truncated or corrupt ({e})", REBUILD) from None
     subdirs = [d for d in dest.iterdir() if d.is_dir()]
     if not (dest / MANIFEST).is_file() and len(subdirs) == 1:
@@ -367,21 +404,37 @@ def extract_archive(archive: Path, fmt: ArchiveFormat, dest: Path) -> Path:
     return dest
 
 
-def write_member(dest: Path, name: str, source: IO[bytes]) -> None:
-    """Stream one archive member to disk; names that climb out of dest or are absolute are refused."""
+def check_archive_index(archive: Path, entries: list[tuple[str, int]]) -> None:
+    """Refuse an archive whose index declares too many members or too many bytes."""
+    total = sum(max(size, 0) for _, size in entries)
+    if len(entries) > MAX_ARCHIVE_MEMBERS or total > MAX_ARCHIVE_BYTES:
+        raise BertedgeError(
+            f"bundle archive '{archive}' holds {len(entries)} members and {total} bytes; a bundle "
+            f"has at most {MAX_ARCHIVE_MEMBERS} members and {MAX_ARCHIVE_BYTES} bytes",
+            "only use archives made by `bertedge package`")
+
+
+def write_member(dest: Path, name: str, source: IO[bytes], budget: list[int], archive: Path) -> None:
+    """Stream one archive member to disk within the byte budget; unsafe names are refused."""
     parts = Path(name).parts
-    if Path(name).is_absolute() or ".." in parts or len(parts) > 2:
+    if Path(name).is_absolute() or ".." in parts or len(parts) > 2 or "\0" in name:
         raise BertedgeError(f"bundle archive member '{name}' has an unsafe path",
                             "only use archives made by `bertedge package`")
     target = dest.joinpath(*parts)
     target.parent.mkdir(parents=True, exist_ok=True)
     with target.open("wb") as f:
-        shutil.copyfileobj(source, f, 1 << 20)
+        for block in iter(lambda: source.read(1 << 20), b""):
+            budget[0] -= len(block)
+            if budget[0] < 0:  # the index lied about sizes
+                raise BertedgeError(f"bundle archive '{archive}' expands past {MAX_ARCHIVE_BYTES} bytes",
+                                    "only use archives made by `bertedge package`")
+            f.write(block)
 
 
-def verify_bundle(root: Path) -> Bundle:
-    """Check the manifest and the size and SHA-256 of every file it lists; one error with all problems."""
-    manifest = read_manifest(root)
+def verify_bundle(root: Path, expect_digest: str | None = None) -> Bundle:
+    """Check the digest (when pinned), the manifest schema, every file's size and SHA-256, and
+    that the graph fits the manifest (outputs of the task, one logit per label); one error each."""
+    manifest = read_manifest(root, expect_digest)
     problems = []
     for name, expected in manifest["files"].items():
         problem = check_file(root, name, expected)
@@ -389,28 +442,146 @@ def verify_bundle(root: Path) -> Bundle:
             problems.append(problem)
     if problems:
         raise BertedgeError(f"bundle '{root}': {'; '.join(problems)}", REBUILD)
+    problems = graph_problems(manifest, root / MODEL)
+    if problems:
+        raise BertedgeError(f"bundle '{root}': the manifest does not fit model.onnx: {'; '.join(problems)}",
+                            REBUILD)
     return Bundle(root=root, manifest=manifest)
 
 
-def read_manifest(root: Path) -> dict[str, Any]:
-    """manifest.json, with its schema checked (required keys, format, version, listed files)."""
+def read_manifest(root: Path, expect_digest: str | None = None) -> dict[str, Any]:
+    """manifest.json, pinned to a digest when given, with its schema checked field by field."""
     if not (root / MANIFEST).is_file():
         raise BertedgeError(f"'{root}' is not a bertedge bundle (no {MANIFEST})",
                             "build one with `bertedge package EXPORT_DIR --out BUNDLE`")
     manifest = read_json(root / MANIFEST)
-    missing = [k for k in REQUIRED_KEYS if k not in manifest]
-    if missing or manifest.get("format") != FORMAT:
-        raise BertedgeError(f"'{root / MANIFEST}' is not a bertedge manifest "
-                            f"(missing {', '.join(missing) or 'nothing'}; format {manifest.get('format')!r})",
-                            REBUILD)
-    if int(manifest["format_version"]) > FORMAT_VERSION:
-        raise BertedgeError(f"bundle format {manifest['format_version']} is newer than this bertedge "
+    if expect_digest is not None:
+        actual = manifest_digest(manifest)
+        if actual != normalize_digest(expect_digest):
+            raise BertedgeError(f"bundle '{root}' has digest {actual}, not the expected "
+                                f"{normalize_digest(expect_digest)}: it is another or a modified bundle",
+                                "use the bundle that digest was printed for, or pin the new digest")
+    version = manifest.get("format_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        raise BertedgeError(f"bundle format {version} is newer than this bertedge "
                             f"({__version__}, format {FORMAT_VERSION})", "upgrade: pip install -U bertedge")
-    unlisted = [n for n in (MODEL, TOKENIZER) if n not in manifest["files"]]
-    if unlisted:
-        raise BertedgeError(f"'{root / MANIFEST}' has no checksum for {', '.join(unlisted)}", REBUILD)
-    get_task(manifest["task"])
+    problems = manifest_problems(manifest)
+    if problems:
+        raise BertedgeError(f"'{root / MANIFEST}' is not a valid bertedge manifest: {'; '.join(problems)}",
+                            REBUILD)
     return manifest
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def manifest_problems(m: dict[str, Any]) -> list[str]:
+    """Every way a manifest breaks the schema (required keys, types, ranges, safe file names).
+
+    >>> manifest_problems({"format": "bertedge-bundle"})[:2]
+    ['missing format_version', 'missing task']
+    """
+    problems = [f"missing {k}" for k in REQUIRED_KEYS if k not in m]
+    if "format" in m and m["format"] != FORMAT:
+        problems.append(f"format is {m['format']!r}, not {FORMAT!r}")
+    if "format_version" in m and not (is_int(m["format_version"]) and m["format_version"] >= 1):
+        problems.append(f"format_version must be a positive integer (got {m['format_version']!r})")
+    if "task" in m:
+        problems += task_problems(m["task"])
+    if "labels" in m:
+        problems += labels_problems(m["labels"])
+    problems += length_problems(m)
+    if "model_type" in m and not isinstance(m["model_type"], str):
+        problems.append(f"model_type must be a string (got {m['model_type']!r})")
+    if "inputs" in m and not (isinstance(m["inputs"], list) and all(isinstance(i, str) for i in m["inputs"])):
+        problems.append(f"inputs must be a list of graph input names (got {m['inputs']!r})")
+    if "files" in m:
+        problems += files_problems(m["files"])
+    return problems
+
+
+def task_problems(task: Any) -> list[str]:
+    from bertedge.runtime.tasks import TASKS
+
+    if isinstance(task, str) and task in TASKS:
+        return []
+    return [f"unknown task {task!r} (this bertedge knows {', '.join(sorted(TASKS))})"]
+
+
+def labels_problems(labels: Any) -> list[str]:
+    if not isinstance(labels, list) or not labels:
+        return [f"labels must be a non-empty list of strings (got {labels!r})"]
+    if not all(isinstance(x, str) for x in labels):
+        return [f"labels must all be strings (got {labels!r})"]
+    repeated = sorted({x for x in labels if labels.count(x) > 1})
+    return [f"labels repeat {', '.join(map(repr, repeated))}"] if repeated else []
+
+
+def length_problems(m: dict[str, Any]) -> list[str]:
+    """max_length within 1..max_positions; max_positions and stride positive integers if present."""
+    problems = []
+    positions = m.get("max_positions")
+    if positions is not None and not (is_int(positions) and positions >= 1):
+        problems.append(f"max_positions must be a positive integer (got {positions!r})")
+        positions = None
+    if "max_length" in m:
+        length = m["max_length"]
+        if not is_int(length):
+            problems.append(f"max_length must be an integer (got {length!r})")
+        elif length < 1 or (positions is not None and length > positions):
+            limit = f"1..{positions}" if positions else "1 or more"
+            problems.append(f"max_length {length} is outside {limit}"
+                            + (f" (the model has {positions} positions)" if positions else ""))
+    stride = m.get("stride")
+    if stride is not None and not (is_int(stride) and stride >= 1):
+        problems.append(f"stride must be a positive integer or absent (got {stride!r})")
+    return problems
+
+
+def files_problems(files: Any) -> list[str]:
+    """files: {name: {"sha256", "bytes"}}, names plain and inside the bundle, model and tokenizer listed."""
+    if not isinstance(files, dict):
+        return [f"files must be an object of name -> {{sha256, bytes}} (got {type(files).__name__})"]
+    problems = [f"no checksum for {n}" for n in (MODEL, TOKENIZER) if n not in files]
+    for name, entry in files.items():
+        if (not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name
+                or Path(name).is_absolute()):
+            problems.append(f"file name {name!r} is not a plain name inside the bundle")
+            continue
+        if not isinstance(entry, dict):
+            problems.append(f"files[{name!r}] must be an object with sha256 and bytes")
+            continue
+        digest = entry.get("sha256")
+        if not (isinstance(digest, str) and len(digest) == 64 and set(digest) <= SHA256_HEX):
+            problems.append(f"files[{name!r}].sha256 is not a SHA-256 hex digest")
+        if "bytes" in entry and not (is_int(entry["bytes"]) and entry["bytes"] >= 0):
+            problems.append(f"files[{name!r}].bytes must be a non-negative integer")
+    return problems
+
+
+def graph_problems(manifest: dict[str, Any], model: Path) -> list[str]:
+    """What the ONNX graph contradicts in the manifest: the task's outputs, one logit per label.
+
+    Read through onnxruntime with graph optimizations off (cheap: no rewrites, one thread). The
+    label dimension is checked when the graph states it (a static last axis of `logits`).
+    """
+    from bertedge.runtime.sessions import make_session
+
+    session = make_session(model, threads=1, optimize=False, fix=REBUILD)
+    shapes = {o.name: o.shape for o in session.get_outputs()}
+    task = get_task(manifest["task"])
+    wanted = tuple(getattr(task, "output_names", ()))
+    absent = [n for n in wanted if n not in shapes]
+    if absent:
+        return [f"task {task.name!r} needs graph output(s) {', '.join(absent)} but the graph has "
+                f"{', '.join(shapes)}"]
+    problems = []
+    if "logits" in wanted and shapes["logits"]:
+        width = shapes["logits"][-1]
+        if is_int(width) and width != len(manifest["labels"]):
+            problems.append(f"{len(manifest['labels'])} labels but the model outputs {width} logits")
+    return problems
 
 
 def check_file(root: Path, name: str, expected: dict[str, Any]) -> str | None:
@@ -435,6 +606,8 @@ def read_json(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BertedgeError(f"'{path}' is not valid JSON ({e})", REBUILD) from None
+    except RecursionError:
+        raise BertedgeError(f"'{path}' nests JSON too deeply", REBUILD) from None
     if not isinstance(data, dict):
         raise BertedgeError(f"'{path}' does not hold a JSON object", REBUILD)
     return data

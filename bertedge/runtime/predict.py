@@ -73,6 +73,7 @@ class PredictArgs:
     report: bool = True  # print the summary and latency report to stderr
     aggregation: str = "first"  # NER: simple, first, max or average (see bertedge.runtime.tasks.ner.Aggregation)
     top_k: int = 1  # QA: answer spans per question
+    expect_digest: str | None = None  # refuse any bundle but this one (the digest `package` printed)
     max_line_bytes: int = 1 << 20  # longer input lines are cut (txt) or rejected (csv / jsonl)
 
     def __post_init__(self) -> None:
@@ -115,7 +116,8 @@ def run_predict(args: PredictArgs, stdout: TextIO, stderr: TextIO,
                 stdin: IO[bytes] | None = None) -> PredictSummary:
     """Load the bundle, stream predictions to stdout, then the summary and latency to stderr."""
     predictor = Predictor(args.bundle, providers=args.providers, threads=args.threads,
-                          batch_size=args.batch_size, aggregation=args.aggregation, top_k=args.top_k)
+                          batch_size=args.batch_size, aggregation=args.aggregation, top_k=args.top_k,
+                          expect_digest=args.expect_digest)
     with input_stream(args, stdin, stderr) as stream:
         if args.texts:
             records: Iterable[InputRecord] = records_from_texts(args.texts)

@@ -221,6 +221,7 @@ class Predictor:
         aggregation: NER: how sub-words become words (simple, first, max, average).
         top_k: QA: how many answer spans to return (the best is always "answer").
         max_answer_tokens: QA: the longest answer considered.
+        expect_digest: refuse any bundle but the one with this digest (printed by `bertedge package`).
 
     Raises:
         BertedgeError: the bundle is missing, corrupt or truncated, or a provider is unavailable.
@@ -228,11 +229,11 @@ class Predictor:
 
     def __init__(self, bundle: str | Path, providers: str | Sequence[str] | None = None,
                  threads: int | None = None, batch_size: int = 32, aggregation: str = "first",
-                 top_k: int = 1, max_answer_tokens: int = 30) -> None:
+                 top_k: int = 1, max_answer_tokens: int = 30, expect_digest: str | None = None) -> None:
         if batch_size < 1:
             raise BertedgeError(f"batch size must be at least 1, got {batch_size}", "use --batch-size 32")
         requested = resolve_providers(providers)
-        with open_bundle(bundle) as opened:
+        with open_bundle(bundle, expect_digest=expect_digest) as opened:
             self.manifest: dict[str, Any] = opened.manifest
             self.session = make_session(opened.model_path, requested, threads)
             self.max_length = int(self.manifest["max_length"])

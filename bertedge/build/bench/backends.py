@@ -1,0 +1,157 @@
+"""Loading a backend: a torch model or an onnxruntime session (IO binding on GPUs), ready to time."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bertedge.build.bench.inputs import Source
+from bertedge.build.bench.spec import (
+    CPU,
+    CUDA,
+    TENSORRT,
+    TENSORRT_OPTIONS,
+    TOKEN_INPUTS,
+    Backend,
+    Call,
+    Feeds,
+)
+from bertedge.runtime.sessions import make_session
+from bertedge.runtime.tasks import get_task
+
+# ----------------------------------------------------------------------------- loading backends
+
+
+@dataclass
+class Loaded:
+    """A backend ready to run: host call for accuracy, prepared call for timing, what it really used."""
+
+    run: Callable[[Feeds], np.ndarray]  # host feeds -> logits on the host
+    prepare: Callable[[Feeds], Call]  # host feeds -> a zero-argument call to time
+    providers: list[str]  # execution providers the session really has ([] for torch)
+    threads: int  # intra-op threads really in use, as measured or reported by the engine
+    threads_how: str  # how `threads` was found
+    load_s: float
+    file: Path | None
+    notes: list[str] = field(default_factory=list)
+    keep: Any = None  # the session or model, kept alive while timing
+    run_outputs: Callable[[Feeds], dict[str, np.ndarray]] | None = None  # every graph output, by name
+
+
+def _os_threads() -> int | None:
+    try:
+        import psutil
+
+        return int(psutil.Process().num_threads())
+    except Exception:  # psutil is optional at runtime; without it we fall back to the setting
+        return None
+
+
+def load_torch(source: Source, backend: Backend, threads: int) -> Loaded:
+    """transformers Auto class from the task record; fp32 eager, inference_mode, `threads` threads."""
+    import inspect
+
+    import torch
+    import transformers
+
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    auto = getattr(transformers, get_task(source.task).hf_auto_class)
+    model = auto.from_pretrained(source.torch_dir, dtype=torch.float32).eval()
+    load_s = time.perf_counter() - start
+    names = [n for n in TOKEN_INPUTS if n in inspect.signature(model.forward).parameters]
+
+    def prepare(feeds: Feeds) -> Call:
+        tensors = {n: torch.from_numpy(feeds[n]) for n in names}
+
+        def call() -> Any:
+            with torch.inference_mode():
+                return model(**tensors)
+
+        return call
+
+    output_names = get_task(source.task).output_names
+
+    def run_outputs(feeds: Feeds) -> dict[str, np.ndarray]:
+        with torch.inference_mode():
+            out = model(**{n: torch.from_numpy(feeds[n]) for n in names})
+        return {k: out[k].float().numpy() for k in output_names}
+
+    def run(feeds: Feeds) -> np.ndarray:
+        return run_outputs(feeds)[output_names[0]]
+
+    return Loaded(run, prepare, [], torch.get_num_threads(), "torch.get_num_threads()", load_s, None, keep=model,
+                  run_outputs=run_outputs)
+
+
+def provider_list(backend: Backend) -> list[Any]:
+    """The providers to ask onnxruntime for, with options, CPU last as its own fallback."""
+    if backend.provider == TENSORRT:
+        return [(TENSORRT, TENSORRT_OPTIONS), CUDA, CPU]
+    return list(dict.fromkeys([backend.provider, CPU]))
+
+
+def load_ort(source: Source, backend: Backend, threads: int) -> Loaded:
+    """An onnxruntime session on the backend's file; IO binding for device backends."""
+
+    path = source.file_for(backend)
+    assert path is not None, "select_backends checks the file exists"
+    before = _os_threads()
+    start = time.perf_counter()
+    session = make_session(path, provider_list(backend), threads, fix="run `bertedge export` again")
+    load_s = time.perf_counter() - start
+    after = _os_threads()
+    names = [i.name for i in session.get_inputs()]
+    if backend.provider == CPU and before is not None and after is not None:
+        # The intra-op pool is created with the session: n threads = the caller + (n - 1) new ones.
+        used, how = after - before + 1, "OS threads created by the session + 1 (psutil)"
+    else:
+        used, how = int(session.get_session_options().intra_op_num_threads), "session options"
+
+    output_names = [o.name for o in session.get_outputs()]
+
+    def run_outputs(feeds: Feeds) -> dict[str, np.ndarray]:
+        outs = session.run(None, {n: feeds[n] for n in names})
+        return {k: np.asarray(v, dtype=np.float32) for k, v in zip(output_names, outs, strict=True)}
+
+    def run(feeds: Feeds) -> np.ndarray:
+        return run_outputs(feeds)[output_names[0]]
+
+    prepare = (_bound_call(session, names) if backend.io_binding
+               else lambda feeds: _host_call(session, {n: feeds[n] for n in names}))
+    return Loaded(run, prepare, list(session.get_providers()), used, how, load_s, path, keep=session,
+                  run_outputs=run_outputs)
+
+
+def _host_call(session: Any, feeds: Feeds) -> Call:
+    return lambda: session.run(None, feeds)
+
+
+def _bound_call(session: Any, names: Sequence[str]) -> Callable[[Feeds], Call]:
+    """IO binding: copy the inputs to the GPU once; each timed call runs and waits on the device."""
+    import onnxruntime as ort
+
+    def prepare(feeds: Feeds) -> Call:
+        binding = session.io_binding()
+        device_inputs = [ort.OrtValue.ortvalue_from_numpy(feeds[n], "cuda", 0) for n in names]
+        for name, value in zip(names, device_inputs, strict=True):
+            binding.bind_ortvalue_input(name, value)
+        for out in session.get_outputs():
+            binding.bind_output(out.name, "cuda", 0)
+
+        def call() -> None:
+            _ = device_inputs  # the device copies must outlive the binding
+            session.run_with_iobinding(binding)
+            binding.synchronize_outputs()
+
+        return call
+
+    return prepare
+
+
+LOADERS: dict[str, Callable[[Source, Backend, int], Loaded]] = {"torch": load_torch, "onnxruntime": load_ort}

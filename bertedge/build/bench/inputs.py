@@ -1,0 +1,175 @@
+"""What is benchmarked: the source folder (export, bundle or model) and realistic token inputs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bertedge.build.bench.spec import Backend, Feeds
+from bertedge.errors import BertedgeError
+from bertedge.runtime.data import TextExamples
+from bertedge.runtime.features import pad_batch, pad_id
+from bertedge.runtime.meta import read_model_meta
+from bertedge.runtime.tasks import CLASSIFICATION
+
+# ----------------------------------------------------------------------------- the source folder
+
+
+@dataclass(frozen=True)
+class Source:
+    """What bench reads from the folder it is given."""
+
+    root: Path
+    kind: str  # "export", "bundle" or "model"
+    task: str
+    labels: tuple[str, ...]
+    max_length: int  # truncation length for --data
+    max_positions: int  # longest sequence the model accepts
+    model_type: str
+    tokenizer: Path  # tokenizer.json
+    torch_dir: Path | None  # Hugging Face folder for the torch backend, when one exists
+    precisions: dict[str, str]  # ONNX file name -> precision, from the export report or manifest
+
+    def file_for(self, backend: Backend) -> Path | None:
+        """The ONNX file this backend runs, if the folder has one."""
+        return next((self.root / f for f in backend.files if (self.root / f).is_file()), None)
+
+    def missing(self, backend: Backend) -> str:
+        """Why this folder cannot run the backend ('' when it can)."""
+        if backend.engine == "torch":
+            return "" if self.torch_dir else f"no PyTorch model folder for '{self.root}' (a {self.kind} folder)"
+        if self.file_for(backend) is None:
+            return f"no {' / '.join(backend.files)} in '{self.root}'"
+        return ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BertedgeError(f"cannot read '{path}' ({e})", "rebuild the folder with bertedge") from None
+    if not isinstance(data, dict):
+        raise BertedgeError(f"'{path}' is not a JSON object", "rebuild the folder with bertedge")
+    return data
+
+
+def _model_dir(value: object) -> Path | None:
+    path = Path(str(value)) if value else None
+    return path if path is not None and (path / "config.json").is_file() else None
+
+
+def _max_positions(folders: Sequence[Path | None], fallback: int) -> int:
+    for folder in folders:
+        if folder is not None and (folder / "config.json").is_file():
+            return int(_read_json(folder / "config.json").get("max_position_embeddings") or fallback)
+    return fallback
+
+
+def resolve_source(root: Path) -> Source:
+    """Recognize an export folder, a bundle folder or a Hugging Face model folder.
+
+    Raises:
+        BertedgeError: the path is none of these, or lacks tokenizer.json.
+    """
+    if not root.is_dir():
+        raise BertedgeError(f"'{root}' is not a folder", "pass an export folder, a bundle folder or a model folder")
+    if not (root / "tokenizer.json").is_file():
+        raise BertedgeError(f"'{root}' has no tokenizer.json", "bench a folder made by bertedge finetune / export / package")
+    if (root / "manifest.json").is_file():
+        return _bundle_source(root)
+    if (root / "export-report.json").is_file():
+        return _export_source(root)
+    if (root / "config.json").is_file():
+        info = read_model_meta(root)
+        return Source(root, "model", info.task.name, info.labels, info.max_length,
+                      info.max_positions, info.model_type, root / "tokenizer.json", root, {})
+    raise BertedgeError(f"'{root}' has no manifest.json, export-report.json or config.json",
+                        "pass the --out folder of `bertedge export`, `bertedge package` or `bertedge finetune`")
+
+
+def _bundle_source(root: Path) -> Source:
+    from bertedge.runtime.bundle import read_manifest
+
+    m = read_manifest(root)
+    torch_dir = _model_dir(m.get("provenance", {}).get("model_dir"))
+    return Source(root, "bundle", m["task"], tuple(m["labels"]), int(m["max_length"]),
+                  _max_positions([torch_dir], int(m["max_length"])), str(m["model_type"]),
+                  root / "tokenizer.json", torch_dir, {"model.onnx": str(m.get("precision") or "")})
+
+
+def _export_source(root: Path) -> Source:
+    report = _read_json(root / "export-report.json")
+    info = read_model_meta(root)
+    torch_dir = _model_dir(report.get("model_dir"))
+    precisions = {a["file"]: str(a.get("precision", "")) for a in report.get("artifacts", []) if a.get("file")}
+    return Source(root, "export", info.task.name, info.labels, info.max_length, info.max_positions,
+                  info.model_type, root / "tokenizer.json", torch_dir, precisions)
+
+
+# ----------------------------------------------------------------------------- realistic inputs
+
+
+def _special_ids(tokenizer: Any) -> tuple[int, int]:
+    ids = tokenizer.encode("", add_special_tokens=True).ids
+    if len(ids) == 2:
+        return int(ids[0]), int(ids[1])
+    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    if cls is None or sep is None:
+        raise BertedgeError("the tokenizer has no [CLS] / [SEP] template", "bench a BERT-family tokenizer")
+    return int(cls), int(sep)
+
+
+def realistic_batch(tokenizer: Any, sentences: Sequence[str], batch_size: int, seq_len: int,
+                    seed: int = 0) -> Feeds:
+    """A batch of real text, every row exactly `seq_len` tokens: [CLS] sentences... [SEP].
+
+    Each row starts at a different sentence and runs on through the list (repeating it when
+    needed), so rows differ; the attention mask is all ones and token types all zero.
+    """
+    cls, sep = _special_ids(tokenizer)
+    pieces = [enc.ids for enc in tokenizer.encode_batch(list(sentences), add_special_tokens=False) if enc.ids]
+    if not pieces:
+        raise BertedgeError("the input sentences tokenize to nothing", "give --data with real text")
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(batch_size):
+        body: list[int] = []
+        i = int(rng.integers(len(pieces)))
+        while len(body) < seq_len - 2:
+            body.extend(pieces[i % len(pieces)])
+            i += 1
+        rows.append([cls, *body[: seq_len - 2], sep])
+    ids = np.asarray(rows, dtype=np.int64)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+
+
+@dataclass
+class DataSet:
+    """--data, tokenized once, in length-sorted padded batches (`order` maps rows back)."""
+
+    examples: TextExamples
+    batches: list[Feeds]
+    order: np.ndarray  # row index of each output row, batches concatenated
+    tokens: int  # real (unpadded) tokens in the whole set
+    truncated: int  # rows longer than max_length
+
+
+def tokenize_dataset(tokenizer: Any, examples: TextExamples, max_length: int, batch_size: int) -> DataSet:
+    """Tokenize as the task record does (truncation at max_length); batches of similar length,
+    padded to their longest."""
+    features = CLASSIFICATION.encode(tokenizer, examples, max_length, 0)
+    lengths = np.array([len(e.ids) for e in features.encodings])
+    order = np.argsort(lengths, kind="stable")
+    pad = pad_id(tokenizer)
+    batches = [pad_batch([features.encodings[i] for i in order[s:s + batch_size]], pad)
+               for s in range(0, len(order), batch_size)]
+    return DataSet(examples, batches, order, int(lengths.sum()), sum(features.truncated))
