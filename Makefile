@@ -43,7 +43,7 @@ test-fast: install
 
 lint: install
 	$(VENV)/bin/ruff check bertedge tests benchmarks
-	$(VENV)/bin/mypy bertedge
+	$(VENV)/bin/mypy bertedge benchmarks tests
 
 bench: install
 	$(PY) benchmarks/head_to_head.py --model $(DEMO)/model --export $(DEMO)/export --data $(DATA)/sst2/dev.tsv \
