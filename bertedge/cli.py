@@ -378,8 +378,17 @@ def predict_ray(opts: dict[str, Any]) -> None:
 @click.option("--port", default=8000, show_default=True, help="TCP port.")
 @click.option("--max-batch-size", default=32, show_default=True,
               help="Most texts coalesced from concurrent requests into one batch (1 = one call per request).")
+@click.option("--max-batch-tokens", default=0, show_default=True,
+              help="Most padded tokens (texts x the longest) per batch, so one long text does not pad "
+                   "many short ones (0 = no cap).")
 @click.option("--max-wait-ms", default=5.0, show_default=True,
               help="Longest a request waits for others to join its batch.")
+@click.option("--max-queue", default=512, show_default=True,
+              help="Most texts waiting for a batch; beyond it requests get 503 with Retry-After.")
+@click.option("--request-timeout", default=30.0, show_default=True,
+              help="Seconds a request may wait for its prediction before a 504 (0 = no deadline).")
+@click.option("--expect-digest", default=None,
+              help="Refuse to serve any bundle but the one with this digest (printed by `bertedge package`).")
 @click.option("--run-batch-size", default=0, show_default=True,
               help="Texts per onnxruntime run inside a batch, length-sorted (0 = auto: 8 on CPU, all on GPU).")
 @click.option("--threads", default=0, show_default=True, help="onnxruntime intra-op threads (0 = one per core).")
@@ -411,9 +420,11 @@ def serve(**opts: Any) -> None:
                             "pip install 'bertedge[serve]'") from None
 
     config = ServeConfig(max_batch_size=opts["max_batch_size"], max_wait_ms=opts["max_wait_ms"],
+                         max_batch_tokens=opts["max_batch_tokens"] or None,
                          run_batch_size=opts["run_batch_size"] or None, max_texts=opts["max_texts"],
                          max_chars=opts["max_chars"], threads=opts["threads"] or None,
-                         providers=opts["providers"])
+                         providers=opts["providers"], max_queue=opts["max_queue"],
+                         request_timeout_s=opts["request_timeout"], expect_digest=opts["expect_digest"])
     run(ServeArgs(bundle=opts["bundle"], host=opts["host"], port=opts["port"], config=config,
                   log_level=opts["log_level"], access_log=opts["access_log"],
                   graceful_timeout_s=opts["graceful_timeout"]))

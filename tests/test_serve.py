@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -376,6 +377,121 @@ def test_closed_batcher_refuses_and_drains() -> None:
     asyncio.run(main())
 
 
+# ----------------------------------------------------------------------------- load shedding
+
+
+def test_full_queue_sheds_with_503_and_retry_after() -> None:
+    fake = FakePredictor(delay_s=0.3)
+    with TestClient(create_app(fake, ServeConfig(max_batch_size=1, max_queue=2))) as client:
+        batcher = client.app.state.server.batcher  # type: ignore[attr-defined]
+
+        def post(text: str) -> Any:
+            return client.post("/v1/predict", json={"texts": [text]})
+
+        with ThreadPoolExecutor(4) as pool:
+            running = pool.submit(post, "running")  # taken by the worker: not in the queue
+            while not fake.calls[2:]:  # two warm-up calls, then this one
+                time.sleep(0.01)
+            queued = [pool.submit(post, t) for t in ("q1", "q2")]
+            while batcher.queued_texts < 2:
+                time.sleep(0.01)
+            shed = post("one too many")
+            assert shed.status_code == 503 and int(shed.headers["retry-after"]) >= 1
+            assert "queue" in shed.json()["error"] and shed.json()["problems"][0]["limit"] == 2
+            assert [f.result().status_code for f in (running, *queued)] == [200, 200, 200]
+        assert post("room again").status_code == 200
+        text = client.get("/metrics").text
+    assert metric(text, "bertedge_shed_requests_total") == 1
+    assert metric(text, "bertedge_queue_depth") == 0
+
+
+def test_deadline_answers_504_and_frees_the_slot() -> None:
+    fake = FakePredictor(delay_s=0.4)
+    config = ServeConfig(max_batch_size=1, max_queue=1, request_timeout_s=0.15)
+    with TestClient(create_app(fake, config)) as client:
+        with ThreadPoolExecutor(2) as pool:
+            slow = pool.submit(client.post, "/v1/predict", json={"texts": ["slow"]})
+            while not fake.calls[2:]:
+                time.sleep(0.01)
+            waiting = client.post("/v1/predict", json={"texts": ["waits in the queue"]})
+            assert waiting.status_code == 504 and "request timeout (0.15 s)" in waiting.json()["error"]
+            assert slow.result().status_code == 504  # its batch ran past the deadline too
+        calls_before = len(fake.calls)
+        time.sleep(0.3)  # the running batch ends; the expired request is not predicted
+        assert len(fake.calls) == calls_before == 3
+        relaxed = client.app.state.server.batcher  # type: ignore[attr-defined]
+        assert relaxed.queued_texts == 0
+        text = client.get("/metrics").text
+    assert metric(text, "bertedge_timed_out_requests_total") == 2
+
+
+def test_crashed_worker_is_restarted_and_not_ready_meanwhile(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakePredictor()
+    app = create_app(fake, ServeConfig(max_wait_ms=1))
+    with TestClient(app) as client:
+        batcher = app.state.server.batcher
+        batcher.restart_delay_s = 0.5
+        real_run, crashes = batcher._run, []
+
+        async def crash_once(batch: list[Any]) -> None:
+            if not crashes:
+                crashes.append(1)
+                raise RuntimeError("a bug in the batcher")
+            await real_run(batch)
+
+        monkeypatch.setattr(batcher, "_run", crash_once)
+        lost = client.post("/v1/predict", json={"texts": ["held by the crashed worker"]})
+        assert lost.status_code == 503 and "crashed" in lost.json()["error"]
+        assert client.get("/readyz").status_code == 503  # restarting
+        assert metric(client.get("/metrics").text, "bertedge_worker_up") == 0
+        with ThreadPoolExecutor(1) as pool:  # queued while down: answered after the restart
+            during = pool.submit(client.post, "/v1/predict", json={"texts": ["queued meanwhile"]})
+            deadline = time.monotonic() + 5
+            while client.get("/readyz").status_code != 200:
+                assert time.monotonic() < deadline, "the worker was not restarted"
+                time.sleep(0.02)
+            assert during.result().json()["predictions"][0]["label"] == "queued meanwhile"
+        assert client.post("/v1/predict", json={"texts": ["after"]}).status_code == 200
+        text = client.get("/metrics").text
+    assert metric(text, "bertedge_worker_restarts_total") == 1 and metric(text, "bertedge_worker_up") == 1
+
+
+def test_max_batch_tokens_keeps_a_long_text_from_padding_short_ones() -> None:
+    long = " ".join(["word"] * 40)  # 43 tokens by the fake's count; a short text counts 4
+    requests = [["a"], [long], ["b"], ["c"], ["d"]]
+
+    def run(max_batch_tokens: int | None) -> list[int]:
+        fake = FakePredictor()
+
+        async def main() -> None:
+            config = ServeConfig(max_batch_size=8, max_wait_ms=50, max_batch_tokens=max_batch_tokens)
+            batcher = Batcher(fake, config, Metrics())
+            batcher.start()
+            await asyncio.gather(*(batcher.submit([(t, None) for t in r]) for r in requests))
+            await batcher.close()
+
+        asyncio.run(main())
+        return [n for n, _ in fake.calls]
+
+    assert run(None) == [5]  # everything in one batch, padded to 43 tokens: 215
+    assert run(64) == [1, 1, 3]  # "a" + long would be 2 x 43 > 64: the long text runs alone
+
+
+def test_serve_refuses_a_bundle_with_another_digest(bundle: Path) -> None:
+    from bertedge.runtime.bundle import open_bundle
+
+    with open_bundle(bundle) as b:
+        digest = b.digest
+    with TestClient(create_app(bundle, ServeConfig(expect_digest=digest))) as client:
+        assert client.get("/readyz").status_code == 200
+    with pytest.raises(BertedgeError, match="not the expected"), \
+            TestClient(create_app(bundle, ServeConfig(expect_digest="a" * 64))):
+        pass
+    result = CliRunner().invoke(cli, ["serve", str(bundle), "--expect-digest", "a" * 64])
+    assert result.exit_code != 0 and "not the expected" in result.output
+    assert result.output.count("\n") == 1
+
+
 # ----------------------------------------------------------------------------- real uvicorn
 
 
@@ -442,6 +558,40 @@ def test_graceful_shutdown_finishes_in_flight_requests() -> None:
     assert fake.calls == [(1, 1)] * (2 + 4)  # two warm-up calls, then one per request
     with pytest.raises(httpx.TransportError):  # the server is gone, and with it the listener
         httpx.get(f"{url}/healthz", timeout=2)
+
+
+class BrokenManifest(dict):  # type: ignore[type-arg]
+    """A manifest whose reads fail: an unexpected server bug on GET /v1/model."""
+
+    def get(self, *args: Any) -> Any:
+        raise RuntimeError("a bug")
+
+
+def test_keep_alive_after_a_500() -> None:
+    import http.client
+
+    fake = FakePredictor()
+    with live_server(create_app(fake, ServeConfig(max_wait_ms=1))) as (url, _):
+        conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=10)
+
+        def post(text: str) -> http.client.HTTPResponse:
+            conn.request("POST", "/v1/predict", body=f'{{"texts": ["{text}"]}}',
+                         headers={"content-type": "application/json"})
+            response = conn.getresponse()
+            response.read()
+            return response
+
+        assert post("fine").status == 200
+        sock = conn.sock
+        failed = post("crash")  # the predictor fails for this request: a 500, connection kept
+        assert failed.status == 500 and failed.getheader("connection") != "close"
+        assert post("fine again").status == 200 and conn.sock is sock  # the same connection
+        fake.manifest = BrokenManifest(fake.manifest)  # type: ignore[assignment]
+        conn.request("GET", "/v1/model")
+        broken = conn.getresponse()
+        broken.read()  # an unexpected error: uvicorn will close, and the answer says so
+        assert broken.status == 500 and broken.getheader("connection") == "close"
+        conn.close()
 
 
 # ----------------------------------------------------------------------------- the CLI

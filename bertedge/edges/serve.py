@@ -20,11 +20,13 @@ Endpoints:
 Every error is JSON: {"error": message, "problems": [{"field", "message", "limit"?}, ...]}:
 400 malformed JSON / non-UTF-8 / empty body, 413 body over the byte limit, 422 wrong types,
 empty list, too many texts, a text over the character limit or an item the task cannot take,
-503 not ready. Texts longer than the model's max_length tokens are truncated, as in
+503 not ready, the queue full (with Retry-After) or the batching worker restarting, 504 no
+answer within the request timeout, 500 a prediction that failed (for that request alone; the
+connection stays usable). Texts longer than the model's max_length tokens are truncated, as in
 `bertedge predict`, and marked "truncated": true.
 
 Batching: concurrent requests are coalesced into one predictor call of up to max_batch_size
-texts (see `Batcher`); inside it the runtime sorts by length and runs slices of
+texts and max_batch_tokens padded tokens (see `Batcher`); inside it the runtime sorts by length and runs slices of
 run_batch_size texts per onnxruntime run, so little compute goes to padding.
 
     >>> app = create_app("runs/bundle", ServeConfig(max_batch_size=32, max_wait_ms=5))  # doctest: +SKIP
@@ -36,6 +38,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -90,6 +93,7 @@ class ServeConfig:
     """Batching and input limits of the HTTP server."""
 
     max_batch_size: int = 32  # most texts coalesced into one predictor call (1: one per request)
+    max_batch_tokens: int | None = None  # most padded tokens (texts x longest) per batch; None: no cap
     max_wait_ms: float = 5.0  # longest the first request of a batch waits for others to join
     run_batch_size: int | None = None  # texts per session.run in a coalesced batch; None: auto
     max_texts: int = 64  # most texts in one request
@@ -97,10 +101,15 @@ class ServeConfig:
     max_body_bytes: int | None = None  # None: enough for max_texts pairs of max_chars, \\u-escaped
     threads: int | None = None  # onnxruntime intra-op threads (when create_app loads the bundle)
     providers: str | None = None  # cpu (default), auto, cuda, ... (when create_app loads the bundle)
+    max_queue: int = 512  # most texts waiting for a batch; more gets 503 + Retry-After
+    request_timeout_s: float = 30.0  # a request not answered by then gets 504 (0: no deadline)
+    expect_digest: str | None = None  # refuse any bundle but this one (when create_app loads it)
 
     def __post_init__(self) -> None:
         problems = [f"--{name} must be at least {low} (got {value})" for name, value, low in (
             ("max-batch-size", self.max_batch_size, 1), ("max-wait-ms", self.max_wait_ms, 0),
+            ("max-batch-tokens", self.max_batch_tokens if self.max_batch_tokens is not None else 1, 1),
+            ("max-queue", self.max_queue, 1), ("request-timeout", self.request_timeout_s, 0),
             ("run-batch-size", self.run_batch_size or 1, 1),
             ("max-texts", self.max_texts, 1), ("max-chars", self.max_chars, 1),
             ("max-body-bytes", self.max_body_bytes if self.max_body_bytes is not None else 1, 1),
@@ -248,13 +257,16 @@ class ErrorBody(BaseModel):
 class ApiError(Exception):
     """A request the server refuses: HTTP status, a message and the fields at fault."""
 
-    def __init__(self, status: int, message: str, problems: Sequence[Problem] = ()) -> None:
+    def __init__(self, status: int, message: str, problems: Sequence[Problem] = (),
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.problems = status, message, list(problems)
+        self.headers = dict(headers or {})
 
     def response(self) -> JSONResponse:
         body = ErrorBody(error=self.message, problems=self.problems)
-        return JSONResponse(body.model_dump(exclude_none=True), status_code=self.status)
+        return JSONResponse(body.model_dump(exclude_none=True), status_code=self.status,
+                            headers=self.headers)
 
 
 def field_name(loc: Sequence[int | str]) -> str:
@@ -396,6 +408,17 @@ class Metrics:
         self.texts = Counter("bertedge_texts", "Texts predicted", registry=r)
         self.truncated = Counter("bertedge_truncated_texts", "Texts cut to max_length tokens", registry=r)
         self.ready = Gauge("bertedge_ready", "1 once the bundle is verified and warmed up", registry=r)
+        self.shed = Counter("bertedge_shed_requests", "Requests refused with 503 because the queue was full",
+                            registry=r)
+        self.timed_out = Counter("bertedge_timed_out_requests", "Requests answered 504 after the request "
+                                 "timeout", registry=r)
+        self.restarts = Counter("bertedge_worker_restarts", "Batching worker crashes (each restarted)",
+                                registry=r)
+        self.worker_up = Gauge("bertedge_worker_up", "1 while the batching worker runs", registry=r)
+        self.recent_seconds_per_text = 0.0  # of the last batch: for Retry-After
+
+    def seconds_per_text(self) -> float:
+        return self.recent_seconds_per_text
 
     def render(self) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
@@ -431,6 +454,22 @@ class MetricsMiddleware:
 # ----------------------------------------------------------------------------- the batcher
 
 
+def token_counter(predictor: PredictorLike) -> Callable[[Sequence[Pair]], list[int]]:
+    """Tokens per item as the predictor will run it (capped at max_length; QA: all windows).
+
+    Uses the predictor's own tokenizer; a predictor without one (a test fake) counts words + 3.
+    """
+    tokenizer = getattr(predictor, "tokenizer", None)
+    if tokenizer is None:
+        return lambda items: [len(t.split()) + len((p or "").split()) + 3 for t, p in items]
+
+    def count(items: Sequence[Pair]) -> list[int]:
+        encodings = tokenizer.encode_batch([t if p is None else (t, p) for t, p in items])
+        return [len(e.ids) * (1 + len(e.overflowing)) for e in encodings]
+
+    return count
+
+
 EMPTY = object()  # what get_within returns when nothing arrived in time
 
 
@@ -459,30 +498,49 @@ class Pending:
     items: list[Pair]
     future: asyncio.Future[list[Result]]
     arrived: float  # event-loop time it was queued
+    longest: int = 0  # tokens of its longest item (counted only when max_batch_tokens is set)
+    queued: bool = True  # still counted in the queue (not yet taken into a batch, not expired)
 
 
 class Batcher:
     """Coalesces concurrent requests into one `predict` call of up to `max_batch_size` texts.
 
     A single worker task takes the oldest request, then adds queued requests until the batch
-    is full, or the oldest has waited `max_wait_ms`, or no other request is being received
-    (so a lone client never waits for company). A request's texts stay in one batch; a
-    request larger than the batch runs alone. Calls run on one executor thread, off the event
-    loop and one at a time per session; each request gets exactly its own slice of the
-    results, in order. While a call runs, new requests queue up and form the next batch, so
-    under load batches fill without waiting.
+    is full (`max_batch_size` texts, or `max_batch_tokens` padded tokens: texts x the longest),
+    or the oldest has waited `max_wait_ms`, or no other request is being received (so a lone
+    client never waits for company). A request's texts stay in one batch; a request larger
+    than the batch runs alone. Calls run on one executor thread, off the event loop and one at
+    a time per session; each request gets exactly its own slice of the results, in order.
+    While a call runs, new requests queue up and form the next batch, so under load batches
+    fill without waiting.
+
+    Load shedding: at most `max_queue` texts wait (more: 503 with Retry-After), and a request
+    not answered within `request_timeout_s` gets a 504 and leaves the queue. The worker is
+    supervised: if it crashes, the requests it held get a 503, `up` is False until it is
+    restarted (after `restart_delay_s`), and queued requests are then served.
     """
 
-    def __init__(self, predictor: PredictorLike, config: ServeConfig, metrics: Metrics) -> None:
-        self.predictor, self.metrics = predictor, metrics
+    def __init__(self, predictor: PredictorLike, config: ServeConfig, metrics: Metrics,
+                 restart_delay_s: float = 0.5) -> None:
+        self.predictor, self.metrics, self.config = predictor, metrics, config
         self.max_batch_size, self.max_wait_s = config.max_batch_size, config.max_wait_ms / 1000
         self.run_batch_size = config.run_batch_for(getattr(predictor, "providers", None) or [])
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bertedge-predict")
         self.queue: asyncio.Queue[Pending | None] = asyncio.Queue()
         self.held: Pending | None = None  # taken from the queue, but it did not fit the last batch
+        self.current: list[Pending] = []  # the batch being collected or run (failed if the worker dies)
         self.worker: asyncio.Task[None] | None = None
         self.closing = False
         self.arriving = 0  # requests being read and validated, about to be submitted
+        self.queued_texts = 0  # texts waiting for a batch (the bounded queue's fill)
+        self.running = False  # the worker loop is up (False while it restarts after a crash)
+        self.restart_delay_s = restart_delay_s
+        self.count_tokens = token_counter(predictor) if config.max_batch_tokens else None
+
+    @property
+    def up(self) -> bool:
+        """The batching worker is running and taking batches."""
+        return self.running and self.worker is not None and not self.worker.done()
 
     @contextlib.contextmanager
     def receiving(self) -> Iterator[None]:
@@ -502,17 +560,61 @@ class Batcher:
         return self.predictor.predict(items, batch_size=self.run_batch_size)
 
     def start(self) -> None:
-        self.worker = asyncio.create_task(self._work(), name="bertedge-batcher")
+        self.running = True
+        self.worker = asyncio.create_task(self._supervise(), name="bertedge-batcher")
 
     async def submit(self, items: list[Pair]) -> list[Result]:
-        """Queue one request's items; its results, in order, once its batch has run."""
+        """Queue one request's items; its results, in order, once its batch has run.
+
+        Raises:
+            ApiError: 503 (not accepting, or the queue is full), 504 (not answered within the
+                request timeout), or the status its batch failed with.
+        """
         if self.closing or self.worker is None:
             raise ApiError(503, "the server is not accepting predictions (starting or shutting down)")
+        limit = self.config.max_queue
+        if self.queued_texts and self.queued_texts + len(items) > limit:
+            self.metrics.shed.inc()
+            raise ApiError(503, f"overloaded: {self.queued_texts} texts are queued (limit {limit}); "
+                           "retry later", [Problem(field="texts", message="queue full", limit=limit)],
+                           headers={"Retry-After": str(self.retry_after())})
         loop = asyncio.get_running_loop()
-        pending = Pending(items, loop.create_future(), loop.time())
-        self.metrics.queue_depth.inc(len(items))
+        longest = max(self.count_tokens(items)) if self.count_tokens else 0
+        pending = Pending(items, loop.create_future(), loop.time(), longest)
+        self._queued(len(items))
         self.queue.put_nowait(pending)
-        return await pending.future
+        timeout = self.config.request_timeout_s
+        timer = loop.call_later(timeout, self._expire, pending) if timeout else None
+        try:
+            return await pending.future
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _expire(self, pending: Pending) -> None:
+        """The request's deadline passed: a 504 now, and its place in the queue is freed."""
+        if pending.future.done():
+            return
+        self._dequeue(pending)  # a batch already running it just drops its results
+        self.metrics.timed_out.inc()
+        pending.future.set_exception(ApiError(
+            504, f"no prediction within the request timeout ({self.config.request_timeout_s:g} s); "
+            "the server is overloaded or the texts are too long",
+            headers={"Retry-After": str(self.retry_after())}))
+
+    def retry_after(self) -> int:
+        """Seconds a shed client should wait: the queue's drain time at the recent batch rate, >= 1."""
+        per_text = self.metrics.seconds_per_text()
+        return max(1, math.ceil(self.queued_texts * per_text)) if per_text else 1
+
+    def _queued(self, texts: int) -> None:
+        self.queued_texts += texts
+        self.metrics.queue_depth.set(self.queued_texts)
+
+    def _dequeue(self, pending: Pending) -> None:
+        if pending.queued:
+            pending.queued = False
+            self._queued(-len(pending.items))
 
     async def close(self) -> None:
         """Stop taking requests, finish every queued one, then stop the worker and the thread."""
@@ -522,22 +624,52 @@ class Batcher:
             await self.worker
         self.executor.shutdown(wait=True)
 
+    async def _supervise(self) -> None:
+        """Run the worker loop; after a crash fail what it held, wait, and start it again."""
+        while True:
+            try:
+                await self._work()
+                return
+            except Exception as e:  # a bug in the batcher itself: never leave requests hanging
+                self.running = False
+                self.metrics.worker_up.set(0)
+                self.metrics.restarts.inc()
+                log.error("the batching worker crashed; restarting in %g s", self.restart_delay_s,
+                          exc_info=e)
+                for pending in self.current:
+                    self._dequeue(pending)
+                    self._fail(pending, ApiError(503, "the batching worker crashed; retry",
+                                                 headers={"Retry-After": "1"}))
+                self.current = []
+                await asyncio.sleep(self.restart_delay_s)
+                self.running = True
+                self.metrics.worker_up.set(1)
+
     async def _work(self) -> None:
         while True:
             batch, stop = await self._collect()
-            self.metrics.queue_depth.dec(sum(len(p.items) for p in batch))
             if batch:
                 await self._run(batch)
+            self.current = []
             if stop:
                 return
 
+    async def _next(self) -> Pending | None:
+        """The next live queue entry (expired requests are dropped), or None: the stop marker."""
+        while True:
+            entry = self.held or await self.queue.get()
+            self.held = None
+            if entry is None or not entry.future.done():
+                return entry
+
     async def _collect(self) -> tuple[list[Pending], bool]:
         """The next batch, and whether the stop marker was reached."""
-        first = self.held or await self.queue.get()
-        self.held = None
+        first = await self._next()
         if first is None:
             return [], True
-        batch, size = [first], len(first.items)
+        self._dequeue(first)
+        batch, size, longest = [first], len(first.items), first.longest
+        self.current = batch
         deadline = first.arrived + self.max_wait_s
         loop = asyncio.get_running_loop()
         while size < self.max_batch_size:
@@ -553,12 +685,21 @@ class Batcher:
                 nxt = got  # type: ignore[assignment]
             if nxt is None:
                 return batch, True
-            if size + len(nxt.items) > self.max_batch_size:
+            if nxt.future.done():  # timed out while queued
+                continue
+            if size + len(nxt.items) > self.max_batch_size or self._too_many_tokens(
+                    size + len(nxt.items), max(longest, nxt.longest)):
                 self.held = nxt  # keeps its texts together: it starts the next batch
                 break
+            self._dequeue(nxt)
             batch.append(nxt)
-            size += len(nxt.items)
+            size, longest = size + len(nxt.items), max(longest, nxt.longest)
         return batch, False
+
+    def _too_many_tokens(self, texts: int, longest: int) -> bool:
+        """Would a batch of `texts` padded to `longest` tokens exceed --max-batch-tokens?"""
+        limit = self.config.max_batch_tokens
+        return bool(limit) and texts * longest > limit  # type: ignore[operator]
 
     async def _run(self, batch: list[Pending]) -> None:
         """Predict a batch and hand each request its slice; a bad request fails alone."""
@@ -593,6 +734,7 @@ class Batcher:
             pending.future.set_exception(error)
 
     def _observe(self, texts: int, requests: int, seconds: float, results: list[Result]) -> None:
+        self.metrics.recent_seconds_per_text = seconds / max(texts, 1)
         self.metrics.batch_size.observe(texts)
         self.metrics.batch_requests.observe(requests)
         self.metrics.inference.observe(seconds)
@@ -618,7 +760,7 @@ def load_predictor(bundle: str | Path, config: ServeConfig) -> PredictorLike:
     from bertedge.runtime.predictor import Predictor
 
     return Predictor(bundle, providers=config.providers, threads=config.threads,
-                     batch_size=config.max_batch_size)
+                     batch_size=config.max_batch_size, expect_digest=config.expect_digest)
 
 
 def task_check(predictor: PredictorLike) -> Check | None:
@@ -659,7 +801,8 @@ def model_info(predictor: PredictorLike, config: ServeConfig) -> dict[str, Any]:
         "limits": {"max_batch_size": config.max_batch_size, "max_wait_ms": config.max_wait_ms,
                    "run_batch_size": config.run_batch_for(getattr(predictor, "providers", []) or []),
                    "max_texts": config.max_texts, "max_chars": config.max_chars,
-                   "max_body_bytes": config.body_limit},
+                   "max_body_bytes": config.body_limit, "max_batch_tokens": config.max_batch_tokens,
+                   "max_queue": config.max_queue, "request_timeout_s": config.request_timeout_s},
     }
 
 
@@ -690,6 +833,7 @@ def create_app(predictor_or_bundle: PredictorLike | str | Path,
         batcher.start()
         state.predictor, state.batcher, state.ready, state.status = predictor, batcher, True, "ready"
         metrics.ready.set(1)
+        metrics.worker_up.set(1)
         log.info("bertedge ready: %s; coalescing up to %d texts (waiting up to %g ms), "
                  "%d per onnxruntime run", model_summary(predictor.manifest),
                  config.max_batch_size, config.max_wait_ms, batcher.run_batch_size)
@@ -710,7 +854,9 @@ def create_app(predictor_or_bundle: PredictorLike | str | Path,
         code: {"model": ErrorBody, "description": why} for code, why in (
             (400, "malformed JSON, non-UTF-8 or empty body"), (413, "body over the byte limit"),
             (422, "wrong field types, empty list, too many texts, a text over the size limit"),
-            (503, "not ready yet, or shutting down"))}
+            (500, "the prediction failed for this request's texts"),
+            (503, "not ready yet, shutting down, worker restarting, or queue full (Retry-After)"),
+            (504, "not answered within the request timeout"))}
 
     @app.post("/v1/predict", response_model=None, responses={200: {"model": PredictResponse}, **errors},
               openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
@@ -749,6 +895,8 @@ def create_app(predictor_or_bundle: PredictorLike | str | Path,
         """Readiness: the bundle is verified and the session warmed up."""
         if not state.ready:
             raise ApiError(503, f"not ready: {state.status}")
+        if state.batcher is None or not state.batcher.up:
+            raise ApiError(503, "not ready: the batching worker is restarting", headers={"Retry-After": "1"})
         return {"status": "ready"}
 
     @app.get("/metrics", response_class=Response)
@@ -796,7 +944,10 @@ def add_error_handlers(app: FastAPI) -> None:
 
     async def internal(request: Request, e: Exception) -> Response:
         log.exception("internal error on %s", request.url.path, exc_info=e)
-        return ApiError(500, f"internal server error ({type(e).__name__})").response()
+        # Starlette re-raises after this answer and uvicorn then drops the connection: say so,
+        # so a keep-alive client opens a new one instead of failing its next request.
+        return ApiError(500, f"internal server error ({type(e).__name__})",
+                        headers={"Connection": "close"}).response()
 
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(RequestValidationError, invalid)
