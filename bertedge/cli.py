@@ -161,6 +161,71 @@ def finetune(**opts: Any) -> None:
 
 
 @cli.command()
+@click.argument("teacher", type=click.Path(path_type=Path))
+@click.option("--train", "train", required=True, type=click.Path(path_type=Path), help="Labelled training file (the teacher's task format).")
+@click.option("--eval", "eval_", type=click.Path(path_type=Path), help="Labelled file for the budget; default: hold out --eval-fraction of train.")
+@click.option("--unlabelled", type=click.Path(path_type=Path),
+              help="Extra texts the teacher labels: a text column (classification, NER) or SQuAD questions+contexts (QA).")
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Output model folder.")
+@click.option("--layers", default="3", show_default=True, help="Student layers, or 'auto' (try 4, 3, 2; keep the smallest within budget).")
+@click.option("--max-accuracy-drop", default=1.0, show_default=True, help="Budget: metric points the student may lose vs the teacher on --eval.")
+@click.option("--temperature", default=2.0, show_default=True, help="Soft-target temperature (KL scaled by T^2).")
+@click.option("--alpha", default=0.5, show_default=True, help="Weight of the soft-target loss (gold labels get 1 - alpha).")
+@click.option("--hidden-weight", default=0.0, show_default=True, help="Weight of hidden-state MSE vs the copied teacher layers (0 = off).")
+@data_options
+@click.option("--max-train-rows", default=0, show_default=True, help="Seeded random subset of train (0 = all rows).")
+@click.option("--max-unlabelled-rows", default=0, show_default=True, help="Seeded random subset of --unlabelled (0 = all rows).")
+@click.option("--eval-fraction", default=0.1, show_default=True, help="Held-out share of train when --eval is not given.")
+@click.option("--max-length", default=0, show_default=True, help="Max tokens per window (0 = the teacher's).")
+@click.option("--epochs", default=3.0, show_default=True, help="Passes over the training data.")
+@click.option("--batch-size", default=32, show_default=True, help="Examples per step.")
+@click.option("--lr", default=1e-4, show_default=True, help="Peak learning rate.")
+@click.option("--layer-lr-decay", default=1.0, show_default=True, help="LR factor per layer going down (1.0 = off).")
+@click.option("--patience", default=2, show_default=True, help="Early-stop after N evaluations without gain (0 = off).")
+@click.option("--seed", default=42, show_default=True, help="Random seed.")
+@click.option("--threads", default=0, show_default=True, help="torch CPU threads (0 = all cores).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Training device.")
+@click.option("--skip-bad-rows", is_flag=True, help="Leave out rows with an empty text/label instead of failing.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@user_errors
+def distill(**opts: Any) -> None:
+    """Distil a fine-tuned model into a smaller student (fewer layers) within an accuracy budget.
+
+    \b
+    Examples:
+      bertedge distill runs/model --train train.tsv --eval dev.tsv --layers 3 --out runs/student
+      bertedge distill runs/ner --train conll/train.txt --eval conll/valid.txt --layers auto --out runs/ner-small
+    \b
+    The student copies the teacher's embeddings, head and every other layer, then learns from the
+    teacher's soft targets and the gold labels. Writes a normal model folder (export it as usual);
+    metrics.json compares teacher and student. No folder is written when the budget is missed.
+    """
+    from bertedge.build.distill import DistillArgs
+    from bertedge.build.distill import distill as run
+    from bertedge.runtime.data import BadRows
+
+    args = DistillArgs(
+        teacher=opts["teacher"], train=opts["train"], eval=opts["eval_"], unlabelled=opts["unlabelled"],
+        out=opts["out"], layers=opts["layers"], max_accuracy_drop=opts["max_accuracy_drop"],
+        temperature=opts["temperature"], alpha=opts["alpha"], hidden_weight=opts["hidden_weight"],
+        columns=columns_from(opts["text_column"], opts["text_pair_column"], opts["label_column"]),
+        max_train_rows=opts["max_train_rows"], max_unlabelled_rows=opts["max_unlabelled_rows"],
+        eval_fraction=opts["eval_fraction"], max_length=opts["max_length"], epochs=opts["epochs"],
+        batch_size=opts["batch_size"], lr=opts["lr"], layer_lr_decay=opts["layer_lr_decay"],
+        patience=opts["patience"], seed=opts["seed"], threads=opts["threads"], device=opts["device"],
+        bad_rows=BadRows.SKIP if opts["skip_bad_rows"] else BadRows.ERROR, overwrite=opts["overwrite"],
+        progress=not opts["no_progress"],
+    )
+    d = run(args).metrics["distillation"]
+    m, t, s = d["metric"], d["teacher"], d["student"]
+    click.echo(f"teacher {t['layers']} layers {m} {t[m]:.4f}  student {s['layers']} layers {m} {s[m]:.4f}  "
+               f"(drop {d['drop_points']:.2f} points, budget {d['budget_points']}; "
+               f"{s['parameters'] / 1e6:.1f}M vs {t['parameters'] / 1e6:.1f}M parameters)")
+    click.echo(f"model written to {args.out}")
+
+
+@cli.command()
 def models() -> None:
     """List the base models that ship inside installed or installable packages."""
     from bertedge.build.models import REGISTRY
