@@ -38,6 +38,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--train", type=Path, default=DATA / "train.tsv", help="labelled training file")
     p.add_argument("--eval", type=Path, default=DATA / "dev.tsv", help="labelled dev file (budget and accuracy)")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "distill", help="folder for student and exports")
+    p.add_argument("--teacher-export", type=Path, default=None,
+                   help="existing export folder of the teacher (default: export it into --work/teacher-export)")
     p.add_argument("--layers", default="3", help="student layers (or auto)")
     p.add_argument("--max-train-rows", type=int, default=24000, help="seeded subset of train (0 = all)")
     p.add_argument("--epochs", type=float, default=3.0, help="distillation epochs")
@@ -74,11 +76,11 @@ def run_distill(args: argparse.Namespace, student: Path) -> dict[str, Any]:
     return metrics
 
 
-def run_export(args: argparse.Namespace, model_dir: Path, out: Path) -> dict[str, Any]:
+def run_export(args: argparse.Namespace, model_dir: Path, out: Path, reuse: bool = False) -> dict[str, Any]:
     from bertedge.build.export import ExportArgs, export
     from bertedge.runtime.data import Columns
 
-    if not (args.reuse and (out / "export-report.json").is_file()):
+    if not ((args.reuse or reuse) and (out / "export-report.json").is_file()):
         export(ExportArgs(model_dir=model_dir, out=out, eval_file=args.eval,
                           columns=Columns(text=("sentence", "content")), overwrite=True))
     return dict(json.loads((out / "export-report.json").read_text()))
@@ -160,15 +162,16 @@ def main() -> None:
     print(f"dev accuracy (torch): teacher {d['teacher']['accuracy']:.4f} ({d['teacher']['layers']} layers)  "
           f"student {d['student']['accuracy']:.4f} ({d['student']['layers']} layers)  drop {d['drop_points']:.2f} points")
 
-    reports = {"teacher": run_export(args, args.teacher, args.work / "teacher-export"),
-               "student": run_export(args, student, args.work / f"student-{args.layers}-export")}
+    folders = {"teacher": args.teacher_export or args.work / "teacher-export",
+               "student": args.work / f"student-{args.layers}-export"}
+    reports = {"teacher": run_export(args, args.teacher, folders["teacher"], reuse=args.teacher_export is not None),
+               "student": run_export(args, student, folders["student"])}
     for name, rep in reports.items():
         a = recommended(rep)
         print(f"{name} recommended artifact: {a['name']} ({a['size_mb']} MB), dev {a['metric']}")
 
     sentences = dev_sentences(args.eval)
-    timed = {name: Timed(args.work / (f"{name}-export" if name == "teacher" else f"student-{args.layers}-export"),
-                         rep, sentences, args) for name, rep in reports.items()}
+    timed = {name: Timed(folders[name], rep, sentences, args) for name, rep in reports.items()}
     for _ in range(args.rounds):
         for t in timed.values():
             t.round()
