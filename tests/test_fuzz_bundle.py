@@ -1,0 +1,155 @@
+"""Property-based: hostile manifests, damaged archives and random request bodies.
+
+Every outcome is a loaded bundle, a clean `BertedgeError` (one line) or an HTTP 4xx / 200;
+never another exception and never a 500.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bertedge.edges.serve import ServeConfig, create_app
+from bertedge.errors import BertedgeError
+from bertedge.runtime import Predictor
+from bertedge.runtime.bundle import ArchiveFormat, PackageArgs, package
+
+FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False)
+    | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12)
+FIELDS = ["format", "format_version", "task", "labels", "max_length", "max_positions", "stride",
+          "model_type", "inputs", "files", "precision", "provenance"]
+LIMITS = ServeConfig(max_texts=8, max_chars=300, max_wait_ms=1)
+
+
+@pytest.fixture(scope="module")
+def export_dir(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from bertedge.build.export import ExportArgs, Optimization, Quantization, export
+
+    out = tmp_path_factory.mktemp("fuzz") / "export"
+    export(ExportArgs(tiny_bert, out, optimization=Optimization.NONE, quantize=Quantization.NONE))
+    return out
+
+
+@pytest.fixture(scope="module")
+def bundle(export_dir: Path) -> Path:
+    return package(PackageArgs(export_dir, export_dir.parent / "bundle")).root
+
+
+@pytest.fixture(scope="module")
+def archives(export_dir: Path) -> dict[ArchiveFormat, bytes]:
+    return {fmt: package(PackageArgs(export_dir, export_dir.parent / "b", archive=fmt)).root.read_bytes()
+            for fmt in ArchiveFormat}
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A folder each example empties and reuses (hypothesis runs many examples per test)."""
+    yield tmp_path_factory.mktemp("scratch")
+
+
+def loads_or_refuses_cleanly(path: Path) -> None:
+    """Predictor(path) either loads and predicts, or raises one clean BertedgeError."""
+    try:
+        predictor = Predictor(path, threads=1)
+    except BertedgeError as e:
+        assert str(e) and "\n" not in str(e)
+        return
+    predictor.predict(["a good film"])
+
+
+# ----------------------------------------------------------------------------- manifests
+
+
+@FUZZ
+@given(changes=st.dictionaries(st.sampled_from(FIELDS), JSON, min_size=1, max_size=4),
+       dropped=st.sets(st.sampled_from(FIELDS), max_size=2))
+def test_random_manifest_fields(bundle: Path, scratch: Path, changes: dict[str, Any],
+                                dropped: set[str]) -> None:
+    copy = Path(tempfile.mkdtemp(dir=scratch))
+    for name in ("model.onnx", "tokenizer.json"):
+        shutil.copy(bundle / name, copy / name)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest.update(changes)
+    for key in dropped:
+        manifest.pop(key, None)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    loads_or_refuses_cleanly(copy)
+    shutil.rmtree(copy)
+
+
+@FUZZ
+@given(raw=st.binary(max_size=200) | JSON.map(lambda v: json.dumps(v).encode()))
+def test_random_manifest_documents(bundle: Path, scratch: Path, raw: bytes) -> None:
+    copy = Path(tempfile.mkdtemp(dir=scratch))
+    shutil.copy(bundle / "tokenizer.json", copy / "tokenizer.json")
+    (copy / "manifest.json").write_bytes(raw)
+    loads_or_refuses_cleanly(copy)
+    shutil.rmtree(copy)
+
+
+# ----------------------------------------------------------------------------- archives
+
+
+@FUZZ
+@given(fmt=st.sampled_from(list(ArchiveFormat)), cut=st.floats(0, 1), flips=st.lists(
+    st.tuples(st.floats(0, 1, exclude_max=True), st.integers(1, 255)), max_size=3))
+def test_truncated_or_damaged_archives(archives: dict[ArchiveFormat, bytes], scratch: Path,
+                                       fmt: ArchiveFormat, cut: float,
+                                       flips: list[tuple[float, int]]) -> None:
+    data = bytearray(archives[fmt][: int(len(archives[fmt]) * cut)])
+    for where, mask in flips:
+        if data:
+            data[int(where * len(data))] ^= mask
+    path = Path(tempfile.mkdtemp(dir=scratch)) / f"bundle.{fmt.value}"
+    path.write_bytes(bytes(data))
+    loads_or_refuses_cleanly(path)
+    shutil.rmtree(path.parent)
+
+
+# ----------------------------------------------------------------------------- request bodies
+
+
+@pytest.fixture(scope="module")
+def client(bundle: Path) -> Iterator[TestClient]:
+    with TestClient(create_app(Predictor(bundle, threads=1), LIMITS)) as c:
+        yield c
+
+
+TEXT = st.text(max_size=40) | st.sampled_from(["", " ", "a good film", "x" * 301, "\ud800"])
+ITEM = TEXT | st.lists(TEXT, max_size=3) | st.dictionaries(
+    st.sampled_from(["text", "text_pair", "question", "context", "other"]), TEXT | JSON, max_size=3)
+
+
+def assert_clean(response: Any) -> None:
+    assert response.status_code < 500, response.text
+    body = response.json()
+    if response.status_code != 200:
+        assert body["error"] and isinstance(body["problems"], list)
+    else:
+        assert len(body["predictions"]) >= 1
+
+
+@FUZZ
+@given(body=JSON | st.fixed_dictionaries({"texts": TEXT | st.lists(ITEM, max_size=10) | JSON}))
+def test_random_json_bodies(client: TestClient, body: Any) -> None:
+    raw = json.dumps(body).encode()  # json.dumps escapes lone surrogates as \ud800
+    assert_clean(client.post("/v1/predict", content=raw, headers={"content-type": "application/json"}))
+
+
+@FUZZ
+@given(raw=st.binary(max_size=300))
+def test_random_bytes_bodies(client: TestClient, raw: bytes) -> None:
+    assert_clean(client.post("/v1/predict", content=raw, headers={"content-type": "application/json"}))
