@@ -406,6 +406,9 @@ def predict(**opts: Any) -> None:
         providers=opts["providers"], report=not opts["quiet"], aggregation=opts["aggregation"],
         top_k=opts["top_k"], expect_digest=opts["expect_digest"],
     )
+    if sys.stdout is None:  # started with stdout closed (`>&-`): Python leaves sys.stdout unset
+        raise BertedgeError("stdout is closed, so predictions have nowhere to go",
+                            "redirect it instead: > predictions.jsonl")
     try:
         run_predict(args, sys.stdout, sys.stderr)
     except BrokenPipeError:  # `| head` closed the pipe: stop quietly, like other Unix tools
@@ -431,7 +434,8 @@ def predict_ray(opts: dict[str, Any]) -> None:
         text_columns=tuple(csv_list(opts["text_column"])), pair_columns=tuple(csv_list(opts["text_pair_column"])),
         id_column=opts["id_column"], address=opts["address"], actors=opts["actors"],
         threads_per_actor=opts["threads_per_actor"], batch_size=opts["batch_size"],
-        providers=opts["providers"], progress=not opts["quiet"],
+        providers=opts["providers"], progress=not opts["quiet"], aggregation=opts["aggregation"],
+        top_k=opts["top_k"],
         transport=BundleTransport.AUTO if ship is None else BundleTransport.SHIP if ship else BundleTransport.PATH,
     ))
     click.echo(report.format(), err=True)
@@ -448,6 +452,8 @@ def predict_ray(opts: dict[str, Any]) -> None:
                    "many short ones (0 = no cap).")
 @click.option("--max-wait-ms", default=5.0, show_default=True,
               help="Longest a request waits for others to join its batch.")
+@click.option("--workers", default=0, show_default=True,
+              help="Batches predicted at once, each on its own thread (0 = auto).")
 @click.option("--max-queue", default=512, show_default=True,
               help="Most texts waiting for a batch; beyond it requests get 503 with Retry-After.")
 @click.option("--request-timeout", default=30.0, show_default=True,
@@ -489,7 +495,8 @@ def serve(**opts: Any) -> None:
                          run_batch_size=opts["run_batch_size"] or None, max_texts=opts["max_texts"],
                          max_chars=opts["max_chars"], threads=opts["threads"] or None,
                          providers=opts["providers"], max_queue=opts["max_queue"],
-                         request_timeout_s=opts["request_timeout"], expect_digest=opts["expect_digest"])
+                         request_timeout_s=opts["request_timeout"], expect_digest=opts["expect_digest"],
+                         workers=opts["workers"])
     run(ServeArgs(bundle=opts["bundle"], host=opts["host"], port=opts["port"], config=config,
                   log_level=opts["log_level"], access_log=opts["access_log"],
                   graceful_timeout_s=opts["graceful_timeout"]))

@@ -13,6 +13,7 @@ import time
 import tracemalloc
 import types
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -245,7 +246,7 @@ def test_core_dependencies_leave_out_the_build_stack() -> None:
 
 
 def records(data: bytes, fmt: InputFormat, **kw) -> list[tuple]:  # type: ignore[no-untyped-def, type-arg]
-    return [tuple(r) for r in read_records(io.BytesIO(data), fmt, **kw)]
+    return [tuple(r)[:4] for r in read_records(io.BytesIO(data), fmt, **kw)]
 
 
 def test_read_lines_decodes_each_line_on_its_own() -> None:
@@ -399,6 +400,109 @@ def test_cli_predict_errors_are_one_line_and_non_zero(bundle: Path, tmp_path: Pa
         result = runner.invoke(cli, args)
         assert result.exit_code == 1, (args, result.output)
         assert result.output.startswith("Error: ") and result.output.count("\n") == 1, result.output
+
+
+def test_lone_surrogate_line_is_one_error_record(bundle: Path, tmp_path: Path) -> None:
+    """A JSON escape of half a UTF-16 pair used to abort the run with no line written."""
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"text": "good film"}\n{"text": "bad \\ud800"}\n{"id": "x\\udfff", "text": "ok"}\n'
+                    '{"text": "awful"}\n', encoding="utf-8")
+    result = CliRunner().invoke(cli, ["predict", str(bundle), "-i", str(path), "-q"])
+    assert result.exit_code == 0, result.output
+    out = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["line"] for r in out] == [1, 2, 3, 4]
+    assert "lone surrogate" in out[1]["error"] and "\\ud800" in out[1]["error"]
+    assert "id holds a lone surrogate" in out[2]["error"]
+    assert "label" in out[0] and "label" in out[3]
+
+
+def test_csv_unterminated_quote_names_its_line_and_keeps_later_rows(bundle: Path, tmp_path: Path) -> None:
+    """An open quote used to swallow every later row into one field: 3 rows in, 2 out, exit 0."""
+    got = records(b'text,label\ngood film,1\n"awful,0\ngreat,1\n', InputFormat.CSV)
+    assert [g[0] for g in got] == [2, 3, 4]
+    assert got[0][1] == ("good film", None) and got[2][1] == ("great", None)
+    assert got[1][1] is None and got[1][2].startswith("unterminated quote")
+    # a quoted field may still span lines
+    assert records(b'text\n"two\nlines"\nnext\n', InputFormat.CSV) == [
+        (3, ("two\nlines", None), None, False), (4, ("next", None), None, False)]
+    path = tmp_path / "q.csv"
+    path.write_bytes(b'text,label\ngood film,1\n"awful,0\ngreat,1\n')
+    result = CliRunner().invoke(cli, ["predict", str(bundle), "-i", str(path), "-q"])
+    out = [json.loads(line) for line in result.stdout.splitlines()]
+    assert result.exit_code == 0 and len(out) == 3 and out[1]["line"] == 3 and "unterminated quote" in out[1]["error"]
+
+
+def test_ids_pass_through_local_predict(bundle: Path, tmp_path: Path) -> None:
+    jl = tmp_path / "in.jsonl"
+    jl.write_text('{"id": 7, "text": "good"}\n{"id": "a", "text": ""}\n{"text": "no id"}\n', encoding="utf-8")
+    out = [json.loads(line) for line in CliRunner().invoke(cli, ["predict", str(bundle), "-i", str(jl), "-q"]).stdout.splitlines()]
+    assert out[0]["id"] == 7 and out[1] == {"line": 2, "id": "a", "error": "empty text"} and "id" not in out[2]
+    csv_path = tmp_path / "in.csv"
+    csv_path.write_text("id,text\n0012,good\n13,\n", encoding="utf-8")
+    out = [json.loads(line) for line in CliRunner().invoke(cli, ["predict", str(bundle), "-i", str(csv_path), "-q"]).stdout.splitlines()]
+    assert [r["id"] for r in out] == ["0012", "13"]  # CSV ids are text, kept as written
+
+
+def test_closed_stdin_and_stdout_are_one_line(bundle: Path) -> None:
+    cmd = [sys.executable, "-m", "bertedge", "predict", str(bundle), "-q"]
+    closed_in = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                               preexec_fn=lambda: os.close(0))
+    assert closed_in.returncode == 1 and closed_in.stderr.startswith("Error: stdin is closed"), closed_in.stderr
+    assert closed_in.stderr.count("\n") == 1
+    closed_out = subprocess.run([*cmd, "good film"], stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: os.close(1))
+    assert closed_out.returncode == 1 and closed_out.stderr.startswith("Error: stdout is closed"), closed_out.stderr
+    assert closed_out.stderr.count("\n") == 1
+
+
+# ----------------------------------------------------------------------------- per-item isolation
+
+
+@pytest.fixture(scope="module")
+def qa_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from test_matrix import task_bundle
+
+    root = tmp_path_factory.getbasetemp() / "task-bundles"
+    root.mkdir(exist_ok=True)
+    return task_bundle(root, "qa")
+
+
+def test_qa_question_longer_than_a_window_is_a_clean_per_item_error(qa_bundle: Path) -> None:
+    p = Predictor(qa_bundle, threads=1)
+    context = "john smith lives in paris and works at acme corp ."
+    long_question = "who " * 40
+    with pytest.raises(BertedgeError, match=r"item 1: the question .* tokens.*shorten the question to at most \d+ tokens"):
+        p.predict([("where does john live ?", context), (long_question, context)])
+    items: list[Any] = [("where does john live ?", context), (long_question, context), ("who ?", None),
+                        {"question": "where ?", "context": context}]
+    got = p.predict_isolated(items)
+    assert "answer" in got[0] and "answer" in got[3]
+    assert "shorten the question" in got[1]["error"] and got[2] == {"error": "a QA item needs a question and a context"}
+    assert got[0] == p.predict([items[0]])[0]  # the bad neighbours changed nothing
+
+
+def test_predict_stream_isolates_bad_items_in_a_window(qa_bundle: Path) -> None:
+    from bertedge.runtime.records import InputRecord
+
+    p = Predictor(qa_bundle, threads=1)
+    context = "john smith lives in paris ."
+    recs = [InputRecord(1, ("where does john live ?", context)), InputRecord(2, ("who " * 40, context)),
+            InputRecord(3, ("q", None)), InputRecord(4, ("who lives in paris ?", context), id=9)]
+    out = [r for _, r in predict_stream(p, recs, window=8)]
+    assert [r["line"] for r in out] == [1, 2, 3, 4] and ["error" in r for r in out] == [False, True, True, False]
+    assert out[3]["id"] == 9
+
+
+def test_max_length_beyond_positions_fails_at_load(bundle: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["max_positions"] = 16  # max_length is 32
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BertedgeError, match=r"max_length 32 .* outside 1\.\.16"):
+        Predictor(copy)
 
 
 # ----------------------------------------------------------------------------- latency report

@@ -12,7 +12,7 @@ from tiny import make_tokenizer
 from bertedge.build.finetune import FinetuneArgs, finetune
 from bertedge.errors import BertedgeError
 from bertedge.runtime.features import load_tokenizer
-from bertedge.runtime.tasks import NER, QA, QaExamples, ner, qa
+from bertedge.runtime.tasks import NER, QA, DecodeOptions, QaExamples, ner, qa
 
 LABELS = ["O", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-PER", "I-PER"]
 
@@ -73,16 +73,20 @@ def _logits_for(tags_per_token: list[str]) -> np.ndarray:
 def test_entities_map_to_character_spans(tok, strategy: ner.Aggregation) -> None:  # type: ignore[no-untyped-def]
     text = "Jöhn  Smith lives in Pâris,  France!"
     tok.enable_truncation(64)
-    enc = ner.encode_texts(tok, [text]).encodings[0]
+    features = NER.encode_items(tok, [(text, None)], 10_000)
     tok.no_truncation()
-    per_word = {0: "B-PER", 1: "I-PER", 4: "B-LOC", 6: "B-LOC"}  # words: jöhn smith lives in pâris , france !
+    enc = features.encodings[0]
+    per_word = {0: "B-PER", 1: "I-PER", 4: "B-LOC", 5: "B-LOC"}  # whitespace words: ... in pâris, france!
     token_tags = ["O" if w is None else per_word.get(w, "O") for w in enc.word_ids]
-    # later sub-words of a word repeat an I- tag as a real model would
-    for t in range(1, len(token_tags)):
+    # with `simple`, later sub-words of a word carry an I- tag of their own; otherwise they
+    # repeat the word's tag, so every strategy sees a confident word
+    for t in range(1, len(token_tags) if strategy is ner.Aggregation.SIMPLE else 0):
         w = enc.word_ids[t]
         if w is not None and w == enc.word_ids[t - 1] and token_tags[t].startswith("B-"):
             token_tags[t] = "I-" + token_tags[t][2:]
-    entities = ner.group_entities(text, _logits_for(token_tags), enc.word_ids, enc.offsets, LABELS, strategy)
+    entities = NER.decode([(text, None)], features, [{"logits": _logits_for(token_tags)}], LABELS,
+                          DecodeOptions(aggregation=strategy))[0]["entities"]
+    # punctuation stuck to a word is trimmed from the entity ("Pâris," -> "Pâris")
     assert [(e["type"], e["text"], e["start"], e["end"]) for e in entities] == [
         ("PER", "Jöhn  Smith", 0, 11), ("LOC", "Pâris", 21, 26), ("LOC", "France", 29, 35)]
     assert all(0.9 < e["score"] <= 1.0 for e in entities)
@@ -261,3 +265,52 @@ def test_qa_cli_end_to_end_matches_pytorch(tmp_path: Path) -> None:
                                          "--top-k", "2").splitlines()]
     assert lines[0]["answer"] == got["answer"] and "error" in lines[1]
     assert len(lines[0]["answers"]) == 2 and lines[0]["answers"][0]["text"] == got["answer"]
+
+
+def lenient_spans(tags: list[str]) -> list[tuple[str, int, int]]:
+    """Entities over words as the runtime groups them: B-X starts, I-X continues an open X,
+    any other I-X starts one, O closes."""
+    spans: list[list] = []  # type: ignore[type-arg]
+    open_kind = None
+    for i, tag in enumerate(tags):
+        kind = tag[2:] if tag != "O" else None
+        if kind and tag.startswith("I-") and open_kind == kind:
+            spans[-1][2] = i
+            continue
+        open_kind = kind
+        if kind:
+            spans.append([kind, i, i])
+    return [tuple(s) for s in spans]  # type: ignore[misc]
+
+
+def test_runtime_ner_matches_the_training_path_on_joined_words(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """`predict` on a whitespace-joined sentence gives the entities the training / eval path
+    gives on its words, also for words the pre-tokenizer would split ("u.s.", "john-smith")."""
+    import bisect
+    import random
+
+    from test_matrix import task_bundle
+
+    from bertedge.runtime import Predictor
+
+    root = tmp_path_factory.getbasetemp() / "task-bundles"
+    root.mkdir(exist_ok=True)
+    bundle = task_bundle(root, "ner")
+    p = Predictor(bundle, threads=1)
+    rng = random.Random(0)
+    pool = ["john", "smith", "paris", "u.s.", "john-smith", "paris,", "1-0", "(acme)", "corp.", "france!",
+            "lives", "in", "the", "team", "a.b.c", "o'neil"]
+    sentences = [[rng.choice(pool) for _ in range(rng.randint(3, 8))] for _ in range(30)]
+    labels = list(p.labels)
+    tok = load_tokenizer(bundle / "tokenizer.json")
+    features = NER.encode(tok, ner.NerExamples(sentences, None, labels, "t", [1] * len(sentences)), p.max_length, 0)
+    outputs = [{"logits": p.run_encodings([enc])["logits"][0][: len(enc.ids)]} for enc in features.encodings]
+    trained = NER.predict(outputs, features, ner.NerExamples(sentences, None, labels, "t", [0] * len(sentences)), labels)
+    served = p.predict([" ".join(words) for words in sentences])
+    for words, tags, result in zip(sentences, trained, served, strict=True):
+        text = " ".join(words)
+        starts = ner.split_words(text)[1]
+        got = [(e["type"], bisect.bisect_right(starts, e["start"]) - 1, bisect.bisect_right(starts, e["end"] - 1) - 1)
+               for e in result["entities"]]
+        assert got == lenient_spans(tags), text
+    assert any(lenient_spans(tags) for tags in trained)  # the comparison is not vacuous

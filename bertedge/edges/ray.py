@@ -12,7 +12,7 @@ error rows and line numbers match `--engine local` exactly), and every predictio
 
 Ids. Every output row carries `row` (0-based data row within its file), `line` (1-based physical
 line, the `line` of `--engine local`; empty for Parquet) and `id`: the input's id column
-(`id_column`, default "id" when present; text) or else `row`. With several input files the rows
+(`id_column`, default "id" when present; unchanged: integers stay integers, CSV ids are text) or else `row`. With several input files the rows
 also carry `file` (the path), and the id is the pair (file, row). Output is ordered by (file, row)
 so it diffs line by line with `--engine local`.
 
@@ -47,7 +47,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -61,7 +61,6 @@ TEXT_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".txt", ".text")
 FAULT_MARKER_ENV = "BERTEDGE_RAY_FAULT_MARKER"  # test hook: an actor that finds this file deletes it, then dies
 WINDOW_BATCHES = 8  # rows per actor call = 8 inference batches, as the local engine's read window
 BLOCKS_PER_ACTOR = 8  # input blocks per actor: load balance and a small retry unit
-PROBE_TEXT = "a"  # predicted once per actor to learn the output schema (works for any task)
 
 
 class BundleTransport(str, enum.Enum):
@@ -96,6 +95,8 @@ class DistributedArgs:
     threads_per_actor: int = 1  # CPUs reserved per actor = onnxruntime intra-op threads
     batch_size: int = 32  # items per inference batch (an actor call gets 8 batches)
     providers: str | None = None  # onnxruntime providers, as `bertedge predict --providers`
+    aggregation: str = "first"  # NER: simple, first, max or average, as `bertedge predict --aggregation`
+    top_k: int = 1  # QA: answer spans per question, as `bertedge predict --top-k`
     transport: BundleTransport = BundleTransport.AUTO  # how the bundle reaches the actors
     num_cpus: int | None = None  # CPUs of a local instance started here (None: all)
     max_line_bytes: int = 1 << 20  # longer input lines are cut (txt) or become error rows
@@ -113,7 +114,8 @@ class DistributedArgs:
                                   else OutputFormat.PARQUET)
         self.output_format = OutputFormat(self.output_format)
         problems = [p for p in (positive("--actors", self.actors), positive("--batch-size", self.batch_size),
-                                positive("--threads-per-actor", self.threads_per_actor)) if p]
+                                positive("--threads-per-actor", self.threads_per_actor),
+                                positive("--top-k", self.top_k)) if p]
         if not self.bundle.exists():
             problems.append(f"bundle '{self.bundle}' does not exist")
         try:
@@ -244,28 +246,53 @@ def columns_of(path: Path, max_line_bytes: int) -> list[str]:
     return []
 
 
-def resolve_id_column(args: DistributedArgs) -> str | None:
-    """The id column to use, checked against the first file; None means row numbers."""
+def resolve_id_column(args: DistributedArgs) -> tuple[str | None, bool]:
+    """The id column to use (None: row numbers), checked against the first file, and whether
+    its ids are integers (from the first file's schema or first JSON record; CSV ids are text)."""
     columns = columns_of(args.files[0], args.max_line_bytes)
     if args.id_column is None:
-        return "id" if "id" in columns else None
-    if args.id_column not in columns:
+        column = "id" if "id" in columns else None
+    elif args.id_column not in columns:
         raise BertedgeError(f"--id-column '{args.id_column}' is not in '{args.files[0].name}' "
                             f"(columns: {', '.join(columns) or 'none'})",
                             "name an existing column, or leave --id-column out to use row numbers")
-    return args.id_column
+    else:
+        column = args.id_column
+    return column, column is not None and integer_ids(args.files[0], column, args.max_line_bytes)
 
 
-def parsed_schema(id_is_text: bool) -> pa.Schema:
+def integer_ids(path: Path, column: str, max_line_bytes: int) -> bool:
+    """Whether a file's ids are integers: its Parquet column type, or its first JSON record's id."""
+    if path.suffix.lower() in PARQUET_SUFFIXES:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        return bool(pa.types.is_integer(pq.read_schema(path).field(column).type))
+    from bertedge.runtime.records import InputFormat, input_format_of, read_records
+
+    if input_format_of(path) is not InputFormat.JSONL:
+        return False
+    with path.open("rb") as f:
+        for record in read_records(f, InputFormat.JSONL, ("\0",), (), max_line_bytes, column):
+            if record.id is not None:
+                return is_int(record.id)
+    return False
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def parsed_schema(int_ids: bool) -> pa.Schema:
     import pyarrow as pa
 
     return pa.schema([("file", pa.int32()), ("row", pa.int64()), ("line", pa.int64()),
-                      ("id", pa.string() if id_is_text else pa.int64()), ("text", pa.large_string()),
+                      ("id", pa.int64() if int_ids else pa.string()), ("text", pa.large_string()),
                       ("text_pair", pa.large_string()), ("error", pa.string()), ("cut", pa.bool_())])
 
 
 def parse_files(batch: pa.Table, files: list[str], text_columns: tuple[str, ...],
-                pair_columns: tuple[str, ...], id_column: str | None,
+                pair_columns: tuple[str, ...], id_column: str | None, int_ids: bool,
                 max_line_bytes: int, block_rows: int) -> Iterator[pa.Table]:
     """Ray task: input files (bytes + path) -> one row per input record, errors included.
 
@@ -274,13 +301,15 @@ def parse_files(batch: pa.Table, files: list[str], text_columns: tuple[str, ...]
     import pyarrow as pa
 
     index = {f: i for i, f in enumerate(files)}
-    schema = parsed_schema(id_column is not None)
+    schema = parsed_schema(int_ids or id_column is None)
     rows: list[dict[str, Any]] = []
     for data, path in zip(batch.column("bytes").to_pylist(), batch.column("path").to_pylist(), strict=True):
         file_index = index[str(Path(path).resolve())]
         parse = parse_parquet if Path(path).suffix.lower() in PARQUET_SUFFIXES else parse_text
         for row in parse(data, Path(path), text_columns, pair_columns, id_column, max_line_bytes):
             row["file"] = file_index
+            if id_column is not None:
+                fit_id(row, int_ids)
             rows.append(row)
             if len(rows) == block_rows:
                 yield pa.Table.from_pylist(rows, schema=schema)
@@ -289,39 +318,32 @@ def parse_files(batch: pa.Table, files: list[str], text_columns: tuple[str, ...]
         yield pa.Table.from_pylist(rows, schema=schema)
 
 
+def fit_id(row: dict[str, Any], int_ids: bool) -> None:
+    """Make a row's id fit the id column's type: integers stay integers, other JSON values
+    become their JSON text; an id that breaks the column's type makes the row an error row."""
+    value = row["id"]
+    if value is None or (is_int(value) if int_ids else isinstance(value, str)):
+        return
+    if not int_ids:
+        row["id"] = json.dumps(value)
+        return
+    row["id"] = None
+    if row["error"] is None:
+        row["text"] = row["text_pair"] = None
+        row["error"] = f"id {json.dumps(value)[:40]} is not an integer like the first record's"
+
+
 def parse_text(data: bytes, path: Path, text_columns: tuple[str, ...], pair_columns: tuple[str, ...],
                id_column: str | None, max_line_bytes: int) -> Iterator[dict[str, Any]]:
-    """Rows of a JSONL / CSV / TSV / TXT file through the local engine's own reader."""
+    """Rows of a JSONL / CSV / TSV / TXT file through the local engine's own reader (ids included)."""
     from bertedge.runtime.records import input_format_of, read_records
 
     fmt = input_format_of(path)
-    records = read_records(io.BytesIO(data), fmt, text_columns, pair_columns, max_line_bytes)
-    ids = text_ids(data, path, id_column, max_line_bytes) if id_column else None
+    records = read_records(io.BytesIO(data), fmt, text_columns, pair_columns, max_line_bytes, id_column)
     for row, record in enumerate(records):
         item = record.item or (None, None)
-        yield {"row": row, "line": record.line, "id": ids.get(record.line) if ids is not None else row,
+        yield {"row": row, "line": record.line, "id": record.id if id_column else row,
                "text": item[0], "text_pair": item[1], "error": record.error, "cut": record.truncated}
-
-
-def text_ids(data: bytes, path: Path, id_column: str, max_line_bytes: int) -> dict[int, str | None]:
-    """Line number -> id value of a JSONL / CSV / TSV file (JSON numbers as their JSON text)."""
-    from bertedge.runtime.records import InputFormat, input_format_of, read_lines, read_records
-
-    fmt = input_format_of(path)
-    if fmt in (InputFormat.CSV, InputFormat.TSV):  # the same reader, with the id as its "text"
-        try:
-            records = list(read_records(io.BytesIO(data), fmt, (id_column,), (), max_line_bytes))
-        except BertedgeError:  # this file has no id column: its rows keep a null id
-            return {}
-        return {r.line: r.item[0] if r.item else None for r in records}
-    ids: dict[int, str | None] = {}
-    for line in read_lines(io.BytesIO(data), max_line_bytes):
-        try:
-            value = json.loads(line.text or "").get(id_column)
-        except (json.JSONDecodeError, AttributeError):
-            value = None
-        ids[line.number] = value if value is None or isinstance(value, str) else json.dumps(value)
-    return ids
 
 
 def parse_parquet(data: bytes, path: Path, text_columns: tuple[str, ...], pair_columns: tuple[str, ...],
@@ -344,7 +366,7 @@ def parse_parquet(data: bytes, path: Path, text_columns: tuple[str, ...], pair_c
     for row, (text, pair, id_) in enumerate(zip(texts, pairs, ids, strict=True)):
         checked = as_pair((decoded(text), decoded(pair)))
         good = not isinstance(checked, str)
-        yield {"row": row, "line": None, "id": id_ if id_ is None or not id_column else str(id_),
+        yield {"row": row, "line": None, "id": id_,
                "text": checked[0] if good else None, "text_pair": checked[1] if good else None,
                "error": None if good else undecodable(text, pair) or checked, "cut": False}
 
@@ -374,14 +396,16 @@ class BundlePredictor:
     """
 
     def __init__(self, bundle: str, shipped: list[Any] | None, providers: str | None, threads: int,
-                 batch_size: int, progress: Any = None, fault_marker: str | None = None) -> None:
+                 batch_size: int, progress: Any = None, fault_marker: str | None = None,
+                 aggregation: str = "first", top_k: int = 1) -> None:
         from bertedge.runtime.predictor import Predictor
 
         self.fault_marker = fault_marker
         self.progress = progress
         with tempfile.TemporaryDirectory(prefix="bertedge-ray-") as tmp:
             path = unpack_shipped(shipped, Path(tmp)) if shipped else Path(bundle)
-            self.predictor = Predictor(path, providers=providers, threads=threads, batch_size=batch_size)
+            self.predictor = Predictor(path, providers=providers, threads=threads, batch_size=batch_size,
+                                       aggregation=aggregation, top_k=top_k)
         self.schema = result_schema(self.predictor)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -402,19 +426,9 @@ class BundlePredictor:
         return keys
 
     def predict_rows(self, items: list[tuple[str, str | None]]) -> list[dict[str, Any]]:
-        """Predictions for a window; if the predictor rejects it, item by item to isolate the bad ones."""
-        if not items:
-            return []
-        try:
-            return self.predictor.predict(items)
-        except BertedgeError:
-            out: list[dict[str, Any]] = []
-            for item in items:
-                try:
-                    out.extend(self.predictor.predict([item]))
-                except BertedgeError as e:
-                    out.append({"status": "error", "reason": e.problem})
-            return out
+        """Predictions for a window; an item the predictor rejects gets its own error row."""
+        results = self.predictor.predict_isolated(items)
+        return [{"status": "error", "reason": r["error"]} if "error" in r else r for r in results]
 
     def maybe_die(self) -> None:
         """Test hook: hard-kill this actor once (the marker is deleted first, so the retry lives)."""
@@ -437,12 +451,26 @@ def unpack_shipped(shipped: list[Any], folder: Path) -> Path:
 
 
 def result_schema(predictor: Any) -> pa.Schema:
-    """Output columns from one probe prediction, plus status, reason and truncated."""
+    """Output columns from the task's result schema, plus status, reason and truncated."""
     import pyarrow as pa
 
-    probe = {k: v for k, v in predictor.predict([PROBE_TEXT])[0].items() if k != "truncated"}
-    fields = list(pa.Table.from_pylist([probe]).schema)
+    fields = [(name, arrow_type(spec)) for name, spec in predictor.output_schema().items() if name != "truncated"]
     return pa.schema([*fields, ("truncated", pa.bool_()), ("status", pa.string()), ("reason", pa.string())])
+
+
+def arrow_type(spec: Any) -> pa.DataType:
+    """A pyarrow type from a task's pyarrow-free schema (`bertedge.runtime.tasks.Schema`).
+
+    >>> str(arrow_type([{"text": "string", "score": "float64"}]))
+    'list<item: struct<text: string, score: double>>'
+    """
+    import pyarrow as pa
+
+    if isinstance(spec, dict):
+        return pa.struct([(name, arrow_type(inner)) for name, inner in spec.items()])
+    if isinstance(spec, list):
+        return pa.list_(arrow_type(spec[0]))
+    return {"string": pa.string(), "int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_()}[spec]
 
 
 def result_table(results: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
@@ -489,7 +517,9 @@ def predict_dataset(args: DistributedArgs, log: TextIO | None = None) -> Distrib
         raise BertedgeError("--engine ray needs Ray", "pip install 'bertedge[ray]'") from None
     log = log or sys.stderr
     started = time.perf_counter()
-    id_column = resolve_id_column(args)
+    text_columns, pair_columns = bundle_task(args.bundle).columns(args.text_columns, args.pair_columns)
+    args = replace(args, text_columns=text_columns, pair_columns=pair_columns)
+    id_column, int_ids = resolve_id_column(args)
     owned = not ray.is_initialized()
     if owned:
         ray.init(address=args.address, num_cpus=args.num_cpus if not (args.address or os.environ.get(
@@ -501,7 +531,7 @@ def predict_dataset(args: DistributedArgs, log: TextIO | None = None) -> Distrib
     level = ray_data_log.level
     ray_data_log.setLevel(logging.WARNING)  # Ray Data's per-stage INFO lines drown the progress
     try:
-        return run_job(args, id_column, log, started, time.perf_counter() - started)
+        return run_job(args, id_column, int_ids, log, started, time.perf_counter() - started)
     except Exception as e:  # Ray wraps a worker's BertedgeError; show the user the original
         cause = user_error_in(e)
         if cause is None:
@@ -511,6 +541,16 @@ def predict_dataset(args: DistributedArgs, log: TextIO | None = None) -> Distrib
         ray_data_log.setLevel(level)
         if owned:
             ray.shutdown()
+
+
+def bundle_task(bundle: Path) -> Any:
+    """The bundle's task, after verifying it here on the driver (checksums included), so a
+    corrupt or unreadable bundle is one clean error before Ray starts, not an actor traceback."""
+    from bertedge.runtime.bundle import open_bundle
+    from bertedge.runtime.meta import meta_from_manifest
+
+    with open_bundle(bundle) as opened:
+        return meta_from_manifest(opened.manifest).task
 
 
 def user_error_in(error: BaseException) -> BertedgeError | None:
@@ -525,7 +565,7 @@ def user_error_in(error: BaseException) -> BertedgeError | None:
     return None
 
 
-def run_job(args: DistributedArgs, id_column: str | None, log: TextIO, started: float,
+def run_job(args: DistributedArgs, id_column: str | None, int_ids: bool, log: TextIO, started: float,
             init_s: float) -> DistributedReport:
     """The Ray Data pipeline on a connected Ray; see the module docstring."""
     import ray
@@ -547,7 +587,7 @@ def run_job(args: DistributedArgs, id_column: str | None, log: TextIO, started: 
     parsed = ray.data.read_binary_files(files, include_paths=True).map_batches(
         parse, batch_size=1, batch_format="pyarrow", zero_copy_batch=True,
         fn_kwargs={"files": files, "text_columns": args.text_columns, "pair_columns": args.pair_columns,
-                   "id_column": id_column, "max_line_bytes": args.max_line_bytes,
+                   "id_column": id_column, "int_ids": int_ids, "max_line_bytes": args.max_line_bytes,
                    "block_rows": window}).materialize()
     rows_in = parsed.count()
     if rows_in == 0:
@@ -568,6 +608,7 @@ def run_job(args: DistributedArgs, id_column: str | None, log: TextIO, started: 
         fn_constructor_kwargs={"bundle": str(args.bundle), "shipped": shipped,
                                "providers": args.providers, "threads": args.threads_per_actor,
                                "batch_size": args.batch_size, "progress": counter,
+                               "aggregation": args.aggregation, "top_k": args.top_k,
                                "fault_marker": os.environ.get(FAULT_MARKER_ENV)},
     )  # Ray Data's actor pools default to max_restarts=-1, max_task_retries=-1: a killed actor
     # restarts and its batch is retried (tests/test_distributed.py kills one to check)

@@ -37,20 +37,22 @@ def predict_stream(predictor: Predictor, records: Iterable[InputRecord], window:
     """(record, result) for every record, in input order; error records pass through as {"error"}.
 
     Reads `window` records at a time (sorted by length inside the window), so memory stays
-    constant however long the input is.
+    constant however long the input is. An item the model refuses (e.g. a QA line without a
+    context) becomes its own error record; the rest of its window is still predicted. A record
+    with an id carries it into its result unchanged.
     """
     for chunk in batched(records, window):
         good = [r.item for r in chunk if r.item is not None]
-        answers = iter(predictor.predict(good, timings=timings))
+        answers = iter(predictor.predict_isolated(good, timings=timings))
         for record in chunk:
+            head: Result = {"line": record.line} if record.id is None else {"line": record.line, "id": record.id}
             if record.item is None:
-                yield record, {"line": record.line, "error": record.error}
+                yield record, {**head, "error": record.error}
                 continue
-            result = {"line": record.line, **next(answers)}
-            if record.truncated:
+            result = {**head, **next(answers)}
+            if record.truncated and "error" not in result:
                 result["truncated"] = True
             yield record, result
-
 
 
 # ----------------------------------------------------------------------------- predict command
@@ -123,10 +125,7 @@ def run_predict(args: PredictArgs, stdout: TextIO, stderr: TextIO,
             records: Iterable[InputRecord] = records_from_texts(args.texts)
         else:
             fmt = args.format or input_format_of(args.input if isinstance(args.input, Path) else None)
-            text_columns, pair_columns = args.text_columns, args.pair_columns
-            if predictor.task.name == "qa" and not pair_columns:  # QA reads question + context
-                text_columns = ("question", *text_columns)
-                pair_columns = ("context",)
+            text_columns, pair_columns = predictor.task.columns(args.text_columns, args.pair_columns)
             records = read_records(stream, fmt, text_columns, pair_columns, args.max_line_bytes)
         timings = LatencyRecorder()
         counts = {"items": 0, "errors": 0, "truncated": 0}
@@ -158,7 +157,10 @@ def input_stream(args: PredictArgs, stdin: IO[bytes] | None, stderr: TextIO) -> 
     elif args.texts:
         yield io.BytesIO()
     else:
-        stream = stdin if stdin is not None else sys.stdin.buffer
+        stream = stdin if stdin is not None else getattr(sys.stdin, "buffer", None)
+        if stream is None or stream.closed:
+            raise BertedgeError("stdin is closed, so there are no texts to read",
+                                "pass texts as arguments, --input FILE, or pipe lines in")
         if stream.isatty():
             stderr.write("reading texts from stdin, one per line (Ctrl-D to end)\n")
         yield stream
@@ -167,7 +169,12 @@ def input_stream(args: PredictArgs, stdin: IO[bytes] | None, stderr: TextIO) -> 
 def format_result(record: InputRecord, result: Result, output: OutputFormat) -> str:
     """One output line: a JSON object, or a table row."""
     if output is OutputFormat.JSONL:
-        return json.dumps(result, ensure_ascii=False) + "\n"
+        line = json.dumps(result, ensure_ascii=False)
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate in an id: write it as a JSON escape
+            line = json.dumps(result)
+        return line + "\n"
     text = record.item[0] if record.item else ""
     text = text if len(text) <= 60 else text[:57] + "..."
     if "error" in result:

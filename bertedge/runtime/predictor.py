@@ -14,13 +14,13 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tokenizers import Encoding, Tokenizer
+from tokenizers import Encoding
 
 from bertedge.errors import BertedgeError
 from bertedge.runtime.bundle import open_bundle
@@ -31,87 +31,14 @@ from bertedge.runtime.features import (
     pad_batch,
     pad_id,
 )
-from bertedge.runtime.records import Item, Pair, as_pairs
+from bertedge.runtime.meta import check_max_length, meta_from_manifest
+from bertedge.runtime.records import Item, Pair, as_pair
 from bertedge.runtime.sessions import feed_plan, make_session, resolve_providers
-from bertedge.runtime.tasks import decode_classification, get_task, ner, qa
+from bertedge.runtime.tasks import DecodeOptions, Result
 
-Result = dict[str, Any]
 # A text longer than this many characters per allowed token is cut before tokenizing, so one
 # giant input cannot stall a batch; such a text is far past max_length tokens anyway.
 CHARS_PER_TOKEN_CAP = 64
-
-
-# ----------------------------------------------------------------------------- tasks
-
-
-@dataclass(frozen=True)
-class TaskRuntime:
-    """How a task's items become windows and its graph outputs become answers."""
-
-    check: Callable[[Pair], str | None]  # what is wrong with an item for this task, if anything
-    encode: Callable[[Tokenizer, list[Pair], int], Features]  # (tokenizer, items, char cap)
-    decode: Callable[[Predictor, list[Pair], Features, list[dict[str, np.ndarray]]], list[Result]]
-
-
-def _one_window_each(tokenizer: Tokenizer, pairs: list[Pair], cap: int) -> Features:
-    """Classification / NER: one window per item, truncated at max_length."""
-    cut = [len(t) > cap or (p is not None and len(p) > cap) for t, p in pairs]
-    inputs = [t[:cap] if p is None else (t[:cap], p[:cap]) for t, p in pairs]
-    try:
-        encodings = tokenizer.encode_batch(inputs)
-    except Exception as e:  # e.g. a pair given to a tokenizer with no pair template
-        raise BertedgeError(f"tokenizing failed ({e})", "check the inputs (pairs need a pair-aware tokenizer)") from None
-    return Features(encodings, list(range(len(pairs))),
-                    truncated=[c or bool(e.overflowing) for c, e in zip(cut, encodings, strict=True)])
-
-
-def _qa_windows(tokenizer: Tokenizer, pairs: list[Pair], cap: int) -> Features:
-    """QA: (question, context) -> overlapping windows over the whole context (nothing is cut)."""
-    return qa.encode_qa(tokenizer, [q for q, _ in pairs], [c or "" for _, c in pairs])
-
-
-def _decode_classification(p: Predictor, pairs: list[Pair], w: Features,
-                           outputs: list[dict[str, np.ndarray]]) -> list[Result]:
-    return decode_classification(np.stack([o["logits"] for o in outputs]), list(p.labels))
-
-
-def _decode_ner(p: Predictor, pairs: list[Pair], w: Features, outputs: list[dict[str, np.ndarray]]) -> list[Result]:
-    results = []
-    for (text, _), enc, out in zip(pairs, w.encodings, outputs, strict=True):
-        entities = ner.group_entities(text, out["logits"], enc.word_ids, enc.offsets, p.labels, p.aggregation)
-        results.append({"entities": entities})
-    return results
-
-
-def _decode_qa(p: Predictor, pairs: list[Pair], w: Features, outputs: list[dict[str, np.ndarray]]) -> list[Result]:
-    per_item: list[list[Any]] = [[] for _ in pairs]
-    for enc, owner, out in zip(w.encodings, w.example_index, outputs, strict=True):
-        per_item[owner].append((enc, out["start_logits"], out["end_logits"]))
-    results = []
-    for (_, context), windows in zip(pairs, per_item, strict=True):
-        spans = qa.best_spans(windows, context or "", top_k=p.top_k, max_answer_tokens=p.max_answer_tokens)
-        best = spans[0] if spans else {"text": "", "start": -1, "end": -1, "score": 0.0}
-        result: Result = {"answer": best["text"], "start": best["start"], "end": best["end"], "score": best["score"],
-                          "windows": len(windows)}
-        if p.top_k > 1:
-            result["answers"] = [{k: v for k, v in s.items() if k != "window"} for s in spans]
-        results.append(result)
-    return results
-
-
-def _no_pair(item: Pair) -> str | None:
-    return "this model takes one text, not a pair" if item[1] is not None else None
-
-
-def _needs_pair(item: Pair) -> str | None:
-    return None if item[1] is not None else "a QA item needs a question and a context"
-
-
-TASK_RUNTIMES: dict[str, TaskRuntime] = {
-    "classification": TaskRuntime(check=lambda item: None, encode=_one_window_each, decode=_decode_classification),
-    "ner": TaskRuntime(check=_no_pair, encode=_one_window_each, decode=_decode_ner),
-    "qa": TaskRuntime(check=_needs_pair, encode=_qa_windows, decode=_decode_qa),
-}
 
 
 # ----------------------------------------------------------------------------- latency
@@ -210,7 +137,10 @@ class LatencyRecorder:
 
 
 class Predictor:
-    """A loaded bundle: tokenizer + onnxruntime session + the task's decoder. Thread-safe.
+    """A loaded bundle: tokenizer + onnxruntime session + the task's encoder and decoder. Thread-safe.
+
+    Everything task-specific (item checks, windows, decoding, the result schema) comes from the
+    bundle's `Task` record; the predictor only batches and runs the graph.
 
     Args:
         bundle: bundle folder or .tar.gz / .zip archive (checked against its manifest at load).
@@ -224,7 +154,8 @@ class Predictor:
         expect_digest: refuse any bundle but the one with this digest (printed by `bertedge package`).
 
     Raises:
-        BertedgeError: the bundle is missing, corrupt or truncated, or a provider is unavailable.
+        BertedgeError: the bundle is missing, corrupt or truncated, its max length exceeds the
+            model's positions, an option is invalid, or a provider is unavailable.
     """
 
     def __init__(self, bundle: str | Path, providers: str | Sequence[str] | None = None,
@@ -232,28 +163,19 @@ class Predictor:
                  top_k: int = 1, max_answer_tokens: int = 30, expect_digest: str | None = None) -> None:
         if batch_size < 1:
             raise BertedgeError(f"batch size must be at least 1, got {batch_size}", "use --batch-size 32")
+        self.options = DecodeOptions(aggregation=aggregation, top_k=top_k,  # type: ignore[arg-type]
+                                     max_answer_tokens=max_answer_tokens)
         requested = resolve_providers(providers)
         with open_bundle(bundle, expect_digest=expect_digest) as opened:
             self.manifest: dict[str, Any] = opened.manifest
+            self.meta = meta_from_manifest(self.manifest)
+            check_max_length(self.meta.max_length, self.meta.max_positions, f"the manifest of bundle '{bundle}'")
             self.session = make_session(opened.model_path, requested, threads)
-            self.max_length = int(self.manifest["max_length"])
             self.tokenizer = load_tokenizer(opened.tokenizer_path)
-            self.tokenizer.enable_truncation(self.max_length)
-        self.task = get_task(self.manifest["task"])
-        if self.task.name not in TASK_RUNTIMES:
-            raise BertedgeError(f"this bertedge cannot run '{self.task.name}' bundles yet",
-                                "upgrade: pip install -U bertedge")
-        self.runtime = TASK_RUNTIMES[self.task.name]
-        try:
-            self.aggregation = ner.Aggregation(aggregation)
-        except ValueError:
-            raise BertedgeError(f"unknown NER aggregation '{aggregation}'",
-                                f"use one of: {', '.join(a.value for a in ner.Aggregation)}") from None
-        self.top_k, self.max_answer_tokens = top_k, max_answer_tokens
-        if self.task.name == "qa":
-            stride = int(self.manifest.get("stride") or min(128, self.max_length // 2))
-            qa.configure_windows(self.tokenizer, self.max_length, stride)
-        self.labels: tuple[str, ...] = tuple(self.manifest["labels"])
+        self.task = self.meta.task
+        self.max_length = self.meta.max_length
+        self.task.setup_tokenizer(self.tokenizer, self.max_length, self.meta.stride)
+        self.labels: tuple[str, ...] = self.meta.labels
         self.batch_size = batch_size
         self.pad_id = pad_id(self.tokenizer)
         self.feeds = feed_plan(self.session)
@@ -276,28 +198,81 @@ class Predictor:
         return {**{k: self.manifest.get(k) for k in keys}, "providers": self.providers,
                 "inputs": list(self.feeds)}
 
+    def output_schema(self) -> dict[str, Any]:
+        """The fields of a result (pyarrow-free; see `bertedge.runtime.tasks.Schema`), "truncated" included."""
+        return {**self.task.output_schema(self.labels, self.options), "truncated": "bool"}
+
+    def check(self, item: Item) -> Pair | str:
+        """An item as (text, pair), or what is wrong with it for this model."""
+        checked = as_pair(item)
+        if isinstance(checked, str):
+            return checked
+        return self.task.check_item(checked) or checked
+
     def predict(self, items: Iterable[Item], batch_size: int | None = None,
                 timings: LatencyRecorder | None = None) -> list[Result]:
         """Predict a list of items; results come back in input order.
 
         Args:
-            items: each a str, a (text, pair) tuple or a {"text", "text_pair"} dict.
+            items: each a str, a (text, pair) tuple or a {"text", "text_pair"} dict
+                ({"question", "context"} for QA).
             batch_size: items per batch (default: the predictor's).
             timings: records tokenize / inference / decode time per batch when given.
 
         Returns:
             One dict per item, e.g. {"label", "score", "probabilities"} for classification,
             plus "truncated": True when the item was longer than max_length tokens.
+
+        Raises:
+            BertedgeError: one error listing every bad item (nothing is predicted then).
         """
-        pairs = as_pairs(items)
-        problems = [f"item {i}: {msg}" for i, pair in enumerate(pairs) if (msg := self.runtime.check(pair))]
-        if problems:
-            raise BertedgeError(f"{len(problems)} bad input(s) for a {self.task.name} model: {'; '.join(problems[:5])}",
-                                "QA takes (question, context) pairs or {'question', 'context'} dicts; NER one text")
+        items = list(items)
+        checked = [self.check(item) for item in items]
+        self._raise_for([c if isinstance(c, str) else None for c in checked])
+        pairs = [c for c in checked if not isinstance(c, str)]
+        results = self._predict_pairs(pairs, batch_size, timings)
+        self._raise_for([r.get("error") for r in results])
+        return results
+
+    def predict_isolated(self, items: Iterable[Item], batch_size: int | None = None,
+                         timings: LatencyRecorder | None = None) -> list[Result]:
+        """Like `predict`, but a bad item gives {"error": why} in its place and never fails the others."""
+        checked = [self.check(item) for item in items]
+        good = [i for i, c in enumerate(checked) if not isinstance(c, str)]
+        results: list[Result] = [{"error": c} if isinstance(c, str) else {} for c in checked]
+        predicted = self._predict_pairs([checked[i] for i in good], batch_size, timings)  # type: ignore[misc]
+        for i, result in zip(good, predicted, strict=True):
+            results[i] = result
+        return results
+
+    def _raise_for(self, problems: list[str | None]) -> None:
+        bad = [f"item {i}: {p}" for i, p in enumerate(problems) if p]
+        if bad:
+            more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+            raise BertedgeError(f"{len(bad)} bad input(s): {'; '.join(bad[:5])}{more} (a {self.task.name} model)",
+                                "pass non-empty texts; QA takes (question, context) pairs or "
+                                "{'question', 'context'} dicts, NER one text")
+
+    def _predict_pairs(self, pairs: list[Pair], batch_size: int | None,
+                       timings: LatencyRecorder | None) -> list[Result]:
+        """Checked pairs -> results; an item the tokenizer refuses gets {"error"} alone."""
         if not pairs:
             return []
         started = time.perf_counter()
-        windows = self.encode_windows(pairs)
+        try:
+            windows, good = self.encode_windows(pairs), list(range(len(pairs)))
+            failed: dict[int, str] = {}
+        except BertedgeError:  # find the item(s) at fault; the others are still predicted
+            failed = {}
+            for i, pair in enumerate(pairs):
+                try:
+                    self.encode_windows([pair])
+                except BertedgeError as e:
+                    failed[i] = f"{e.problem} -- {e.fix}" if e.fix else e.problem
+            good = [i for i in range(len(pairs)) if i not in failed]
+            if not good:
+                return [{"error": failed[i]} for i in range(len(pairs))]
+            windows = self.encode_windows([pairs[i] for i in good])
         tokenize_s = time.perf_counter() - started
         lengths = [len(e.ids) for e in windows.encodings]
         outputs: list[dict[str, np.ndarray]] = [{} for _ in lengths]
@@ -310,17 +285,29 @@ class Predictor:
             for row, i in enumerate(index):
                 outputs[i] = {k: v[row, : lengths[i]] if self.task.per_token_outputs else v[row] for k, v in raw.items()}
         t1 = time.perf_counter()
-        results = self.runtime.decode(self, pairs, windows, outputs)
+        decoded = self.task.decode([pairs[i] for i in good], windows, outputs, self.labels, self.options)
         decode_s = time.perf_counter() - t1
         if timings is not None:
             for index, seconds in zip(batches, inference_s, strict=True):
                 share = len(index) / len(lengths)
                 timings.add(len(index), tokenize_s * share, seconds, decode_s * share)
-        return [{**r, "truncated": True} if cut else r for r, cut in zip(results, windows.truncated, strict=True)]
+        results: list[Result] = [{"error": failed[i]} if i in failed else {} for i in range(len(pairs))]
+        for i, result, cut in zip(good, decoded, windows.truncated, strict=True):
+            results[i] = {**result, "truncated": True} if cut else result
+        return results
 
     def encode_windows(self, pairs: list[Pair]) -> Features:
-        """Tokenize items into model windows (QA: several per long context)."""
-        return self.runtime.encode(self.tokenizer, pairs, self.max_length * CHARS_PER_TOKEN_CAP)
+        """Tokenize checked items into model windows (QA: several per long context).
+
+        Raises:
+            BertedgeError: the tokenizer refused an item (it never raises anything else).
+        """
+        try:
+            return self.task.encode_items(self.tokenizer, pairs, self.max_length * CHARS_PER_TOKEN_CAP)
+        except BertedgeError:
+            raise
+        except Exception as e:  # tokenizers raises plain Exceptions
+            raise BertedgeError(f"tokenizing failed ({e})", "check the input text") from None
 
     def features(self, encodings: Sequence[Encoding]) -> dict[str, np.ndarray]:
         """The graph feed for a batch: padded to its longest item, by graph input name."""
@@ -332,5 +319,3 @@ class Predictor:
         """Raw graph outputs, by name, for already-tokenized items (reused by serve / Ray)."""
         outputs = self.session.run(self.output_names, self.features(encodings))
         return dict(zip(self.output_names, outputs, strict=True))
-
-

@@ -58,11 +58,27 @@ def as_pair(item: Item) -> Pair | str:
         return f"a {type(item).__name__} is not an input (use a str, a (text, pair) tuple or a dict)"
     if not isinstance(text, str) or not (pair is None or isinstance(pair, str)):
         return "text and text_pair must be strings"
+    for name, value in (("text", text), ("text_pair", pair)):
+        if value is not None and (problem := unicode_problem(value)):
+            return f"{name} {problem}"
     if not text.strip():
         return "empty text"
     if pair is not None and not pair.strip():
         return "empty text_pair"
     return text, pair
+
+
+def unicode_problem(value: str) -> str | None:
+    """What makes a string unencodable (a lone surrogate, e.g. from a JSON "\\ud800" escape), if anything.
+
+    >>> unicode_problem("ok"), unicode_problem("bad \\ud800")
+    (None, 'holds a lone surrogate (\\\\ud800 at character 4), which is not valid Unicode')
+    """
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"holds a lone surrogate (\\u{ord(value[e.start]):04x} at character {e.start}), which is not valid Unicode"
+    return None
 
 
 def as_pairs(items: Iterable[Item]) -> list[Pair]:
@@ -106,6 +122,7 @@ class InputRecord(NamedTuple):
     item: Pair | None
     error: str | None = None
     truncated: bool = False  # the line was cut at the reader's byte limit
+    id: Any = None  # the record's id column / field, unchanged (CSV: text); None when it has none
 
 
 class Line(NamedTuple):
@@ -157,22 +174,24 @@ def skip_rest(stream: IO[bytes], max_line_bytes: int) -> bool:
 
 
 def read_records(stream: IO[bytes], fmt: InputFormat, text_columns: Sequence[str] = ("text",),
-                 pair_columns: Sequence[str] = (), max_line_bytes: int = 1 << 20) -> Iterator[InputRecord]:
+                 pair_columns: Sequence[str] = (), max_line_bytes: int = 1 << 20,
+                 id_column: str | None = "id") -> Iterator[InputRecord]:
     """One record per input line (CSV: per data row), lazily: constant memory for any file size.
 
     Empty, non-UTF-8, unparsable or over-long structured lines become error records that keep
     their line number; an over-long plain-text line is cut and marked truncated. The text comes
     from the first of `text_columns` present (CSV header / JSONL keys), the pair likewise from
-    `pair_columns` (JSONL default: "text_pair").
+    `pair_columns` (JSONL default: "text_pair"), and the record's id from `id_column` when the
+    input has it (JSON values unchanged, CSV cells as text).
     """
     lines = read_lines(stream, max_line_bytes)
     if fmt is InputFormat.TXT:
         return (text_record(line) for line in lines)
     if fmt is InputFormat.JSONL:
-        return (json_record(line, text_columns, pair_columns or ("text_pair",), max_line_bytes)
+        return (json_record(line, text_columns, pair_columns or ("text_pair",), max_line_bytes, id_column)
                 for line in lines)
     return csv_records(lines, "\t" if fmt is InputFormat.TSV else ",", text_columns, pair_columns,
-                       max_line_bytes)
+                       max_line_bytes, id_column)
 
 
 def line_problem(line: Line) -> str | None:
@@ -191,7 +210,7 @@ def text_record(line: Line) -> InputRecord:
 
 
 def json_record(line: Line, text_keys: Sequence[str], pair_keys: Sequence[str],
-                max_line_bytes: int) -> InputRecord:
+                max_line_bytes: int, id_key: str | None = None) -> InputRecord:
     problem = line_problem(line)
     if problem or line.text is None:
         return InputRecord(line.number, None, problem)
@@ -201,53 +220,101 @@ def json_record(line: Line, text_keys: Sequence[str], pair_keys: Sequence[str],
         value = json.loads(line.text)
     except json.JSONDecodeError as e:
         return InputRecord(line.number, None, f"not valid JSON ({e.msg})")
+    except RecursionError:  # thousands of nested brackets
+        return InputRecord(line.number, None, "not valid JSON (nested too deeply)")
+    id_ = value.get(id_key) if id_key and isinstance(value, dict) else None
+    if isinstance(id_, str) and (bad := unicode_problem(id_)):
+        return InputRecord(line.number, None, f"{id_key} {bad}")
     if isinstance(value, dict):
         text_key = next((k for k in text_keys if k in value), None)
         if text_key is None:
             return InputRecord(line.number, None, f"no {' / '.join(text_keys)} field "
-                               f"(has: {', '.join(value) or 'nothing'})")
+                               f"(has: {', '.join(value) or 'nothing'})", id=id_)
         pair_key = next((k for k in pair_keys if k in value), None)
         value = {"text": value[text_key], "text_pair": value.get(pair_key) if pair_key else None}
     checked = as_pair(value)
     if isinstance(checked, str):
-        return InputRecord(line.number, None, checked)
-    return InputRecord(line.number, checked)
+        return InputRecord(line.number, None, checked, id=id_)
+    return InputRecord(line.number, checked, id=id_)
+
+
+class PushBack:
+    """An iterator of lines that can take lines back (re-read after an unterminated quote)."""
+
+    def __init__(self, lines: Iterator[Line]) -> None:
+        self.lines = lines
+        self.back: list[Line] = []  # a stack: the next line is last
+
+    def __iter__(self) -> PushBack:
+        return self
+
+    def __next__(self) -> Line:
+        return self.back.pop() if self.back else next(self.lines)
+
+    def push(self, lines: Sequence[Line]) -> None:
+        self.back.extend(reversed(lines))
+
+
+UNTERMINATED = "unterminated quote: a quoted field never closes (the lines after it are read as rows)"
+
+
+def csv_row(first: Line, source: PushBack, delimiter: str, max_line_bytes: int) -> tuple[list[str] | None, Line]:
+    """The CSV row starting at `first` (a quoted field may span lines) and its last line;
+    (None, first) when a quote never closes, with the lines read past `first` pushed back.
+
+    A quote left open would otherwise swallow every later row into one field, silently; a
+    quoted field may grow to `max_line_bytes` before it counts as unterminated.
+    """
+    used = [first]
+    text = (first.text or "") + "\n"
+    while True:
+        try:
+            return next(csv.reader([text], delimiter=delimiter, strict=True), []), used[-1]
+        except csv.Error as e:
+            if "unexpected end of data" not in str(e):  # a stray quote inside a field: read leniently
+                return next(csv.reader([text], delimiter=delimiter), []), used[-1]
+        more = next(source, None)
+        if more is None or more.text is None or more.cut or len(text) + len(more.text) > max_line_bytes:
+            source.push([*used[1:], *([more] if more is not None else [])])
+            return None, first
+        used.append(more)
+        text += more.text + "\n"
 
 
 def csv_records(lines: Iterator[Line], delimiter: str, text_columns: Sequence[str],
-                pair_columns: Sequence[str], max_line_bytes: int) -> Iterator[InputRecord]:
-    """Rows of a CSV / TSV file; bad physical lines become error records in their place."""
-    held: list[InputRecord] = []  # bad lines met while the csv reader pulled its next row
-    last = [0]
-
-    def good_text() -> Iterator[str]:
-        for line in lines:
-            if line.text is None or line.cut:
-                held.append(InputRecord(line.number, None, "not valid UTF-8" if line.text is None
-                                        else f"line is longer than {max_line_bytes} bytes"))
-                continue
-            last[0] = line.number
-            yield line.text + "\n"  # the csv reader keeps newlines inside quoted fields
-
-    rows = csv.reader(good_text(), delimiter=delimiter)
-    header = next(rows, None)
-    if header is None:
-        yield from held
-        return
-    text_at, pair_at = column_indices(header, text_columns, pair_columns)
-    for row in rows:
-        yield from held
-        held.clear()
-        if not any(cell.strip() for cell in row):
-            yield InputRecord(last[0], None, "empty line")
-        elif len(row) <= max(text_at, pair_at if pair_at is not None else -1):
-            yield InputRecord(last[0], None, f"row has {len(row)} fields, header has {len(header)}")
+                pair_columns: Sequence[str], max_line_bytes: int, id_column: str | None = "id") -> Iterator[InputRecord]:
+    """Rows of a CSV / TSV file; bad physical lines, and a row whose quote never closes, become
+    error records in their place (the lines after an unterminated quote are read as rows)."""
+    source = PushBack(lines)
+    header: list[str] | None = None
+    text_at, pair_at, id_at = 0, None, None
+    for first in source:
+        if first.text is None or first.cut:
+            yield InputRecord(first.number, None, "not valid UTF-8" if first.text is None
+                              else f"line is longer than {max_line_bytes} bytes")
+            continue
+        row, last = csv_row(first, source, delimiter, max_line_bytes)
+        if row is None:
+            yield InputRecord(first.number, None, UNTERMINATED)
+        elif header is None:
+            header = row
+            text_at, pair_at = column_indices(header, text_columns, pair_columns)
+            names = [h.strip() for h in header]
+            id_at = names.index(id_column) if id_column in names else None
         else:
-            pair = row[pair_at] if pair_at is not None else None
-            checked = as_pair((row[text_at], pair))
-            yield (InputRecord(last[0], None, checked) if isinstance(checked, str)
-                   else InputRecord(last[0], checked))
-    yield from held
+            yield csv_record(last.number, row, len(header), text_at, pair_at, id_at)
+
+
+def csv_record(number: int, row: list[str], width: int, text_at: int, pair_at: int | None,
+               id_at: int | None) -> InputRecord:
+    id_ = row[id_at] if id_at is not None and id_at < len(row) else None
+    if not any(cell.strip() for cell in row):
+        return InputRecord(number, None, "empty line")
+    if len(row) <= max(text_at, pair_at if pair_at is not None else -1):
+        return InputRecord(number, None, f"row has {len(row)} fields, header has {width}", id=id_)
+    checked = as_pair((row[text_at], row[pair_at] if pair_at is not None else None))
+    return (InputRecord(number, None, checked, id=id_) if isinstance(checked, str)
+            else InputRecord(number, checked, id=id_))
 
 
 def column_indices(header: list[str], text_columns: Sequence[str],

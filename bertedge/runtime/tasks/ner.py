@@ -7,9 +7,10 @@ Numpy + tokenizers only: the runtime uses the grouping, training uses all of it.
 from __future__ import annotations
 
 import json
+import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -17,18 +18,14 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from bertedge.errors import BertedgeError
-from bertedge.runtime.data import read_text
+from bertedge.runtime.data import BadRows, Columns, read_text, seeded_split
 from bertedge.runtime.features import IGNORE, Features
 from bertedge.runtime.metrics import softmax
+from bertedge.runtime.records import Pair
+from bertedge.runtime.tasks import Aggregation, DecodeOptions, Result, Schema, Task, WindowOutputs
+from bertedge.runtime.tasks.classification import truncate_at
 
-
-class Aggregation(str, Enum):
-    """How sub-word predictions become word and entity predictions (Hugging Face's names)."""
-
-    SIMPLE = "simple"  # group sub-tokens by their own B-/I- tags
-    FIRST = "first"  # a word takes the label of its first sub-token
-    MAX = "max"  # a word takes the label of its most confident sub-token
-    AVERAGE = "average"  # a word takes the argmax of its sub-tokens' mean probabilities
+__all__ = ["Aggregation", "NER", "NerExamples", "read_ner"]  # Aggregation: re-exported for callers of ner.*
 
 
 @dataclass
@@ -151,7 +148,7 @@ def _label_set(tag_lists: Any) -> list[str]:
 def encode_words(tokenizer: Tokenizer, examples: NerExamples, max_length: int) -> Features:
     """Tokenize pre-split words; label the first sub-word of each word, ignore the rest."""
     tokenizer.enable_truncation(max_length)
-    encodings = tokenizer.encode_batch(examples.words, is_pretokenized=True)
+    encodings = tokenizer.encode_batch(spaced_words(tokenizer, examples.words), is_pretokenized=True)
     tokenizer.no_truncation()
     targets = None
     truncated = []
@@ -161,6 +158,20 @@ def encode_words(tokenizer: Tokenizer, examples: NerExamples, max_length: int) -
         seen = {w for w in enc.word_ids if w is not None}
         truncated.append(len(seen) < len(words))
     return Features(encodings, list(range(len(encodings))), targets, truncated)
+
+
+def spaced_words(tokenizer: Tokenizer, words: list[list[str]]) -> list[list[str]]:
+    """Pre-split words as the tokenizer sees them in running text, so training and predict agree.
+
+    Byte-level BPE (RoBERTa, ModernBERT) marks a word that follows a space with a leading 'Ġ',
+    but pre-split words carry no space: every word would be tokenized like a sentence start,
+    unlike the raw text `predict` gets. For such tokenizers each word after the first gets its
+    space back; WordPiece and SentencePiece ('▁' on every word) come back unchanged.
+    """
+    raw = tokenizer.encode("a b", add_special_tokens=False).tokens
+    if tokenizer.encode(["a", "b"], is_pretokenized=True, add_special_tokens=False).tokens == raw:
+        return words
+    return [[w if i == 0 else " " + w for i, w in enumerate(sentence)] for sentence in words]
 
 
 def align_labels(word_ids: Sequence[int | None], tags: Sequence[int]) -> list[int]:
@@ -176,12 +187,39 @@ def align_labels(word_ids: Sequence[int | None], tags: Sequence[int]) -> list[in
     return out
 
 
+WORD = re.compile(r"\S+")
+
+
+def split_words(text: str) -> tuple[list[str], list[int]]:
+    """Whitespace-separated words and their character starts: the words NER trains on.
+
+    >>> split_words("John  Smith, Paris.")
+    (['John', 'Smith,', 'Paris.'], [0, 6, 13])
+    """
+    found = list(WORD.finditer(text))
+    return [m.group() for m in found], [m.start() for m in found]
+
+
 def encode_texts(tokenizer: Tokenizer, texts: Sequence[str]) -> Features:
-    """Runtime input: raw texts, split into words by the tokenizer's own pre-tokenizer (which
-    must already truncate at the model's max length)."""
-    encodings = tokenizer.encode_batch(list(texts))
+    """Runtime input: raw texts split into whitespace words and encoded pre-split, as training
+    encodes CoNLL words (the tokenizer must already truncate at the model's max length).
+
+    Training labels only the first sub-token of each word, so the model's predictions for the
+    other sub-tokens are untrained: a raw-text encoding would make "U.S." or "1-0" several
+    words, each labelled from such a sub-token. Word ids index the whitespace words; offsets
+    (relative to each word for pre-split input) are made absolute with `absolute_offsets`.
+    """
+    encodings = tokenizer.encode_batch([split_words(t)[0] or [t] for t in texts], is_pretokenized=True)
     truncated = [bool(e.overflowing) for e in encodings]
     return Features(encodings, list(range(len(encodings))), None, truncated)
+
+
+def absolute_offsets(text: str, word_ids: Sequence[int | None],
+                     offsets: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Character spans in `text` of a pre-split encoding's tokens (special tokens: (0, 0))."""
+    starts = split_words(text)[1] or [0]
+    return [(starts[w] + a, starts[w] + b) if w is not None else (0, 0)
+            for w, (a, b) in zip(word_ids, offsets, strict=True)]
 
 
 def word_predictions(logits: np.ndarray, word_ids: Sequence[int | None],
@@ -292,3 +330,109 @@ def word_tags(window_logits: np.ndarray, word_ids: Sequence[int | None], n_words
     """Predicted IOB2 tag per word (first sub-token), 'O' for words cut off by truncation."""
     words = word_predictions(window_logits, word_ids, Aggregation.FIRST)
     return [labels[words[w][0]] if w in words else "O" for w in range(n_words)]
+
+
+# --- the task record --------------------------------------------------------------------------
+
+
+def _load(path: Path, columns: Columns, labels: Sequence[str] | None, bad_rows: BadRows) -> NerExamples:
+    return read_ner(path, labels)
+
+
+def _split(ex: NerExamples, fraction: float, seed: int) -> tuple[NerExamples, NerExamples]:
+    return seeded_split(ex, fraction, seed)
+
+
+def _encode(tok: Tokenizer, ex: NerExamples, max_length: int, stride: int) -> Features:
+    return encode_words(tok, ex, max_length)
+
+
+def _predict(outputs: WindowOutputs, features: Features, ex: NerExamples, labels: Sequence[str]) -> list[list[str]]:
+    return [word_tags(o["logits"], features.encodings[i].word_ids, len(ex.words[i]), labels)
+            for i, o in enumerate(outputs)]
+
+
+def _score(pred: list[list[str]], ex: NerExamples, labels: Sequence[str]) -> dict[str, Any]:
+    assert ex.tags is not None
+    gold = [[labels[t] for t in tags] for tags in ex.tags]
+    return entity_scores(gold, pred)
+
+
+def _targets(targets: list[Any], width: int) -> dict[str, np.ndarray]:
+    out = np.full((len(targets), width), IGNORE, dtype=np.int64)
+    for row, t in enumerate(targets):
+        out[row, :len(t)] = t
+    return {"labels": out}
+
+
+def _check_item(item: Pair) -> str | None:
+    return "this model takes one text, not a pair" if item[1] is not None else None
+
+
+def _encode_items(tokenizer: Tokenizer, pairs: list[Pair], cap: int) -> Features:
+    """Texts (cut at `cap` characters first) as whitespace words, encoded as training does."""
+    features = encode_texts(tokenizer, [text[:cap] for text, _ in pairs])
+    features.truncated = [t or len(text) > cap for t, (text, _) in zip(features.truncated, pairs, strict=True)]
+    return features
+
+
+def _decode(pairs: list[Pair], features: Features, outputs: WindowOutputs, labels: Sequence[str],
+            options: DecodeOptions) -> list[Result]:
+    results = []
+    for (text, _), enc, out in zip(pairs, features.encodings, outputs, strict=True):
+        entities = group_entities(text, out["logits"], enc.word_ids, absolute_offsets(text, enc.word_ids, enc.offsets),
+                                  labels, options.aggregation)
+        results.append({"entities": [trim_entity(text, e) for e in entities]})
+    return results
+
+
+def is_punctuation(ch: str) -> bool:
+    return unicodedata.category(ch).startswith("P")
+
+
+def trim_entity(text: str, entity: dict[str, Any]) -> dict[str, Any]:
+    """Drop punctuation stuck to an entity's outer words ("Paris," -> "Paris") unless the
+    entity has punctuation inside ("U.S.", "1-0", "O'Neil" stay whole).
+
+    Words are whitespace-separated, as in training, so "Paris," is one word; the span is cut
+    back to what a reader calls the entity.
+
+    >>> trim_entity("in Paris, now", {"start": 3, "end": 9, "text": "Paris,"})["text"]
+    'Paris'
+    >>> trim_entity("the U.S. team", {"start": 4, "end": 8, "text": "U.S."})["text"]
+    'U.S.'
+    """
+    start, end = entity["start"], entity["end"]
+    while start < end and is_punctuation(text[start]):
+        start += 1
+    while end > start and is_punctuation(text[end - 1]):
+        end -= 1
+    if start == end or any(is_punctuation(ch) for ch in text[start:end]):
+        return entity
+    return {**entity, "start": start, "end": end, "text": text[start:end]}
+
+
+ENTITY_SCHEMA: Schema = {"type": "string", "start": "int64", "end": "int64", "text": "string", "score": "float64"}
+
+
+def _schema(labels: Sequence[str], options: DecodeOptions) -> Schema:
+    return {"entities": [ENTITY_SCHEMA]}
+
+
+NER = Task(
+    name="ner",
+    hf_auto_class="AutoModelForTokenClassification",
+    hf_architecture_suffix="ForTokenClassification",
+    output_names=("logits",),
+    per_token_outputs=True,
+    metric="f1",
+    default_max_length=128,
+    load=_load, split=_split, encode=_encode, predict=_predict, score=_score, targets=_targets,
+    check_item=_check_item,
+    input_columns=None,
+    setup_tokenizer=truncate_at,
+    encode_items=_encode_items,
+    decode=_decode,
+    example_item=("John Smith lives in Paris .", None),
+    output_schema=_schema,
+)

@@ -20,8 +20,10 @@ import numpy as np
 from tokenizers import Encoding, Tokenizer
 
 from bertedge.errors import BertedgeError
-from bertedge.runtime.data import read_text
+from bertedge.runtime.data import BadRows, Columns, read_text
 from bertedge.runtime.features import Features
+from bertedge.runtime.records import Pair
+from bertedge.runtime.tasks import DecodeOptions, Result, Schema, Task, WindowOutputs
 
 
 @dataclass
@@ -235,3 +237,150 @@ def squad_scores(predictions: Sequence[str], examples: Sequence[QaExample]) -> d
         f1 += max(f1_score(pred, g) for g in golds)
     n = max(len(examples), 1)
     return {"exact_match": em / n, "f1": f1 / n, "n": len(examples)}
+
+
+# --- the task record --------------------------------------------------------------------------
+
+
+@dataclass
+class QaExamples:
+    """SQuAD-style examples (a list with the attributes the stages expect)."""
+
+    items: list[QaExample]
+    source: str
+    label_names: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def subset(self, indices: Sequence[int]) -> QaExamples:
+        return QaExamples([self.items[i] for i in indices], self.source)
+
+
+def _load(path: Path, columns: Columns, labels: Sequence[str] | None, bad_rows: BadRows) -> QaExamples:
+    return QaExamples(read_squad(path), str(path))
+
+
+def _split(ex: QaExamples, fraction: float, seed: int) -> tuple[QaExamples, QaExamples]:
+    titles = sorted({e.title for e in ex.items})
+    n_eval = max(1, int(round(len(titles) * fraction)))
+    train, held = split_by_article(ex.items, n_eval, seed)
+    return QaExamples(train, ex.source), QaExamples(held, ex.source)
+
+
+def _encode(tok: Tokenizer, ex: QaExamples, max_length: int, stride: int) -> Features:
+    configure_windows(tok, max_length, stride)
+    features = encode_qa(tok, [e.question for e in ex.items], [e.context for e in ex.items],
+                         [e.answers[0] if e.answers else None for e in ex.items])
+    tok.no_truncation()
+    return features
+
+
+def _predict(outputs: WindowOutputs, features: Features, ex: QaExamples, labels: Sequence[str]) -> list[str]:
+    windows: list[list[Any]] = [[] for _ in range(len(ex))]
+    for w, o in enumerate(outputs):
+        windows[features.example_index[w]].append((features.encodings[w], o["start_logits"], o["end_logits"]))
+    answers = []
+    for e, wins in zip(ex.items, windows):
+        best = best_spans(wins, e.context)
+        answers.append(best[0]["text"] if best else "")
+    return answers
+
+
+def _score(pred: list[str], ex: QaExamples, labels: Sequence[str]) -> dict[str, Any]:
+    return squad_scores(pred, ex.items)
+
+
+def _targets(targets: list[Any], width: int) -> dict[str, np.ndarray]:
+    arr = np.asarray(targets, dtype=np.int64).reshape(-1, 2)
+    return {"start_positions": arr[:, 0], "end_positions": arr[:, 1]}
+
+
+def _check_item(item: Pair) -> str | None:
+    return None if item[1] is not None else "a QA item needs a question and a context"
+
+
+def _encode_items(tokenizer: Tokenizer, pairs: list[Pair], cap: int) -> Features:
+    """(question, context) -> overlapping windows over the whole context (nothing is cut).
+
+    Raises:
+        BertedgeError: a question leaves no room for the context in a window (the tokenizer
+            would fail, or panic, on it).
+    """
+    check_questions(tokenizer, [q for q, _ in pairs])
+    return encode_qa(tokenizer, [q for q, _ in pairs], [c or "" for _, c in pairs])
+
+
+def check_questions(tokenizer: Tokenizer, questions: Sequence[str]) -> None:
+    """Refuse a question too long to leave at least stride + 1 context tokens in a window.
+
+    The tokenizer (set up by `configure_windows`) raises on a question longer than the window
+    and panics on one that leaves stride or fewer context tokens; a (question, "") pair is never
+    truncated while it fits, so it measures the question safely.
+    """
+    truncation = tokenizer.truncation or {}
+    window, stride = int(truncation.get("max_length", 0)), int(truncation.get("stride", 0))
+    if not window:
+        return
+    specials = tokenizer.num_special_tokens_to_add(True)
+    budget = window - specials - stride - 1
+    try:
+        sizes = [len(e.ids) - specials for e in tokenizer.encode_batch([(q, "") for q in questions])]
+    except Exception:  # at least one question is longer than a whole window: find it
+        sizes = []
+        for q in questions:
+            try:
+                sizes.append(len(tokenizer.encode(q, "").ids) - specials)
+            except Exception:
+                sizes.append(window)
+    for question, size in zip(questions, sizes, strict=True):
+        if size > budget:
+            raise BertedgeError(
+                f"the question ({question[:40]!r}{'...' if len(question) > 40 else ''}) is "
+                f"{'at least ' if size >= window else ''}{size} tokens; a {window}-token window "
+                f"keeps {stride + 1} or more for the context",
+                f"shorten the question to at most {budget} tokens (or package a model with a larger max length)")
+
+
+def _decode(pairs: list[Pair], features: Features, outputs: WindowOutputs, labels: Sequence[str],
+            options: DecodeOptions) -> list[Result]:
+    per_item: list[list[Any]] = [[] for _ in pairs]
+    for enc, owner, out in zip(features.encodings, features.example_index, outputs, strict=True):
+        per_item[owner].append((enc, out["start_logits"], out["end_logits"]))
+    results = []
+    for (_, context), windows in zip(pairs, per_item, strict=True):
+        spans = best_spans(windows, context or "", top_k=options.top_k, max_answer_tokens=options.max_answer_tokens)
+        best = spans[0] if spans else {"text": "", "start": -1, "end": -1, "score": 0.0}
+        result: Result = {"answer": best["text"], "start": best["start"], "end": best["end"], "score": best["score"],
+                          "windows": len(windows)}
+        if options.top_k > 1:
+            result["answers"] = [{k: v for k, v in s.items() if k != "window"} for s in spans]
+        results.append(result)
+    return results
+
+
+SPAN_SCHEMA: Schema = {"text": "string", "start": "int64", "end": "int64", "score": "float64"}
+
+
+def _schema(labels: Sequence[str], options: DecodeOptions) -> Schema:
+    schema: Schema = {"answer": "string", "start": "int64", "end": "int64", "score": "float64", "windows": "int64"}
+    return {**schema, "answers": [SPAN_SCHEMA]} if options.top_k > 1 else schema
+
+
+QA = Task(
+    name="qa",
+    hf_auto_class="AutoModelForQuestionAnswering",
+    hf_architecture_suffix="ForQuestionAnswering",
+    output_names=("start_logits", "end_logits"),
+    per_token_outputs=True,
+    metric="f1",
+    default_max_length=384,
+    load=_load, split=_split, encode=_encode, predict=_predict, score=_score, targets=_targets,
+    check_item=_check_item,
+    input_columns=(("question",), ("context",)),
+    setup_tokenizer=lambda tok, max_length, stride: configure_windows(tok, max_length, stride),
+    encode_items=_encode_items,
+    decode=_decode,
+    example_item=("What is this?", "This is an example context."),
+    output_schema=_schema,
+)
