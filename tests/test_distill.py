@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,15 @@ from bertedge.runtime.tasks import CLASSIFICATION, NER
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def restore_torch_threads() -> Iterator[None]:
+    """The tests train with one torch thread (tiny ops on a shared 2-core machine thrash with two);
+    put the process-wide setting back for the tests that follow."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 def run_cli(*argv: str) -> tuple[int, str]:
     result = CliRunner().invoke(cli, list(argv))
     crash = "" if result.exception is None or isinstance(result.exception, SystemExit) else repr(result.exception)
@@ -35,7 +45,7 @@ def teacher(tiny_bert: Path, sentiment_csv: tuple[Path, Path], tmp_path_factory:
     out = tmp_path_factory.mktemp("teacher") / "m"
     r = finetune(FinetuneArgs(model=str(tiny_bert), train=sentiment_csv[0], eval=sentiment_csv[1], out=out,
                               epochs=6.0, batch_size=16, lr=1e-2, layer_lr_decay=1.0, progress=False,
-                              max_length=32, patience=0, label_names=("negative", "positive")))
+                              max_length=32, patience=0, label_names=("negative", "positive"), threads=1))
     assert r.metrics["eval"]["accuracy"] >= 0.85
     return out
 
@@ -51,7 +61,7 @@ def torch_labels(model_dir: Path, texts: list[str]) -> list[str]:
 
 def quick(teacher: Path, train: Path, out: Path, **kw: object) -> DistillArgs:
     base = dict(teacher=teacher, train=train, out=out, layers="1", epochs=4.0, batch_size=16, lr=1e-2,
-                progress=False, patience=0, max_accuracy_drop=10.0)
+                progress=False, patience=0, max_accuracy_drop=10.0, threads=1)
     base.update(kw)
     return DistillArgs(**base)  # type: ignore[arg-type]
 
@@ -99,7 +109,7 @@ def test_cli_distill_export_package_predict(teacher: Path, sentiment_csv: tuple[
     train, dev = sentiment_csv
     code, out = run_cli("distill", str(teacher), "--train", str(train), "--eval", str(dev), "--out",
                         str(tmp_path / "s"), "--layers", "1", "--epochs", "4", "--lr", "1e-2", "--batch-size", "16",
-                        "--patience", "0", "--max-accuracy-drop", "10", "--no-progress")
+                        "--patience", "0", "--max-accuracy-drop", "10", "--no-progress", "--threads", "1")
     assert code == 0, out
     m = json.loads((tmp_path / "s" / "metrics.json").read_text())
     d = m["distillation"]
@@ -172,7 +182,7 @@ def test_ner_student_with_unlabelled_texts(tmp_path: Path) -> None:
     train = conll(tmp_path / "train.txt", NER_SENTENCES * 15)
     dev = conll(tmp_path / "dev.txt", NER_SENTENCES)
     finetune(FinetuneArgs(model=str(base), train=train, eval=dev, out=tmp_path / "t", task="ner", epochs=8,
-                          lr=5e-3, layer_lr_decay=1.0, batch_size=8, progress=False, patience=0))
+                          lr=5e-3, layer_lr_decay=1.0, batch_size=8, progress=False, patience=0, threads=1))
     texts = write_csv(tmp_path / "u.csv", [(" ".join(w for w, _ in s), 0) for s in NER_SENTENCES * 3])
     r = distill(quick(tmp_path / "t", train, tmp_path / "s", eval=dev, unlabelled=texts, epochs=6.0, lr=5e-3,
                       batch_size=8, max_accuracy_drop=100.0))
@@ -189,7 +199,7 @@ def test_qa_student_auto_layers_hidden_matching(tmp_path: Path) -> None:
     squad = tmp_path / "squad.json"
     squad.write_text(json.dumps(squad_doc(5)), encoding="utf-8")
     finetune(FinetuneArgs(model=str(base), train=squad, out=tmp_path / "t", task="qa", epochs=1, max_length=32,
-                          stride=8, progress=False, eval_fraction=0.2))
+                          stride=8, progress=False, eval_fraction=0.2, threads=1))
     unlabelled = tmp_path / "u.jsonl"
     unlabelled.write_text("".join(json.dumps({"question": "where does john live ?", "answers": [],
                                               "context": "the film was good . john lives in paris ."}) + "\n"
