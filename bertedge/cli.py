@@ -452,6 +452,9 @@ def predict_ray(opts: dict[str, Any]) -> None:
                    "many short ones (0 = no cap).")
 @click.option("--max-wait-ms", default=5.0, show_default=True,
               help="Longest a request waits for others to join its batch.")
+@click.option("--spin/--no-spin", default=False, show_default=True,
+              help="Let idle onnxruntime threads busy-wait between runs (faster on dedicated cores; "
+                   "on cores shared with the server and its clients it costs throughput).")
 @click.option("--workers", default=0, show_default=True,
               help="Batches predicted at once, each on its own thread (0 = auto).")
 @click.option("--max-queue", default=512, show_default=True,
@@ -496,7 +499,7 @@ def serve(**opts: Any) -> None:
                          max_chars=opts["max_chars"], threads=opts["threads"] or None,
                          providers=opts["providers"], max_queue=opts["max_queue"],
                          request_timeout_s=opts["request_timeout"], expect_digest=opts["expect_digest"],
-                         workers=opts["workers"])
+                         workers=opts["workers"], spin=opts["spin"])
     run(ServeArgs(bundle=opts["bundle"], host=opts["host"], port=opts["port"], config=config,
                   log_level=opts["log_level"], access_log=opts["access_log"],
                   graceful_timeout_s=opts["graceful_timeout"]))

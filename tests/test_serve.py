@@ -431,15 +431,18 @@ def test_crashed_worker_is_restarted_and_not_ready_meanwhile(monkeypatch: pytest
     with TestClient(app) as client:
         batcher = app.state.server.batcher
         batcher.restart_delay_s = 0.5
-        real_run, crashes = batcher._run, []
+        real_collect, crashes = batcher._collect, []
 
-        async def crash_once(batch: list[Any]) -> None:
+        async def crash_once() -> Any:
+            got = await real_collect()  # the worker now holds a request
             if not crashes:
                 crashes.append(1)
                 raise RuntimeError("a bug in the batcher")
-            await real_run(batch)
+            return got
 
-        monkeypatch.setattr(batcher, "_run", crash_once)
+        monkeypatch.setattr(batcher, "_collect", crash_once)
+        # The worker already waits inside the real _collect: this request takes it round once.
+        assert client.post("/v1/predict", json={"texts": ["before"]}).status_code == 200
         lost = client.post("/v1/predict", json={"texts": ["held by the crashed worker"]})
         assert lost.status_code == 503 and "crashed" in lost.json()["error"]
         assert client.get("/readyz").status_code == 503  # restarting
@@ -475,6 +478,35 @@ def test_max_batch_tokens_keeps_a_long_text_from_padding_short_ones() -> None:
 
     assert run(None) == [5]  # everything in one batch, padded to 43 tokens: 215
     assert run(64) == [1, 1, 3]  # "a" + long would be 2 x 43 > 64: the long text runs alone
+
+
+def test_workers_run_batches_at_once() -> None:
+    def run(workers: int) -> float:
+        fake = FakePredictor(delay_s=0.2)
+
+        async def main() -> float:
+            batcher = Batcher(fake, ServeConfig(max_batch_size=1, workers=workers), Metrics())
+            batcher.start()
+            t0 = time.perf_counter()
+            results = await asyncio.gather(*(batcher.submit([(t, None)]) for t in "abcd"))
+            assert [r[0]["label"] for r in results] == list("abcd")
+            await batcher.close()
+            return time.perf_counter() - t0
+
+        return asyncio.run(main())
+
+    assert run(1) > 0.75 and run(4) < 0.6  # four 0.2 s batches: in turn, or at once
+
+
+def test_served_sessions_do_not_spin(bundle: Path) -> None:
+    from bertedge.runtime.sessions import session_options
+
+    key = "session.intra_op.allow_spinning"
+    assert session_options(2, spin=False).get_session_config_entry(key) == "0"
+    app = create_app(bundle, ServeConfig())
+    with TestClient(app):
+        options = app.state.server.predictor.session.get_session_options()
+        assert options.get_session_config_entry(key) == "0"
 
 
 def test_serve_refuses_a_bundle_with_another_digest(bundle: Path) -> None:

@@ -104,12 +104,14 @@ class ServeConfig:
     max_queue: int = 512  # most texts waiting for a batch; more gets 503 + Retry-After
     request_timeout_s: float = 30.0  # a request not answered by then gets 504 (0: no deadline)
     expect_digest: str | None = None  # refuse any bundle but this one (when create_app loads it)
+    workers: int = 0  # predictor calls run at once, each on its own thread; 0: auto (see workers_for)
+    spin: bool = False  # let idle onnxruntime threads busy-wait (steals cores from the event loop)
 
     def __post_init__(self) -> None:
         problems = [f"--{name} must be at least {low} (got {value})" for name, value, low in (
             ("max-batch-size", self.max_batch_size, 1), ("max-wait-ms", self.max_wait_ms, 0),
             ("max-batch-tokens", self.max_batch_tokens if self.max_batch_tokens is not None else 1, 1),
-            ("max-queue", self.max_queue, 1), ("request-timeout", self.request_timeout_s, 0),
+            ("max-queue", self.max_queue, 1), ("workers", self.workers, 0), ("request-timeout", self.request_timeout_s, 0),
             ("run-batch-size", self.run_batch_size or 1, 1),
             ("max-texts", self.max_texts, 1), ("max-chars", self.max_chars, 1),
             ("max-body-bytes", self.max_body_bytes if self.max_body_bytes is not None else 1, 1),
@@ -129,6 +131,10 @@ class ServeConfig:
             return min(self.run_batch_size, self.max_batch_size)
         on_gpu = any(p != "CPUExecutionProvider" for p in providers)
         return self.max_batch_size if on_gpu else min(8, self.max_batch_size)
+
+    def workers_for(self, providers: Sequence[str]) -> int:
+        """Batches predicted at once: explicit, else 1 (a GPU, or one session thread pool)."""
+        return self.workers or 1
 
     @property
     def body_limit(self) -> int:
@@ -525,7 +531,10 @@ class Batcher:
         self.predictor, self.metrics, self.config = predictor, metrics, config
         self.max_batch_size, self.max_wait_s = config.max_batch_size, config.max_wait_ms / 1000
         self.run_batch_size = config.run_batch_for(getattr(predictor, "providers", None) or [])
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bertedge-predict")
+        self.workers = config.workers_for(getattr(predictor, "providers", None) or [])
+        self.executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="bertedge-predict")
+        self.slots = asyncio.Semaphore(self.workers)  # predictor calls in flight at once
+        self.in_flight: set[asyncio.Task[None]] = set()
         self.queue: asyncio.Queue[Pending | None] = asyncio.Queue()
         self.held: Pending | None = None  # taken from the queue, but it did not fit the last batch
         self.current: list[Pending] = []  # the batch being collected or run (failed if the worker dies)
@@ -641,18 +650,41 @@ class Batcher:
                     self._fail(pending, ApiError(503, "the batching worker crashed; retry",
                                                  headers={"Retry-After": "1"}))
                 self.current = []
+                if self.closing:  # the crash may have eaten the stop marker: the restart needs one
+                    self.queue.put_nowait(None)
                 await asyncio.sleep(self.restart_delay_s)
                 self.running = True
                 self.metrics.worker_up.set(1)
 
     async def _work(self) -> None:
         while True:
-            batch, stop = await self._collect()
+            await self.slots.acquire()  # a free predictor slot first: meanwhile the queue fills
+            try:
+                batch, stop = await self._collect()
+            except BaseException:
+                self.slots.release()
+                raise
             if batch:
-                await self._run(batch)
+                task = asyncio.create_task(self._run_in_slot(batch))
+                self.in_flight.add(task)
+                task.add_done_callback(self.in_flight.discard)
+            else:
+                self.slots.release()
             self.current = []
             if stop:
+                await asyncio.gather(*self.in_flight)
                 return
+
+    async def _run_in_slot(self, batch: list[Pending]) -> None:
+        """Run one batch, then free its slot; a bug here fails this batch's requests, not the worker."""
+        try:
+            await self._run(batch)
+        except Exception as e:
+            log.error("a batch failed unexpectedly", exc_info=e)
+            for pending in batch:
+                self._fail(pending, ApiError(500, f"prediction failed ({type(e).__name__})"))
+        finally:
+            self.slots.release()
 
     async def _next(self) -> Pending | None:
         """The next live queue entry (expired requests are dropped), or None: the stop marker."""
@@ -760,7 +792,8 @@ def load_predictor(bundle: str | Path, config: ServeConfig) -> PredictorLike:
     from bertedge.runtime.predictor import Predictor
 
     return Predictor(bundle, providers=config.providers, threads=config.threads,
-                     batch_size=config.max_batch_size, expect_digest=config.expect_digest)
+                     batch_size=config.max_batch_size, expect_digest=config.expect_digest,
+                     spin=config.spin)
 
 
 def task_check(predictor: PredictorLike) -> Check | None:

@@ -152,6 +152,7 @@ class Predictor:
         top_k: QA: how many answer spans to return (the best is always "answer").
         max_answer_tokens: QA: the longest answer considered.
         expect_digest: refuse any bundle but the one with this digest (printed by `bertedge package`).
+        spin: let idle onnxruntime threads busy-wait between runs (off in `bertedge serve`).
 
     Raises:
         BertedgeError: the bundle is missing, corrupt or truncated, its max length exceeds the
@@ -160,7 +161,8 @@ class Predictor:
 
     def __init__(self, bundle: str | Path, providers: str | Sequence[str] | None = None,
                  threads: int | None = None, batch_size: int = 32, aggregation: str = "first",
-                 top_k: int = 1, max_answer_tokens: int = 30, expect_digest: str | None = None) -> None:
+                 top_k: int = 1, max_answer_tokens: int = 30, expect_digest: str | None = None,
+                 spin: bool = True) -> None:
         if batch_size < 1:
             raise BertedgeError(f"batch size must be at least 1, got {batch_size}", "use --batch-size 32")
         self.options = DecodeOptions(aggregation=aggregation, top_k=top_k,  # type: ignore[arg-type]
@@ -170,7 +172,7 @@ class Predictor:
             self.manifest: dict[str, Any] = opened.manifest
             self.meta = meta_from_manifest(self.manifest)
             check_max_length(self.meta.max_length, self.meta.max_positions, f"the manifest of bundle '{bundle}'")
-            self.session = make_session(opened.model_path, requested, threads)
+            self.session = make_session(opened.model_path, requested, threads, spin=spin)
             self.tokenizer = load_tokenizer(opened.tokenizer_path)
         self.task = self.meta.task
         self.max_length = self.meta.max_length

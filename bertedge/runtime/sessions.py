@@ -59,20 +59,26 @@ def resolve_providers(requested: str | Sequence[str] | None,
     return list(dict.fromkeys([*wanted, CPU]))
 
 
-def session_options(threads: int | None, optimize: bool = True) -> ort.SessionOptions:
-    """ORT_ENABLE_ALL (or no graph rewrites), `threads` intra-op threads, one inter-op, sequential."""
+def session_options(threads: int | None, optimize: bool = True, spin: bool = True) -> ort.SessionOptions:
+    """ORT_ENABLE_ALL (or no graph rewrites), `threads` intra-op threads, one inter-op, sequential.
+
+    `spin=False` lets idle intra-op threads sleep instead of busy-waiting for the next run: on
+    cores shared with a server's event loop and its clients, spinning threads steal them.
+    """
     options = ort.SessionOptions()
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     options.intra_op_num_threads = int(threads or 0)  # 0: onnxruntime picks (physical cores)
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
 def make_session(model: Path, providers: Sequence[Any] = (CPU,), threads: int | None = None,
                  optimize: bool = True, fix: str = "rebuild the bundle with `bertedge package`",
-                 ) -> ort.InferenceSession:
+                 spin: bool = True) -> ort.InferenceSession:
     """An onnxruntime session; warns when a requested accelerator silently fell back to CPU.
 
     Args:
@@ -81,12 +87,13 @@ def make_session(model: Path, providers: Sequence[Any] = (CPU,), threads: int | 
         threads: intra-op threads (None or 0: onnxruntime picks one per physical core).
         optimize: apply onnxruntime's graph optimizations (off: read the graph as written).
         fix: what the error tells the user to do when the file cannot be loaded.
+        spin: let idle intra-op threads busy-wait (onnxruntime's default; see `session_options`).
 
     Raises:
         BertedgeError: onnxruntime cannot load or initialise the model.
     """
     try:
-        session = ort.InferenceSession(str(model), session_options(threads, optimize),
+        session = ort.InferenceSession(str(model), session_options(threads, optimize, spin),
                                        providers=list(providers))
     except Exception as e:  # onnxruntime raises untyped errors (Fail, InvalidGraph, ...)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
