@@ -94,7 +94,6 @@ class Timed:
     """One recommended artifact: its session, feeds built from its own tokenizer, timing loops."""
 
     def __init__(self, export_dir: Path, report: dict[str, Any], sentences: list[str], args: argparse.Namespace):
-        from bertedge.build.bench import realistic_batch
         from bertedge.runtime.features import load_tokenizer, pad_batch
         from bertedge.runtime.sessions import feed_plan, make_session
 
@@ -102,7 +101,7 @@ class Timed:
         self.session = make_session(export_dir / self.artifact["file"], threads=args.threads)
         self.plan = feed_plan(self.session)
         tok = load_tokenizer(export_dir / "tokenizer.json")
-        self.big = self._feeds(realistic_batch(tok, sentences, 32, 128, seed=args.seed))
+        self.big = self._feeds(real_tokens_batch(tok, sentences, 32, 128, args.seed))
         tok.enable_truncation(128)
         self.singles = [self._feeds(pad_batch([e])) for e in tok.encode_batch(sentences[:args.batch1])]
         self.tokens_b1 = float(np.mean([len(e.ids) for e in tok.encode_batch(sentences[:args.batch1])]))
@@ -134,10 +133,38 @@ class Timed:
                 "b1_mean_tokens": self.tokens_b1}
 
 
+def real_tokens_batch(tok: Any, sentences: list[str], batch: int, seq_len: int, seed: int) -> dict[str, np.ndarray]:
+    """`batch` rows of exactly `seq_len` real tokens: [CLS] consecutive sentences from a seeded start [SEP]."""
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    pieces = [e.ids for e in tok.encode_batch(sentences, add_special_tokens=False) if e.ids]
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(batch):
+        body: list[int] = []
+        i = int(rng.integers(len(pieces)))
+        while len(body) < seq_len - 2:
+            body += pieces[i % len(pieces)]
+            i += 1
+        rows.append([cls, *body[:seq_len - 2], sep])
+    ids = np.asarray(rows, dtype=np.int64)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+
+
 def dev_sentences(path: Path) -> list[str]:
     from bertedge.runtime.data import Columns, load_text_classification
 
     return load_text_classification(path, Columns(text=("sentence", "content"))).texts
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (Linux), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -149,7 +176,7 @@ def main() -> None:
                 "layers": args.layers, "max_train_rows": args.max_train_rows, "epochs": args.epochs,
                 "batch_size": args.batch_size, "lr": args.lr, "temperature": args.temperature, "alpha": args.alpha,
                 "seed": args.seed, "threads": args.threads, "rounds": args.rounds, "onnxruntime": ort.__version__,
-                "torch": torch.__version__, "cpu": platform.processor() or platform.machine()}
+                "torch": torch.__version__, "cpu": cpu_name(), "reuse": args.reuse}
     for key, value in settings.items():
         print(f"{key:>15}: {value}")
     if not (args.teacher / "metrics.json").is_file():
