@@ -49,7 +49,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--alpha", type=float, default=0.5, help="soft-target loss weight")
     p.add_argument("--max-accuracy-drop", type=float, default=1.0, help="distillation budget in points")
     p.add_argument("--seed", type=int, default=42, help="seed for the subset, shuffling and timing inputs")
-    p.add_argument("--threads", type=int, default=2, help="torch and onnxruntime threads")
+    p.add_argument("--threads", type=int, default=2, help="onnxruntime threads for the timing")
+    p.add_argument("--train-threads", type=int, default=0,
+                   help="torch threads for distillation (0 = --threads; 1 can win on a machine shared with other jobs)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per model")
     p.add_argument("--runs", type=int, default=10, help="timed 32x128 calls per round")
     p.add_argument("--batch1", type=int, default=200, help="timed batch-1 sentences per round")
@@ -70,7 +72,8 @@ def run_distill(args: argparse.Namespace, student: Path) -> dict[str, Any]:
         teacher=args.teacher, train=args.train, eval=args.eval, out=student, layers=args.layers,
         columns=Columns(text=("sentence", "content")), max_train_rows=args.max_train_rows, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, temperature=args.temperature, alpha=args.alpha,
-        max_accuracy_drop=args.max_accuracy_drop, seed=args.seed, threads=args.threads, overwrite=True))
+        max_accuracy_drop=args.max_accuracy_drop, seed=args.seed, threads=args.train_threads or args.threads,
+        overwrite=True, progress=True))
     metrics = result.metrics
     metrics["wall_seconds"] = round(time.perf_counter() - t0, 1)
     return metrics
@@ -175,7 +178,7 @@ def main() -> None:
     settings = {"teacher": str(args.teacher), "train": str(args.train), "eval": str(args.eval),
                 "layers": args.layers, "max_train_rows": args.max_train_rows, "epochs": args.epochs,
                 "batch_size": args.batch_size, "lr": args.lr, "temperature": args.temperature, "alpha": args.alpha,
-                "seed": args.seed, "threads": args.threads, "rounds": args.rounds, "onnxruntime": ort.__version__,
+                "seed": args.seed, "threads": args.threads, "train_threads": args.train_threads or args.threads, "rounds": args.rounds, "onnxruntime": ort.__version__,
                 "torch": torch.__version__, "cpu": cpu_name(), "reuse": args.reuse}
     for key, value in settings.items():
         print(f"{key:>15}: {value}")
