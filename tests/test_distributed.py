@@ -1,6 +1,6 @@
 """bertedge predict --engine ray: Ray Data around the same Predictor, on a local 2-CPU Ray.
 
-Three Ray jobs share one Ray instance (module fixture): mixed JSONL + CSV + Parquet input against
+Three Ray jobs share one Ray instance (the session's, `test_matrix.ray_local`): mixed JSONL + CSV + Parquet input against
 the local engine, the CLI route, and an actor killed mid-job. Tests that need Ray skip without it.
 """
 
@@ -8,19 +8,18 @@ from __future__ import annotations
 
 import io
 import json
-import logging
-import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from test_matrix import ray_local
 from tiny import sentiment_rows, write_csv, write_jsonl
 
 from bertedge.errors import BertedgeError
 
+__all__ = ["ray_local"]  # the shared session fixture, imported for pytest
 ROWS = sentiment_rows(120, seed=3)
 
 
@@ -34,19 +33,6 @@ def bundle(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     export(ExportArgs(tiny_bert, root / "export", optimization=Optimization.NONE,
                       quantize=Quantization.NONE))
     return package(PackageArgs(root / "export", root / "bundle")).root
-
-
-@pytest.fixture(scope="module")
-def ray_local() -> Iterator[Any]:
-    """One local Ray (2 CPUs) for the module; shut down at the end whatever happens."""
-    ray = pytest.importorskip("ray")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
-             configure_logging=False)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -194,3 +180,25 @@ def test_killed_actor_is_retried_and_output_complete(bundle: Path, ray_local: An
     assert [r["label"] for r in got] == [w["label"] for w in want]
     assert not Path(f"{out}.errors.jsonl").exists()
     assert report.transport == "ship"
+
+
+def test_result_schema_comes_from_the_task(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """No probe prediction: NER entities are list<struct> even when no row has one (a probe
+    without entities gave list<null>), and a QA bundle has a schema at all (its probe failed)."""
+    import pyarrow as pa
+    from test_matrix import task_bundle
+
+    from bertedge.edges.ray import result_schema, result_table
+    from bertedge.runtime import Predictor
+
+    root = tmp_path_factory.getbasetemp() / "task-bundles"
+    root.mkdir(exist_ok=True)
+    schema = result_schema(Predictor(task_bundle(root, "ner")))
+    entity = pa.struct([("type", pa.string()), ("start", pa.int64()), ("end", pa.int64()), ("text", pa.string()),
+                        ("score", pa.float64())])
+    assert schema.field("entities").type == pa.list_(entity)
+    table = result_table([{"entities": [], "status": "ok"}, {"status": "error", "reason": "bad"}], schema)
+    assert table.schema == schema and table.column("entities").to_pylist() == [[], None]
+    qa = result_schema(Predictor(task_bundle(root, "qa"), top_k=2))
+    assert {"answer", "start", "end", "score", "windows", "answers", "status"} <= set(qa.names)
+    assert "answers" not in result_schema(Predictor(task_bundle(root, "qa"))).names

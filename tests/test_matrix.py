@@ -158,10 +158,14 @@ def test_serve(task: str, bundles: dict[str, Path]) -> None:
 # ----------------------------------------------------------------------------- Ray
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ray_local() -> Iterator[Any]:
-    """One local Ray (2 CPUs) for every Ray cell of the matrix."""
+    """One local Ray (2 CPUs) for every Ray test of the session (Ray takes seconds to start):
+    started here unless one is already up, and shut down only by whoever started it."""
     ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        yield ray
+        return
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, configure_logging=False)
     try:

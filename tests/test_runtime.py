@@ -422,6 +422,10 @@ def test_csv_unterminated_quote_names_its_line_and_keeps_later_rows(bundle: Path
     assert [g[0] for g in got] == [2, 3, 4]
     assert got[0][1] == ("good film", None) and got[2][1] == ("great", None)
     assert got[1][1] is None and got[1][2].startswith("unterminated quote")
+    # a bare carriage return inside a field (csv raised and aborted the run): an error record
+    assert records(b"text\na\rb\nok\n", InputFormat.CSV) == [
+        (2, None, "not valid CSV (new-line character seen in unquoted field - do you need to open the file "
+                  "in universal-newline mode?)", False), (3, ("ok", None), None, False)]
     # a quoted field may still span lines
     assert records(b'text\n"two\nlines"\nnext\n', InputFormat.CSV) == [
         (3, ("two\nlines", None), None, False), (4, ("next", None), None, False)]

@@ -258,9 +258,11 @@ class PushBack:
 UNTERMINATED = "unterminated quote: a quoted field never closes (the lines after it are read as rows)"
 
 
-def csv_row(first: Line, source: PushBack, delimiter: str, max_line_bytes: int) -> tuple[list[str] | None, Line]:
+def csv_row(first: Line, source: PushBack, delimiter: str,
+            max_line_bytes: int) -> tuple[list[str] | str | None, Line]:
     """The CSV row starting at `first` (a quoted field may span lines) and its last line;
-    (None, first) when a quote never closes, with the lines read past `first` pushed back.
+    (None, first) when a quote never closes, with the lines read past `first` pushed back;
+    (what is wrong, line) for a row even the lenient reader refuses (a bare carriage return).
 
     A quote left open would otherwise swallow every later row into one field, silently; a
     quoted field may grow to `max_line_bytes` before it counts as unterminated.
@@ -272,7 +274,10 @@ def csv_row(first: Line, source: PushBack, delimiter: str, max_line_bytes: int) 
             return next(csv.reader([text], delimiter=delimiter, strict=True), []), used[-1]
         except csv.Error as e:
             if "unexpected end of data" not in str(e):  # a stray quote inside a field: read leniently
-                return next(csv.reader([text], delimiter=delimiter), []), used[-1]
+                try:
+                    return next(csv.reader([text], delimiter=delimiter), []), used[-1]
+                except csv.Error as lenient:
+                    return f"not valid CSV ({lenient})", used[-1]
         more = next(source, None)
         if more is None or more.text is None or more.cut or len(text) + len(more.text) > max_line_bytes:
             source.push([*used[1:], *([more] if more is not None else [])])
@@ -296,6 +301,8 @@ def csv_records(lines: Iterator[Line], delimiter: str, text_columns: Sequence[st
         row, last = csv_row(first, source, delimiter, max_line_bytes)
         if row is None:
             yield InputRecord(first.number, None, UNTERMINATED)
+        elif isinstance(row, str):
+            yield InputRecord(last.number, None, row)
         elif header is None:
             header = row
             text_at, pair_at = column_indices(header, text_columns, pair_columns)
