@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from bertedge import __version__
+from bertedge.build.families import check_exportable
 from bertedge.build.models import resolve_model
 from bertedge.errors import BertedgeError
 from bertedge.runtime.data import BadRows, Columns, check_trainable, seeded_subset
@@ -137,6 +138,7 @@ def finetune(args: FinetuneArgs) -> FinetuneResult:
         raise BertedgeError(f"output folder {args.out} already exists", "choose another --out or pass --overwrite")
     check_writable_parent(args.out)
     model_dir = resolve_model(args.model)
+    check_exportable(model_dir, task.name)  # an unshippable family fails now, not after training
     check_max_length(max_length, position_limit(read_json_object(model_dir / "config.json", "restore the model folder")),
                      "--max-length" if args.max_length else f"the {task.name} default")
     train, evalset, data_report = _load_data(task, args)
@@ -291,7 +293,7 @@ def _layer_depth(name: str, num_layers: int) -> int | None:
     if "embeddings" in name:
         return 0
     parts = name.split(".")
-    for key in ("layer",):  # bert: encoder.layer.3 ; distilbert: transformer.layer.3
+    for key in ("layer", "layers"):  # bert: encoder.layer.3 ; distilbert: transformer.layer.3 ; modernbert: model.layers.3
         if key in parts:
             idx = parts.index(key) + 1
             if idx < len(parts) and parts[idx].isdigit():

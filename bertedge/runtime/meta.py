@@ -53,7 +53,8 @@ def default_stride(max_length: int) -> int:
 def position_limit(config: dict[str, Any]) -> int:
     """Tokens a window may hold: the position table, less RoBERTa-style offset positions.
 
-    RoBERTa-family models (and their padding_idx offset) have 514 positions but take 512 tokens.
+    RoBERTa-family models and MPNet count positions from padding_idx + 1: 514 positions take
+    512 tokens.
 
     >>> position_limit({"max_position_embeddings": 514, "model_type": "roberta", "pad_token_id": 1})
     512
@@ -61,7 +62,7 @@ def position_limit(config: dict[str, Any]) -> int:
     512
     """
     positions = int(config.get("max_position_embeddings") or DEFAULT_POSITIONS)
-    if config.get("model_type") in ("roberta", "xlm-roberta", "camembert", "longformer"):
+    if config.get("model_type") in ("roberta", "xlm-roberta", "camembert", "longformer", "mpnet"):
         positions -= int(config.get("pad_token_id") or 1) + 1
     return positions
 

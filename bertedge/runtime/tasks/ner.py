@@ -209,16 +209,28 @@ def encode_texts(tokenizer: Tokenizer, texts: Sequence[str]) -> Features:
     words, each labelled from such a sub-token. Word ids index the whitespace words; offsets
     (relative to each word for pre-split input) are made absolute with `absolute_offsets`.
     """
-    encodings = tokenizer.encode_batch([split_words(t)[0] or [t] for t in texts], is_pretokenized=True)
+    words = [split_words(t)[0] or [t] for t in texts]
+    encodings = tokenizer.encode_batch(spaced_words(tokenizer, words), is_pretokenized=True)
     truncated = [bool(e.overflowing) for e in encodings]
     return Features(encodings, list(range(len(encodings))), None, truncated)
 
 
 def absolute_offsets(text: str, word_ids: Sequence[int | None],
                      offsets: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Character spans in `text` of a pre-split encoding's tokens (special tokens: (0, 0))."""
-    starts = split_words(text)[1] or [0]
-    return [(starts[w] + a, starts[w] + b) if w is not None else (0, 0)
+    """Character spans in `text` of a pre-split encoding's tokens (special tokens: (0, 0)).
+
+    A word given back its leading space by `spaced_words` has offsets relative to " word": its
+    last token ends one past the word, so that word's offsets move back by one (the space
+    itself maps to an empty span at the word's start).
+    """
+    words, starts = split_words(text)
+    starts = starts or [0]
+    ends: dict[int, int] = {}
+    for w, (_, b) in zip(word_ids, offsets, strict=True):
+        if w is not None:
+            ends[w] = max(ends.get(w, 0), b)
+    shift = {w: int(bool(words) and end > len(words[w])) for w, end in ends.items()}
+    return [(starts[w] + max(a - shift[w], 0), starts[w] + max(b - shift[w], 0)) if w is not None else (0, 0)
             for w, (a, b) in zip(word_ids, offsets, strict=True)]
 
 
