@@ -643,3 +643,30 @@ def test_cli_serve_rejects_bad_options(tmp_path: Path) -> None:
     assert result.exit_code != 0 and "--max-batch-size must be at least 1" in result.output
     result = CliRunner().invoke(cli, ["serve", str(tmp_path / "missing")])
     assert result.exit_code != 0 and "does not exist" in result.output
+
+
+# ----------------------------------------------------------------------------- the load benchmark
+
+
+def test_serve_load_benchmark_smoke(bundle: Path, tiny_bert: Path, tmp_path: Path) -> None:
+    """benchmarks/serve_load.py end to end on the tiny model: both systems, a soak, the report."""
+    import json
+
+    data = tmp_path / "dev.tsv"
+    data.write_text("label\tcontent\n" + "".join(f"{i % 2}\t{' '.join(WORDS[i % 7: i % 7 + 3])}\n"
+                                                 for i in range(30)))
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "serve_load.py"), str(bundle), "--model", str(tiny_bert),
+           "--data", str(data), "--concurrency", "1,4", "--requests", "12", "--warmup", "2",
+           "--time-cap", "10", "--threads", "1", "--soak", "2", "--soak-rate", "15", "--out", str(out)]
+    subprocess.run(cmd, check=True, timeout=400, capture_output=True)
+    report = json.loads((out / "serve_load.json").read_text())
+    runs = {(r["system"], r["concurrency"]): r for r in report["runs"]}
+    assert set(runs) == {(s, c) for s in ("bertedge", "pipeline") for c in (1, 4)}
+    assert all(r["errors"] == 0 and r["lost"] == 0 and r["ok"] == r["requests"] > 0 for r in runs.values())
+    assert runs[("bertedge", 4)]["mean_batch"] >= 1
+    soak = report["soak"]
+    assert soak["sent"] >= 20 and soak["lost"] == 0 and soak["not_their_own"] == 0
+    assert soak["answered"] + soak["shed"] + soak["timed_out"] + soak["errors"] == soak["sent"]
+    assert "| pipeline | 4 |" in (out / "serve_load.md").read_text()
+
