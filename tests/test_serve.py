@@ -150,6 +150,26 @@ def test_qa_and_ner_bundles_answer_like_predict(task_predictors: dict[str, Predi
         assert r.status_code == 422 and [p["field"] for p in r.json()["problems"]] == ["texts[1]"]
 
 
+def test_an_over_long_qa_question_fails_alone_in_a_shared_batch(task_predictors: dict[str, Predictor]) -> None:
+    qa = task_predictors["qa"]
+    good = ("who lives in paris?", "john smith lives in paris")
+    long_question = (" ".join(["who"] * (qa.max_length + 10)) + "?", "john lives in paris")
+
+    async def main() -> list[Any]:
+        batcher = Batcher(qa, ServeConfig(max_batch_size=8, max_wait_ms=200), Metrics())
+        batcher.start()
+        with batcher.receiving():  # hold the batch open so all three share it
+            calls = [asyncio.ensure_future(batcher.submit([item])) for item in (good, long_question, good)]
+            await asyncio.sleep(0.05)
+        out = await asyncio.gather(*calls, return_exceptions=True)
+        await batcher.close()
+        return out
+
+    first, bad, last = asyncio.run(main())
+    assert first[0]["answer"] == last[0]["answer"] == qa.predict([good])[0]["answer"]
+    assert isinstance(bad, ApiError) and 400 <= bad.status < 500, bad
+
+
 BAD_INPUTS = [  # (body, status, field named, limit named)
     (b'{"texts": ["a", ', 400, "body", None),
     (b'{"texts": ["caf\xe9"]}', 400, "body", None),
