@@ -370,6 +370,7 @@ class Soak:
     shed: int = 0  # 503 (queue full)
     timed_out: int = 0  # 504 (request timeout)
     errors: int = 0  # any other status or a transport error
+    error_kinds: dict[str, int] = field(default_factory=dict)  # "status 500", "ConnectionResetError", ...
     lost: int = 0  # no answer at all by the end of the drain
     not_their_own: int = 0  # an answer whose label and score are not its text's
     rss_mb: list[float] = field(default_factory=list)  # the server's RSS, sampled every ~5 s
@@ -380,14 +381,18 @@ def soak(port: int, pid: int, texts: list[str], reference: list[dict[str, Any]],
     """Send one text per request at `rate` texts/s for `seconds`, reusing idle connections."""
     result = Soak(seconds=seconds, rate_texts_s=round(rate, 1))
 
+    def failed(kind: str) -> None:
+        result.errors += 1
+        result.error_kinds[kind] = result.error_kinds.get(kind, 0) + 1
+
     async def one(i: int, idle: list[Connection]) -> None:
         conn = idle.pop() if idle else Connection(HOST, port)
         k = i % len(texts)
         try:
             status, payload = await asyncio.wait_for(
                 conn.post("/v1/predict", json.dumps({"texts": [texts[k]]}).encode()), 120)
-        except (OSError, asyncio.IncompleteReadError, IndexError, ValueError, asyncio.TimeoutError):
-            result.errors += 1
+        except (OSError, asyncio.IncompleteReadError, IndexError, ValueError, asyncio.TimeoutError) as e:
+            failed(type(e).__name__)
             await conn.close()
             return
         idle.append(conn)
@@ -396,7 +401,7 @@ def soak(port: int, pid: int, texts: list[str], reference: list[dict[str, Any]],
         elif status == 504:
             result.timed_out += 1
         elif status != 200:
-            result.errors += 1
+            failed(f"status {status}")
         else:
             got = json.loads(payload).get("predictions", [])
             result.answered += 1
@@ -476,7 +481,7 @@ def markdown(runs: list[Run], settings: dict[str, Any], result: dict[str, Any], 
     if soaked is not None:
         lines += ["", f"Soak: {soaked.seconds:g} s at {soaked.rate_texts_s} texts/s: sent {soaked.sent}, "
                   f"answered {soaked.answered}, shed {soaked.shed}, timed out {soaked.timed_out}, errors "
-                  f"{soaked.errors}, lost {soaked.lost}, not their own {soaked.not_their_own}; server RSS "
+                  f"{soaked.errors} {soaked.error_kinds or ''}, lost {soaked.lost}, not their own {soaked.not_their_own}; server RSS "
                   f"{soaked.rss_mb[0] if soaked.rss_mb else 'n/a'} -> {soaked.rss_mb[-1] if soaked.rss_mb else 'n/a'} MB "
                   f"(max {max(soaked.rss_mb) if soaked.rss_mb else 'n/a'})."]
     return "\n".join(lines) + "\n"
