@@ -380,3 +380,16 @@ def test_archive_that_lies_about_sizes_is_stopped_while_writing(tmp_path: Path,
     monkeypatch.setattr(bundle_module, "MAX_ARCHIVE_BYTES", 1000)
     with pytest.raises(BertedgeError, match="expands past 1000 bytes"):
         Predictor(archive)
+
+
+def test_graph_outputs_read_without_a_session_match_onnxruntime(bert_bundle: Path, tmp_path: Path) -> None:
+    from bertedge.runtime.bundle import graph_output_shapes
+    from bertedge.runtime.sessions import make_session
+
+    session = make_session(bert_bundle / "model.onnx", optimize=False)
+    want = {o.name: list(o.shape) for o in session.get_outputs()}
+    assert graph_output_shapes(bert_bundle / "model.onnx") == want and want["logits"][-1] == 2
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\xff" * 64)  # not protobuf: onnxruntime gets the last word, as a clean error
+    with pytest.raises(BertedgeError, match="onnxruntime cannot load"):
+        graph_output_shapes(junk)
