@@ -103,6 +103,10 @@ def test_predict_shapes_match_predictor(client: TestClient, predictor: Predictor
                               "boring"])
     assert_same(body["predictions"], want)
     assert body["truncated"] == 0 and body["model"]["task"] == "classification"
+    from bertedge.runtime.bundle import manifest_digest
+
+    assert body["model"]["digest"] == manifest_digest(predictor.manifest)  # which bundle answered
+    assert client.get("/v1/model").json()["digest"] == body["model"]["digest"]
     one = client.post("/v1/predict", json={"texts": "a good film"}).json()
     assert_same(one["predictions"], want[:1])
 

@@ -236,6 +236,7 @@ class ModelSummary(BaseModel):
     task: str
     precision: str | None
     model_sha256: str | None
+    digest: str | None = Field(None, description="the bundle digest `bertedge package` printed")
 
 
 class PredictResponse(BaseModel):
@@ -785,6 +786,7 @@ class ServerState:
     batcher: Batcher | None = None
     ready: bool = False
     status: str = "starting"  # why it is not ready, for /readyz
+    summary: dict[str, Any] = field(default_factory=dict)  # model_summary, computed once
 
 
 def load_predictor(bundle: str | Path, config: ServeConfig) -> PredictorLike:
@@ -804,7 +806,8 @@ def task_check(predictor: PredictorLike) -> Check | None:
 
 async def warm_up(batcher: Batcher) -> None:
     """One prediction, then a full run batch, so the first request pays no start-up cost."""
-    item: Pair = (WARM_UP_TEXT, None)
+    example = getattr(getattr(batcher.predictor, "task", None), "example_item", None)
+    item: Pair = tuple(example) if example else (WARM_UP_TEXT, None)  # type: ignore[assignment]
     try:
         await batcher.call([item])
     except BertedgeError:  # a QA model takes (question, context) pairs only
@@ -815,9 +818,11 @@ async def warm_up(batcher: Batcher) -> None:
 
 def model_summary(manifest: dict[str, Any]) -> dict[str, Any]:
     """The short model description sent with every prediction."""
+    from bertedge.runtime.bundle import manifest_digest
+
     model_file = manifest.get("files", {}).get("model.onnx", {})
     return {"task": manifest.get("task"), "precision": manifest.get("precision"),
-            "model_sha256": model_file.get("sha256")}
+            "model_sha256": model_file.get("sha256"), "digest": manifest_digest(manifest)}
 
 
 def model_info(predictor: PredictorLike, config: ServeConfig) -> dict[str, Any]:
@@ -827,6 +832,7 @@ def model_info(predictor: PredictorLike, config: ServeConfig) -> dict[str, Any]:
             "bertedge_version", "format_version", "created")
     return {
         **{k: m.get(k) for k in keys},
+        "digest": model_summary(m)["digest"],
         "checksums": {name: f.get("sha256") for name, f in m.get("files", {}).items()},
         "files": m.get("files", {}),
         "artifact": m.get("provenance", {}).get("artifact"),
@@ -864,11 +870,12 @@ def create_app(predictor_or_bundle: PredictorLike | str | Path,
         state.status = "warming up"
         await warm_up(batcher)
         batcher.start()
+        state.summary = model_summary(predictor.manifest)
         state.predictor, state.batcher, state.ready, state.status = predictor, batcher, True, "ready"
         metrics.ready.set(1)
         metrics.worker_up.set(1)
         log.info("bertedge ready: %s; coalescing up to %d texts (waiting up to %g ms), "
-                 "%d per onnxruntime run", model_summary(predictor.manifest),
+                 "%d per onnxruntime run", state.summary,
                  config.max_batch_size, config.max_wait_ms, batcher.run_batch_size)
         try:
             yield
@@ -909,7 +916,7 @@ def create_app(predictor_or_bundle: PredictorLike | str | Path,
         results = await state.batcher.submit(items)  # no await in between: the count stays true
         return JSONResponse({"predictions": results,
                              "truncated": sum(bool(r.get("truncated")) for r in results),
-                             "model": model_summary(state.predictor.manifest)})
+                             "model": state.summary})
 
     @app.get("/v1/model", responses={503: errors[503]})
     async def model() -> dict[str, Any]:
