@@ -153,3 +153,30 @@ def test_random_json_bodies(client: TestClient, body: Any) -> None:
 @given(raw=st.binary(max_size=300))
 def test_random_bytes_bodies(client: TestClient, raw: bytes) -> None:
     assert_clean(client.post("/v1/predict", content=raw, headers={"content-type": "application/json"}))
+
+
+@pytest.fixture(scope="module")
+def qa_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    """A tiny QA bundle behind the app: long questions and odd contexts are the risky inputs."""
+    from tiny import make_tiny_model
+
+    from bertedge.build.export import ExportArgs, Optimization, Quantization, export
+
+    base = tmp_path_factory.mktemp("fuzz-qa")
+    model = make_tiny_model(base / "model", task="qa", labels=("start", "end"))
+    export(ExportArgs(model, base / "export", optimization=Optimization.NONE, quantize=Quantization.NONE))
+    predictor = Predictor(package(PackageArgs(base / "export", base / "bundle")).root, threads=1)
+    with TestClient(create_app(predictor, LIMITS)) as c:
+        yield c
+
+
+WORDS = st.sampled_from(["who", "lives", "in", "paris", "john", "?", "the", "city", "x" * 30, "é", "\u200b"])
+PHRASE = st.lists(WORDS, max_size=120).map(" ".join) | TEXT
+
+
+@FUZZ
+@given(items=st.lists(st.fixed_dictionaries({"question": PHRASE, "context": PHRASE})
+                      | st.lists(PHRASE, min_size=1, max_size=2) | PHRASE, min_size=1, max_size=6))
+def test_random_qa_requests(qa_client: TestClient, items: list[Any]) -> None:
+    raw = json.dumps({"texts": items}).encode()  # escapes lone surrogates as \ud800
+    assert_clean(qa_client.post("/v1/predict", content=raw, headers={"content-type": "application/json"}))
