@@ -357,7 +357,7 @@ def package(export_dir: Path, out: Path, artifact: str | None, archive: str | No
 @click.option("--aggregation", type=click.Choice(["simple", "first", "max", "average"]), default="first",
               show_default=True, help="NER: how sub-word predictions become words and entities.")
 @click.option("--top-k", default=1, show_default=True, help="QA: answer spans returned per question (best first).")
-@click.option("--expect-digest", default=None, help="Refuse any bundle but the one with this digest (printed by `bertedge package`).")
+@click.option("--expect-digest", default=None, help="Refuse any bundle but the one with this digest (printed by `bertedge package`; local engine).")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: stream stdin/--input to stdout; ray: Ray Data actors, --input file/folder/glob to --out.")
 @click.option("--out", "out", type=click.Path(path_type=Path), default=None,
