@@ -455,8 +455,8 @@ def predict_ray(opts: dict[str, Any]) -> None:
 @click.option("--spin/--no-spin", default=False, show_default=True,
               help="Let idle onnxruntime threads busy-wait between runs (faster on dedicated cores; "
                    "on cores shared with the server and its clients it costs throughput).")
-@click.option("--workers", default=0, show_default=True,
-              help="Batches predicted at once, each on its own thread (0 = auto).")
+@click.option("--workers", default=1, show_default=True,
+              help="Batches predicted at once, each on its own thread (e.g. --threads 1 --workers 4 on 4 cores).")
 @click.option("--max-queue", default=512, show_default=True,
               help="Most texts waiting for a batch; beyond it requests get 503 with Retry-After.")
 @click.option("--request-timeout", default=30.0, show_default=True,

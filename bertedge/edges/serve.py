@@ -104,14 +104,15 @@ class ServeConfig:
     max_queue: int = 512  # most texts waiting for a batch; more gets 503 + Retry-After
     request_timeout_s: float = 30.0  # a request not answered by then gets 504 (0: no deadline)
     expect_digest: str | None = None  # refuse any bundle but this one (when create_app loads it)
-    workers: int = 0  # predictor calls run at once, each on its own thread; 0: auto (see workers_for)
+    workers: int = 1  # batches predicted at once, each on its own thread (one session, shared)
     spin: bool = False  # let idle onnxruntime threads busy-wait (steals cores from the event loop)
 
     def __post_init__(self) -> None:
         problems = [f"--{name} must be at least {low} (got {value})" for name, value, low in (
             ("max-batch-size", self.max_batch_size, 1), ("max-wait-ms", self.max_wait_ms, 0),
             ("max-batch-tokens", self.max_batch_tokens if self.max_batch_tokens is not None else 1, 1),
-            ("max-queue", self.max_queue, 1), ("workers", self.workers, 0), ("request-timeout", self.request_timeout_s, 0),
+            ("max-queue", self.max_queue, 1), ("workers", self.workers, 1),
+            ("request-timeout", self.request_timeout_s, 0),
             ("run-batch-size", self.run_batch_size or 1, 1),
             ("max-texts", self.max_texts, 1), ("max-chars", self.max_chars, 1),
             ("max-body-bytes", self.max_body_bytes if self.max_body_bytes is not None else 1, 1),
@@ -131,10 +132,6 @@ class ServeConfig:
             return min(self.run_batch_size, self.max_batch_size)
         on_gpu = any(p != "CPUExecutionProvider" for p in providers)
         return self.max_batch_size if on_gpu else min(8, self.max_batch_size)
-
-    def workers_for(self, providers: Sequence[str]) -> int:
-        """Batches predicted at once: explicit, else 1 (a GPU, or one session thread pool)."""
-        return self.workers or 1
 
     @property
     def body_limit(self) -> int:
@@ -532,7 +529,9 @@ class Batcher:
         self.predictor, self.metrics, self.config = predictor, metrics, config
         self.max_batch_size, self.max_wait_s = config.max_batch_size, config.max_wait_ms / 1000
         self.run_batch_size = config.run_batch_for(getattr(predictor, "providers", None) or [])
-        self.workers = config.workers_for(getattr(predictor, "providers", None) or [])
+        # One batch at a time by default: onnxruntime's intra-op threads already use every core;
+        # more workers suit several cores per session thread pool (e.g. --threads 1 --workers 4).
+        self.workers = config.workers
         self.executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="bertedge-predict")
         self.slots = asyncio.Semaphore(self.workers)  # predictor calls in flight at once
         self.in_flight: set[asyncio.Task[None]] = set()
