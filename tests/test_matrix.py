@@ -231,6 +231,9 @@ def test_ray_corrupt_bundle_is_one_line(bundles: dict[str, Path], inputs: dict[s
 # ----------------------------------------------------------------------------- bench --data, export --eval
 
 
+LABELLED_ROWS = {"classification": 4, "ner": 2, "qa": 2}
+
+
 def labelled_files(folder: Path, task: str) -> Path:
     """A small labelled file in the task's training format, good rows only (the readers refuse
     bad rows loudly; that is tested with each reader)."""
@@ -274,5 +277,14 @@ def test_export_eval_and_bench_data(task: str, bundles: dict[str, Path], tmp_pat
                                       "--seq-lens", "16", "--runs", "2", "--warmup", "1", "--no-cold-start",
                                       "--no-plots", "--data", str(data), "--out", str(tmp_path / "bench")])
     assert result.exit_code == 0, result.output
-    bench = json.loads((tmp_path / "bench" / "bench.json").read_text())
-    assert json.dumps(bench).count('"onnx"') >= 1
+    onnx = next(b for b in json.loads((tmp_path / "bench" / "bench.json").read_text())["backends"] if b["name"] == "onnx")
+    # bench reports classification as "accuracy" {rows, accuracy}, NER / QA as "task_metric" {examples, value}
+    scored, value = ((onnx["accuracy"]["rows"], onnx["accuracy"]["accuracy"]) if task == "classification"
+                     else (onnx["task_metric"]["examples"], onnx["task_metric"]["value"]))
+    assert onnx["status"] == "ok" and scored == LABELLED_ROWS[task]  # every labelled row scored
+    assert value == pytest.approx(fp32["metric"]["value"], abs=1e-6)  # the same rows, the same model
+    result = CliRunner().invoke(cli, ["bench", str(out), "--backends", "onnx", "--batch-sizes", "1", "--seq-lens", "16",
+                                      "--runs", "1", "--warmup", "0", "--no-cold-start", "--no-plots", "--data", str(bad),
+                                      "--out", str(tmp_path / "bench-bad")])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert result.output.strip().splitlines()[-1].startswith("Error: ")
