@@ -82,9 +82,10 @@ def test_bad_options_are_listed_together(tmp_path: Path) -> None:
 
     with pytest.raises(BertedgeError) as e:
         DistributedArgs(bundle=tmp_path / "nope", inputs=[str(tmp_path / "*.jsonl")],
-                        output=tmp_path / "out.parquet", actors=0)
+                        output=tmp_path / "out.parquet", actors=0, aggregation="bogus", top_k=0)
     message = str(e.value)
     assert "--actors must be at least 1" in message and "does not exist" in message
+    assert "unknown NER aggregation 'bogus'" in message and "--top-k must be at least 1" in message
     assert "matches no" in message
 
 

@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from bertedge.errors import BertedgeError
+from bertedge.runtime.tasks import DecodeOptions
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -118,6 +119,10 @@ class DistributedArgs:
                                 positive("--top-k", self.top_k)) if p]
         if not self.bundle.exists():
             problems.append(f"bundle '{self.bundle}' does not exist")
+        try:  # checked here so that a bad option fails before Ray starts, not in every actor
+            DecodeOptions(aggregation=self.aggregation, top_k=max(self.top_k, 1))  # type: ignore[arg-type]
+        except BertedgeError as e:
+            problems.append(e.problem)
         try:
             self.files = expand_inputs(self.inputs)
         except BertedgeError as e:
