@@ -250,11 +250,24 @@ def models() -> None:
 @click.option("--max-eval-rows", default=0, show_default=True, help="Seeded subset of --eval (0 = all rows).")
 @data_options
 @click.option("--max-accuracy-drop", default=0.5, show_default=True, help="INT8/FP16 budget in metric points (with --eval).")
-@click.option("--min-agreement", default=0.95, show_default=True, help="INT8/FP16 label-agreement gate without --eval.")
+@click.option("--min-agreement", default=0.995, show_default=True,
+              help="Share of PyTorch's answers INT8/FP16 must keep (labels, NER tokens, QA spans), with or without --eval.")
+@click.option("--batch-invariance/--no-batch-invariance", default=True, show_default=True,
+              help="Require the same answer for a text alone, in a batch of 32 and padded (INT8/FP16).")
+@click.option("--invariance-tol", default=1e-5, show_default=True, help="Max |probability difference| for batch invariance.")
+@click.option("--target", "targets", default="", help="Shapes to time every artifact at, e.g. 1x32,32x128 "
+              "(default: batch 1 and 32 at the data's median length); the fastest passer is recommended.")
+@click.option("--timing-seconds", default=1.0, show_default=True, help="Timed seconds per artifact and shape.")
+@click.option("--threads", default=0, show_default=True, help="Intra-op threads while timing (0: onnxruntime picks).")
+@click.option("--sensitivity/--no-sensitivity", default=True, show_default=True,
+              help="When no batch-invariant INT8 passes, keep the most error-prone nodes in fp32.")
+@click.option("--max-fp32-nodes", default=8, show_default=True, help="Most nodes the sensitivity search keeps in fp32.")
+@click.option("--calibrate-method", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax",
+              show_default=True, help="Static INT8 calibration (a static candidate is tried whenever --calibration is given).")
 @click.option("--per-channel", is_flag=True, help="Start the INT8 search with per-channel weight scales.")
 @click.option("--reduce-range", is_flag=True, help="Start the INT8 search with 7-bit weights.")
 @click.option("--int8-ops", default="", help="Op types to quantize, e.g. MatMul,Attention (default: onnxruntime's set).")
-@click.option("--search-all", is_flag=True, help="Try every INT8 candidate; keep the passer with the best agreement.")
+@click.option("--search-all", is_flag=True, help="Also run the sensitivity search when a candidate already passed.")
 @click.option("--require-int8", is_flag=True, help="Fail (non-zero exit, no folder) when no INT8 candidate passes.")
 @click.option("--atol", default=1e-3, show_default=True, help="Max |output diff| for the fp32 and fused graphs.")
 @click.option("--batch-size", default=32, show_default=True, help="Validation batch size.")
@@ -273,11 +286,19 @@ def export_cmd(**opts: Any) -> None:
       bertedge export runs/model --out runs/export --bundle runs/bundle.tar.gz
     \b
     Writes model*.onnx, tokenizer/config files and export-report.json; `recommended` names the
-    fastest artifact that passed validation (INT8, else fused, else fp32).
+    fastest artifact (timed at --target) that passed validation: PyTorch parity for fp32/fused;
+    for INT8, the metric budget, the agreement budget and batch invariance.
     """
     from rich.console import Console
 
-    from bertedge.build.export import ExportArgs, Optimization, Quantization, export, render
+    from bertedge.build.export import (
+        ExportArgs,
+        Optimization,
+        Quantization,
+        export,
+        parse_targets,
+        render,
+    )
 
     report = export(ExportArgs(
         model_dir=opts["model_dir"], out=opts["out"], optimization=Optimization(opts["opt"]),
@@ -289,7 +310,10 @@ def export_cmd(**opts: Any) -> None:
         per_channel=opts["per_channel"], reduce_range=opts["reduce_range"],
         int8_operators=tuple(csv_list(opts["int8_ops"])), search_all=opts["search_all"],
         require_int8=opts["require_int8"], atol=opts["atol"], batch_size=opts["batch_size"],
-        seed=opts["seed"], overwrite=opts["overwrite"],
+        batch_invariance=opts["batch_invariance"], invariance_tol=opts["invariance_tol"],
+        targets=parse_targets(opts["targets"]), timing_seconds=opts["timing_seconds"], threads=opts["threads"],
+        sensitivity=opts["sensitivity"], max_fp32_nodes=opts["max_fp32_nodes"],
+        calibrate_method=opts["calibrate_method"], seed=opts["seed"], overwrite=opts["overwrite"],
     ))
     console = Console(width=max(Console().width, 140))
     for table in render(report):

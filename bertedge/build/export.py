@@ -18,7 +18,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,13 @@ from bertedge.build import quantize as q
 from bertedge.build.families import FAMILIES, family
 from bertedge.errors import BertedgeError
 from bertedge.runtime.data import BadRows, Columns, load_text_classification, seeded_subset
-from bertedge.runtime.features import Features, load_tokenizer, pad_batch, pad_id
+from bertedge.runtime.features import (
+    Features,
+    length_sorted_batches,
+    load_tokenizer,
+    pad_batch,
+    pad_id,
+)
 from bertedge.runtime.meta import ModelMeta, read_model_meta, write_meta
 from bertedge.runtime.sessions import make_session
 from bertedge.runtime.tasks import Task
@@ -88,14 +94,22 @@ class ExportArgs:
     max_eval_rows: int = 0  # seeded subset of --eval (0 = all rows)
     columns: Columns = field(default_factory=Columns)  # column names in --eval / --calibration
     max_accuracy_drop: float = 0.5  # budget in metric points for lossy artifacts (with --eval)
-    min_agreement: float = 0.95  # label agreement gate for lossy artifacts (without --eval)
+    min_agreement: float = 0.995  # budget: share of fp32's answers a lossy artifact must keep (always)
     per_channel: bool = False  # start the INT8 search per-channel
     reduce_range: bool = False  # start the INT8 search with 7-bit weights
     int8_operators: tuple[str, ...] = ()  # op types to quantize; () = onnxruntime default
-    search_all: bool = False  # try every INT8 candidate and keep the best passer
+    search_all: bool = False  # also run the sensitivity search when a plain candidate already passed
     require_int8: bool = False  # fail the export when no INT8 candidate meets the budget
     atol: float = 1e-3  # max |output diff| allowed for fp32 and fused graphs
-    batch_size: int = 32  # validation batch size
+    batch_size: int = 32  # validation batch size: the runtime's length-sorted batches of this size
+    batch_invariance: bool = True  # lossy artifacts must answer a text the same alone, in a batch, padded
+    invariance_tol: float = 1e-5  # max |probability difference| the batch-invariance check allows
+    targets: tuple[tuple[int, int], ...] = ()  # (batch, seq) shapes timed; () = 1 and 32 at typical length
+    timing_seconds: float = 1.0  # seconds of timed calls per artifact and target shape
+    threads: int = 0  # intra-op threads while timing (0: onnxruntime picks)
+    sensitivity: bool = True  # keep the most error-prone nodes in fp32 when no invariant INT8 passes
+    max_fp32_nodes: int = 8  # the most nodes the sensitivity search may keep in fp32
+    calibrate_method: str = "minmax"  # static INT8 calibration: minmax, percentile or entropy
     seed: int = 0  # seeds random inputs and row subsets
     overwrite: bool = False  # replace an existing --out folder
 
@@ -110,8 +124,14 @@ class ExportArgs:
             problems.append("--calibration-rows and --batch-size must be >= 1, --max-eval-rows >= 0")
         if not 0.0 <= self.min_agreement <= 1.0:
             problems.append(f"--min-agreement {self.min_agreement} is not between 0 and 1")
-        if self.atol <= 0:
-            problems.append("--atol must be positive")
+        if self.atol <= 0 or self.invariance_tol <= 0:
+            problems.append("--atol and --invariance-tol must be positive")
+        if any(b < 1 or n < 2 for b, n in self.targets):
+            problems.append("--target shapes need batch >= 1 and sequence >= 2 (e.g. 1x32,32x128)")
+        if self.calibrate_method not in q.CALIBRATE:
+            problems.append(f"--calibrate-method must be one of {', '.join(q.CALIBRATE)}")
+        if self.max_fp32_nodes < 0 or self.timing_seconds <= 0 or self.threads < 0:
+            problems.append("--max-fp32-nodes and --threads must be >= 0, --timing-seconds positive")
         if self.quantize is Quantization.STATIC and self.calibration is None:
             problems.append("--quantize static needs --calibration FILE (texts from your data)")
         if self.require_int8 and self.quantize is Quantization.NONE:
@@ -136,6 +156,10 @@ class ArtifactReport:
     max_abs_diff_random: float | None = None
     label_agreement: float = 0.0
     metric: dict[str, object] | None = None
+    batch_invariance: dict[str, object] | None = None  # alone vs in a batch of 32 vs padded
+    timings_ms: dict[str, float] = field(default_factory=dict)  # "BxS" -> p50 ms at each target shape
+    cost_ms: float | None = None  # geometric mean of timings_ms: what "fastest" compares
+    validated_on: dict[str, object] = field(default_factory=dict)  # CPU and ISA flags of this check
     passed: bool = False
     validated: bool = False
     notes: str = ""
@@ -158,6 +182,8 @@ class ExportReport:
     validation_inputs: str = ""
     artifacts: list[ArtifactReport] = field(default_factory=list)
     int8_search: list[dict[str, object]] = field(default_factory=list)
+    sensitivity: list[dict[str, object]] = field(default_factory=list)  # per node: share of the INT8 error
+    targets: list[str] = field(default_factory=list)  # shapes every validated artifact was timed at
     recommended: str = ""
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -246,7 +272,17 @@ def tokenize(tokenizer: Any, texts: Sequence[str], pairs: Sequence[str] | None, 
 
 
 def _batches(encodings: Sequence[Any], pad: int, batch_size: int) -> list[Feeds]:
-    return [pad_batch(encodings[i:i + batch_size], pad) for i in range(0, len(encodings), batch_size)]
+    return runtime_batches(encodings, pad, batch_size)[0]
+
+
+def runtime_batches(encodings: Sequence[Any], pad: int, batch_size: int) -> tuple[list[Feeds], list[list[int]]]:
+    """Batches exactly as `predict` and `serve` build them: length-sorted, padded to their longest.
+
+    Validating any other batching would validate something the runtime never runs: dynamic
+    INT8's scales, and so its answers, depend on a text's batch mates and padding.
+    """
+    order = list(length_sorted_batches([len(e.ids) for e in encodings], batch_size))
+    return [pad_batch([encodings[i] for i in idx], pad) for idx in order], order
 
 
 def random_batches(vocab_size: int, max_length: int, seed: int) -> list[Feeds]:
@@ -269,7 +305,8 @@ class EvalSet:
 
     examples: Any  # the task's examples (TextExamples, NerExamples, QaExamples, ...)
     features: Features  # one window per row (QA: per context window)
-    batches: list[Feeds]  # the windows, in order, padded in groups of batch_size
+    batches: list[Feeds]  # the windows in the runtime's length-sorted batches of batch_size
+    order: list[list[int]]  # window indices of each batch
     rows: int
     source: str
 
@@ -283,16 +320,17 @@ def load_eval(args: ExportArgs, source: Source) -> EvalSet | None:
     if 0 < args.max_eval_rows < len(examples):
         examples = examples.subset(sorted(random.Random(args.seed).sample(range(len(examples)), args.max_eval_rows)))
     features = task.encode(source.tokenizer, examples, info.max_length, source.stride)
-    batches = _batches(features.encodings, pad_id(source.tokenizer), args.batch_size)
-    return EvalSet(examples, features, batches, len(examples), str(args.eval_file))
+    batches, order = runtime_batches(features.encodings, pad_id(source.tokenizer), args.batch_size)
+    return EvalSet(examples, features, batches, order, len(examples), str(args.eval_file))
 
 
-def _windows(outputs: Sequence[Outputs], batches: Sequence[Feeds], per_token: bool) -> list[Outputs]:
-    """Batched outputs -> one dict per window, per-token outputs cut to the window's length."""
-    windows = []
-    for out, batch in zip(outputs, batches, strict=True):
-        for row, length in enumerate(batch["attention_mask"].sum(axis=1)):
-            windows.append({k: v[row, :length] if per_token else v[row] for k, v in out.items()})
+def _windows(outputs: Sequence[Outputs], batches: Sequence[Feeds], order: Sequence[list[int]],
+             per_token: bool) -> list[Outputs]:
+    """Batched outputs -> one dict per window in window order, per-token outputs cut to length."""
+    windows: list[Outputs] = [{} for _ in range(sum(len(i) for i in order))]
+    for out, batch, idx in zip(outputs, batches, order, strict=True):
+        for row, (i, length) in enumerate(zip(idx, batch["attention_mask"].sum(axis=1), strict=True)):
+            windows[i] = {k: v[row, :length] if per_token else v[row] for k, v in out.items()}
     return windows
 
 
@@ -302,7 +340,7 @@ def evaluate(outputs: Sequence[Outputs], eval_set: EvalSet, task: Task, labels: 
     Uses the task record's own `predict` and `score`, so classification accuracy, NER entity
     F1 and QA SQuAD F1 all flow through here unchanged.
     """
-    windows = _windows(outputs, eval_set.batches, task.per_token_outputs)
+    windows = _windows(outputs, eval_set.batches, eval_set.order, task.per_token_outputs)
     predictions = task.predict(windows, eval_set.features, eval_set.examples, labels)
     return float(task.score(predictions, eval_set.examples, labels)[task.metric])
 
@@ -338,9 +376,10 @@ def torch_runner(source: Source) -> Run:
     return run
 
 
-def ort_runner(path: Path, providers: Sequence[str] = ("CPUExecutionProvider",)) -> Run:
+def ort_runner(path: Path, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0) -> Run:
     """Run an ONNX file with onnxruntime, feeding the graph's own input names."""
-    session = make_session(path, providers, fix="re-run `bertedge export`; report the error if it persists")
+    session = make_session(path, providers, threads=threads or None,
+                           fix="re-run `bertedge export`; report the error if it persists")
     inputs = [i.name for i in session.get_inputs()]
     outputs = [o.name for o in session.get_outputs()]
 
@@ -383,14 +422,104 @@ def predictions(x: np.ndarray, mask: np.ndarray, per_token: bool) -> np.ndarray:
 
 def label_agreement(ref: Sequence[Outputs], got: Sequence[Outputs], batches: Sequence[Feeds],
                     per_token: bool) -> float:
-    """Share of predictions (rows, or real tokens) equal between reference and candidate."""
+    """Share of answers equal between reference and candidate.
+
+    Classification: labels per row; NER: labels per real token; QA (per-row position scores):
+    spans per row, equal only when the start and the end position both are.
+    """
     same = total = 0
     for r, g, b in zip(ref, got, batches, strict=True):
+        spans: np.ndarray | None = None
         for n in r:
             a = predictions(r[n], b["attention_mask"], per_token)
             c = predictions(g[n], b["attention_mask"], per_token)
-            same, total = same + int((a == c).sum()), total + a.size
+            if per_token and r[n].ndim == 2:
+                spans = (a == c) if spans is None else spans & (a == c)
+            else:
+                same, total = same + int((a == c).sum()), total + a.size
+        if spans is not None:
+            same, total = same + int(spans.sum()), total + spans.size
     return same / total if total else 1.0
+
+
+def probabilities(x: np.ndarray, mask: np.ndarray, per_token: bool) -> np.ndarray:
+    """Softmax over classes (per row, or per real token), or over real positions (QA scores)."""
+    if per_token and x.ndim == 2:
+        x = np.where(mask.astype(bool), x, -np.inf)
+    z = np.exp(x - x.max(-1, keepdims=True))
+    p = z / z.sum(-1, keepdims=True)
+    return p[mask.astype(bool)] if per_token and p.ndim == 3 else p
+
+
+def _rows(batches: Sequence[Feeds]) -> list[Feeds]:
+    """Every row of `batches`, unpadded, as a batch of one."""
+    rows = []
+    for b in batches:
+        for r, n in enumerate(b["attention_mask"].sum(axis=1)):
+            rows.append({k: v[r:r + 1, :n] for k, v in b.items()})
+    return rows
+
+
+def _stack(rows: Sequence[Feeds], pad: int, width: int = 0) -> Feeds:
+    """Right-pad unpadded rows to their longest (or `width`), like `pad_batch` does."""
+    width = max(width, *(r["input_ids"].shape[1] for r in rows))
+    out = {}
+    for k in rows[0]:
+        fill = pad if k == "input_ids" else 0
+        out[k] = np.full((len(rows), width), fill, dtype=np.int64)
+        for i, r in enumerate(rows):
+            out[k][i, :r[k].shape[1]] = r[k][0]
+    return out
+
+
+def batch_invariance(run: Run, probes: Sequence[Feeds], pool: Sequence[Feeds], pad: int, width: int,
+                     per_token: bool, seed: int, tol: float) -> dict[str, object]:
+    """The same text alone, in a batch with 31 random others, and padded to `width`.
+
+    Returns the worst |probability difference| against the text alone, how many answers
+    changed, and whether every difference stayed within `tol`.
+    """
+    rng = np.random.default_rng(seed)
+    worst, changed = 0.0, 0
+    for probe in probes:
+        alone = run(probe)
+        mates = [pool[int(i)] for i in rng.choice(len(pool), size=min(31, len(pool)), replace=True)]
+        at = int(rng.integers(len(mates) + 1))
+        batch = _stack([*mates[:at], probe, *mates[at:]], pad)
+        variants = [({k: v[at:at + 1] for k, v in run(batch).items()}, batch["attention_mask"][at:at + 1]),
+                    (run(_stack([probe], pad, width)), _stack([probe], pad, width)["attention_mask"])]
+        base_mask = probe["attention_mask"]
+        n = base_mask.shape[1]
+        for out, mask in variants:
+            for name, ref in alone.items():
+                got = out[name][:, :n] if per_token else out[name]
+                p_ref, p_got = probabilities(ref, base_mask, per_token), probabilities(got, mask[:, :n], per_token)
+                worst = max(worst, float(np.abs(p_ref - p_got).max()))
+                changed += int((predictions(ref, base_mask, per_token) != predictions(got, mask[:, :n], per_token)).sum())
+    return {"texts": len(probes), "batch": min(31, len(pool)) + 1, "padded_to": width,
+            "max_prob_diff": worst, "answers_changed": changed, "passed": worst <= tol and changed == 0}
+
+
+def target_feeds(rows: Sequence[Feeds], batch: int, seq: int, seed: int) -> Feeds:
+    """`batch` rows of real tokens, each exactly `seq` long: real texts run together, no padding."""
+    rng = np.random.default_rng(seed)
+    ids = np.concatenate([r["input_ids"][0] for r in rows])
+    types = np.zeros(seq, dtype=np.int64)
+    starts = rng.integers(0, max(1, len(ids) - seq), size=batch)
+    tiled = np.stack([np.resize(ids[s:], seq) for s in starts]).astype(np.int64)
+    return {"input_ids": tiled, "attention_mask": np.ones_like(tiled), "token_type_ids": np.tile(types, (batch, 1))}
+
+
+def time_run(run: Run, feeds: Feeds, seconds: float) -> float:
+    """Median milliseconds of `run(feeds)` over about `seconds` (at least 3 calls, 1 warm-up)."""
+    run(feeds)
+    times: list[float] = []
+    end = time.perf_counter() + seconds
+    while len(times) < 3 or time.perf_counter() < end:
+        t = time.perf_counter()
+        run(feeds)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times)) * 1e3
 
 
 # ----------------------------------------------------------------------------- validation
@@ -409,9 +538,14 @@ class Reference:
     eval_set: EvalSet | None
     pytorch_metric: float | None
     args: ExportArgs
+    info: ModelMeta | None = None  # the model's metadata (heads and hidden size for graph rewrites)
+    pad: int = 0  # the tokenizer's padding id
+    width: int = 128  # the padded width of the batch-invariance check
+    shapes: tuple[tuple[int, int], ...] = ()  # target shapes every validated artifact is timed at
+    cpu: dict[str, object] = field(default_factory=dict)
 
     def check(self, report: ArtifactReport, run: Run, lossy: bool) -> ArtifactReport:
-        """Fill `report` with diffs, agreement and metric, and decide `passed`."""
+        """Fill `report` with diffs, agreement, metric, batch invariance and timings; decide `passed`."""
         per_token = self.task.per_token_outputs
         got_real = [run(b) for b in self.real]
         got_random = [run(b) for b in self.random]
@@ -419,10 +553,33 @@ class Reference:
         report.max_abs_diff_random = max_abs_diff(self.ref_random, got_random, self.random, per_token)
         report.label_agreement = label_agreement(self.ref_real, got_real, self.real, per_token)
         report.metric = self._metric(got_real)
-        report.validated = True
+        rows = _rows(self.real)
+        probes = rows[:: max(1, len(rows) // 8)][:8]
+        report.batch_invariance = batch_invariance(run, probes, rows, self.pad, self.width, per_token,
+                                                   self.args.seed, self.args.invariance_tol)
+        report.validated, report.validated_on = True, self.cpu
         report.passed, why = self._gate(report, lossy)
         report.notes = "; ".join(x for x in (report.notes, why) if x)
+        if report.passed:
+            self.time(report, run, rows)
         return report
+
+    def output_error(self, path: Path) -> float:
+        """Mean |output difference| from PyTorch on a spread of up to 4 real batches (sensitivity)."""
+        run, per_token = ort_runner(path), self.task.per_token_outputs
+        picks = list(range(0, len(self.real), max(1, len(self.real) // 4)))[:4]
+        diffs = [np.abs(_valid(self.ref_real[i][n], self.real[i]["attention_mask"], per_token)
+                        - _valid(out[n], self.real[i]["attention_mask"], per_token)).mean()
+                 for i in picks for out in [run(self.real[i])] for n in out]
+        return float(np.mean(diffs))
+
+    def time(self, report: ArtifactReport, run: Run, rows: Sequence[Feeds]) -> None:
+        """p50 milliseconds at each target shape on real tokens; `cost_ms` is their geometric mean."""
+        for batch, seq in self.shapes:
+            feeds = target_feeds(rows, batch, seq, self.args.seed)
+            report.timings_ms[f"{batch}x{seq}"] = round(time_run(run, feeds, self.args.timing_seconds), 3)
+        if report.timings_ms:
+            report.cost_ms = round(float(np.exp(np.mean(np.log(list(report.timings_ms.values()))))), 3)
 
     def _metric(self, got_real: list[Outputs]) -> dict[str, object] | None:
         if self.eval_set is None or self.pytorch_metric is None:
@@ -436,21 +593,28 @@ class Reference:
             worst = max(r.max_abs_diff_real or 0.0, r.max_abs_diff_random or 0.0)
             ok = worst <= self.args.atol
             return ok, "" if ok else f"failed parity: max |diff| {worst:.2e} > atol {self.args.atol:g}"
-        if r.metric is not None:
-            drop = float(r.metric["drop_points"])  # type: ignore[arg-type]
-            ok = drop <= self.args.max_accuracy_drop
-            return ok, "" if ok else f"failed budget: {drop:.2f} point drop > {self.args.max_accuracy_drop:g}"
-        ok = r.label_agreement >= self.args.min_agreement
-        return ok, "" if ok else f"failed budget: agreement {r.label_agreement:.4f} < {self.args.min_agreement:g}"
+        why = []
+        if r.metric is not None and float(r.metric["drop_points"]) > self.args.max_accuracy_drop:  # type: ignore[arg-type]
+            why.append(f"failed budget: {float(r.metric['drop_points']):.2f} point drop "  # type: ignore[arg-type]
+                       f"> {self.args.max_accuracy_drop:g}")
+        if r.label_agreement < self.args.min_agreement:
+            why.append(f"failed budget: agreement {r.label_agreement:.4f} < {self.args.min_agreement:g}")
+        inv = r.batch_invariance or {}
+        if self.args.batch_invariance and not inv.get("passed", True):
+            why.append(f"not batch-invariant: max |prob diff| {float(inv['max_prob_diff']):.1e} "  # type: ignore[arg-type]
+                       f"(> {self.args.invariance_tol:g}), {inv['answers_changed']} answers changed")
+        return not why, "; ".join(why)
 
     def gate_text(self) -> str:
         """How lossy artifacts (INT8, FP16) are judged, for the report."""
         a = self.args
-        if self.eval_set is not None:
-            return (f"lossy artifacts: {self.task.metric} drop <= {a.max_accuracy_drop:g} points on "
-                    f"{self.eval_set.source} ({self.eval_set.rows} rows); fp32/fused: max |diff| <= {a.atol:g}")
-        return (f"no --eval: lossy artifacts gated on label agreement >= {a.min_agreement:g} with PyTorch "
-                f"on real inputs; fp32/fused: max |diff| <= {a.atol:g}")
+        inv = (f"; same answer alone / in a batch of 32 / padded to {self.width} "
+               f"(probabilities within {a.invariance_tol:g})" if a.batch_invariance else "")
+        where = (f"{self.eval_set.source} ({self.eval_set.rows} rows)" if self.eval_set is not None
+                 else "the real inputs (no --eval)")
+        metric = (f"{self.task.metric} drop <= {a.max_accuracy_drop:g} points and " if self.eval_set is not None else "")
+        return (f"lossy artifacts: {metric}agreement with PyTorch >= {a.min_agreement:g} on {where}{inv}; "
+                f"fp32/fused: max |diff| <= {a.atol:g}")
 
 
 def build_reference(args: ExportArgs, source: Source, eval_set: EvalSet | None,
@@ -468,7 +632,11 @@ def build_reference(args: ExportArgs, source: Source, eval_set: EvalSet | None,
     ref_real = [run(b) for b in real]
     task, labels = source.info.task, source.info.labels
     metric = evaluate(ref_real, eval_set, task, labels) if eval_set is not None else None
-    ref = Reference(task, labels, real, noise, ref_real, [run(b) for b in noise], eval_set, metric, args)
+    lengths = sorted(int(n) for b in real for n in b["attention_mask"].sum(axis=1))
+    typical = max(2, lengths[len(lengths) // 2])  # median real length: the default target shapes
+    ref = Reference(task, labels, real, noise, ref_real, [run(b) for b in noise], eval_set, metric, args,
+                    info=source.info, pad=pad_id(source.tokenizer), width=min(128, source.info.max_length),
+                    shapes=args.targets or ((1, typical), (32, typical)), cpu=cpu_info())
     return ref, what + "; random inputs: 2 batches of random token ids with ragged masks"
 
 
@@ -538,6 +706,38 @@ def to_fp16(src: Path, dst: Path) -> None:
     model.save_model_to_file(str(dst))
 
 
+def fuse_without_attention(info: ModelMeta, src: Path, dst: Path) -> None:
+    """The fused graph less the Attention fusion: the base of per-token INT8.
+
+    A fused Attention quantizes to QAttention, which takes one activation scale for the whole
+    batch; left as MatMuls, the Q/K/V projections can be quantized per token.
+    """
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    kind = SUPPORTED_MODEL_TYPES[info.model_type]
+    options = FusionOptions(kind)
+    options.enable_attention = False
+    model = optimize_model(str(src), model_type=kind, num_heads=info.num_heads, hidden_size=info.hidden_size,
+                           optimization_options=options)
+    model.save_model_to_file(str(dst))
+
+
+def parse_targets(text: str) -> tuple[tuple[int, int], ...]:
+    """'1x32,32x128' -> ((1, 32), (32, 128)); '' -> () (the default shapes).
+
+    >>> parse_targets("1x32, 32X128")
+    ((1, 32), (32, 128))
+    """
+    shapes = []
+    for part in (p.strip().lower() for p in text.split(",") if p.strip()):
+        batch, _, seq = part.partition("x")
+        if not (batch.isdigit() and seq.isdigit()):
+            raise BertedgeError(f"--target '{part}' is not BATCHxSEQUENCE", "write e.g. --target 1x32,32x128")
+        shapes.append((int(batch), int(seq)))
+    return tuple(shapes)
+
+
 def _size_mb(path: Path) -> float:
     return round(path.stat().st_size / 1e6, 3)
 
@@ -551,7 +751,7 @@ def build_fp32(source: Source, ref: Reference, out: Path, opset: int) -> Artifac
     start = time.perf_counter()
     report = _artifact("fp32", "fp32", "none")
     export_fp32(source, out / report.file, opset)
-    ref.check(report, ort_runner(out / report.file), lossy=False)
+    ref.check(report, ort_runner(out / report.file, threads=ref.args.threads), lossy=False)
     report.size_mb, report.seconds = _size_mb(out / report.file), time.perf_counter() - start
     if not report.passed:
         raise BertedgeError(f"the ONNX export does not match PyTorch ({report.notes})",
@@ -564,7 +764,7 @@ def build_fused(source: Source, ref: Reference, out: Path) -> ArtifactReport:
     start = time.perf_counter()
     report = _artifact("fused", "fp32", "fused")
     report.notes = fuse(source.info, out / ARTIFACT_FILES["fp32"], out / report.file)
-    ref.check(report, ort_runner(out / report.file), lossy=False)
+    ref.check(report, ort_runner(out / report.file, threads=ref.args.threads), lossy=False)
     report.size_mb, report.seconds = _size_mb(out / report.file), time.perf_counter() - start
     return report
 
@@ -590,36 +790,78 @@ def build_fp16(ref: Reference, out: Path, src_name: str) -> ArtifactReport:
     return report
 
 
-def build_int8(args: ExportArgs, ref: Reference, out: Path, base_name: str,
-               calibration: list[Feeds]) -> tuple[ArtifactReport, list[dict[str, object]]]:
-    """The INT8 fallback search; the chosen candidate becomes model-int8[-static].onnx."""
+def build_int8(args: ExportArgs, ref: Reference, out: Path, base_name: str, calibration: list[Feeds],
+               config: q.Int8Config | None = None,
+               ) -> tuple[ArtifactReport, list[dict[str, object]], list[dict[str, object]]]:
+    """The INT8 search; the chosen candidate becomes model-int8[-static].onnx.
+
+    Every candidate of the ladder is validated and (when it passes) timed; the fastest passer
+    wins. When no batch-invariant candidate passes (or with --search-all), the sensitivity
+    search keeps the most error-prone nodes of the per-token recipe in fp32, fewest first.
+
+    Returns:
+        The chosen artifact, a row per candidate tried, and the per-node sensitivity table.
+    """
     import onnx
 
     start = time.perf_counter()
-    method = q.Method(args.quantize.value)
+    method = q.Method(args.quantize.value) if config is None else config.method
     name = "int8" if method is q.Method.DYNAMIC else "int8-static"
-    base = q.Int8Config(method, args.per_channel, args.reduce_range, args.int8_operators)
+    # Static QDQ of every op type clips the additive attention mask (-10000) to the calibrated
+    # range, so padding leaks into attention and answers change with batch mates: MatMul only.
+    operators = args.int8_operators or (("MatMul",) if method is q.Method.STATIC else ())
+    base = config or q.Int8Config(method, args.per_channel, args.reduce_range, operators,
+                                  calibrate=args.calibrate_method)
 
     def check(path: Path, config: q.Int8Config) -> ArtifactReport:
         report = _artifact(name, "int8", "fused" if base_name == "fused" else "none")
         report.quantization, report.size_mb = config.to_dict(), _size_mb(path)
-        return ref.check(report, ort_runner(path), lossy=True)
+        return ref.check(report, ort_runner(path, threads=args.threads), lossy=True)
 
     src = out / ARTIFACT_FILES[base_name]
-    ladder = q.distinct(q.candidates(base), onnx.load(str(src)))
-    result = q.search(src, out / ARTIFACT_FILES[name], ladder, check, calibration, args.search_all)
+    model = onnx.load(str(src))
+    ladder = [base] if config is not None else q.distinct(q.candidates(base), model)
+    table: list[dict[str, object]] = []
+    unfused = out / ".model-unfused-attention.onnx"  # removed below: not an artifact
+    if base_name == "fused" and ref.info is not None and any(c.activations is q.Activations.PER_TOKEN for c in ladder):
+        fuse_without_attention(ref.info, out / ARTIFACT_FILES["fp32"], unfused)
+
+    def source(config: q.Int8Config) -> Path:
+        return unfused if config.activations is q.Activations.PER_TOKEN and unfused.is_file() else src
+
+    def guided(result: q.SearchResult[ArtifactReport]) -> Iterator[q.Int8Config]:
+        seed = next((c for c in ladder if c.activations is q.Activations.PER_TOKEN), None)
+        invariant_passed = any(a.passed and a.config.batch_invariant for a in result.attempts)
+        if seed is None or not args.sensitivity or args.max_fp32_nodes == 0 or (invariant_passed and not args.search_all):
+            return
+        seed_src = source(seed)
+        table.extend(q.sensitivity(seed_src, seed, q.touched_nodes(onnx.load(str(seed_src)), seed), ref.output_error, out))
+        ranked = [str(r["node"]) for r in table if float(r["gain"]) > 0]  # type: ignore[arg-type]
+        k = 1
+        while ranked and k <= min(args.max_fp32_nodes, len(ranked)):
+            yield replace(seed, fp32_nodes=tuple(ranked[:k]))
+            k *= 2
+
+    try:
+        # The dynamic ladder is three recipes of similar cost: validate and time them all. The
+        # static ladder falls back to ever more fp32, so it stops at its first passer.
+        every = method is q.Method.DYNAMIC or args.search_all
+        result = q.search(source, out / ARTIFACT_FILES[name], ladder, check, calibration, search_all=every,
+                          extend=guided if config is None else None)
+    finally:
+        unfused.unlink(missing_ok=True)
     tried = [_attempt_row(a) for a in result.attempts]
     if result.chosen is None:
         report = _artifact(name, "int8", base_name)
         report.notes = "every INT8 candidate failed to build: " + "; ".join(str(t["error"]) for t in tried)
         report.file = ""
-        return report, tried
+        return report, tried, table
     chosen = result.attempts[result.chosen]
     assert chosen.verdict is not None
     report = chosen.verdict
     report.notes = "; ".join(x for x in (report.notes, _search_note(result)) if x)
     report.seconds = time.perf_counter() - start
-    return report, tried
+    return report, tried, table
 
 
 def _attempt_row(a: q.Attempt[ArtifactReport]) -> dict[str, object]:
@@ -627,6 +869,8 @@ def _attempt_row(a: q.Attempt[ArtifactReport]) -> dict[str, object]:
     return {"candidate": a.config.label(), **a.config.to_dict(),
             "agreement": v.label_agreement if v else None, "metric": v.metric if v else None,
             "max_abs_diff_real": v.max_abs_diff_real if v else None,
+            "batch_invariance": v.batch_invariance if v else None, "timings_ms": v.timings_ms if v else None,
+            "cost_ms": v.cost_ms if v else None, "notes": v.notes if v else "",
             "passed": a.passed, "error": a.error, "seconds": round(a.seconds, 3)}
 
 
@@ -635,7 +879,7 @@ def _search_note(result: q.SearchResult[ArtifactReport]) -> str:
     label = result.attempts[result.chosen].config.label()
     tried = len(result.attempts)
     if result.passed:
-        return f"chosen '{label}' (candidate {result.chosen + 1} of {tried} tried)"
+        return f"chosen '{label}': the fastest passer (candidate {result.chosen + 1} of {tried} tried)"
     return f"no candidate met the budget; kept the highest-agreement one '{label}' of {tried} tried"
 
 
@@ -668,9 +912,14 @@ def copy_metadata(model_dir: Path, info: ModelMeta, out: Path) -> None:
 
 
 def recommend(artifacts: Sequence[ArtifactReport]) -> str:
-    """The fastest artifact that passed: INT8, else fused, else fp32."""
-    passed = {a.name for a in artifacts if a.passed}
-    return next(n for n in ("int8", "int8-static", "fused", "fp32") if n in passed)
+    """The fastest artifact that passed, by measured cost at the target shapes; untimed: INT8 >
+    fused > fp32. FP16 is never recommended for the CPU."""
+    passed = [a for a in artifacts if a.passed and a.precision != "fp16"]
+    timed = [a for a in passed if a.cost_ms is not None]
+    if timed:
+        return min(timed, key=lambda a: float(a.cost_ms or 0.0)).name
+    names = {a.name for a in passed}
+    return next(n for n in ("int8", "int8-static", "fused", "fp32") if n in names)
 
 
 def _check_out(args: ExportArgs) -> None:
@@ -762,6 +1011,7 @@ def _build(args: ExportArgs, source: Source, eval_set: EvalSet | None, calibrati
         cpu=cpu_info(), onnxruntime_version=ort.__version__, gate=ref.gate_text(),
         validation_inputs=inputs_text,
     )
+    report.targets = [f"{b}x{n}" for b, n in ref.shapes]
     report.artifacts.append(build_fp32(source, ref, out, args.opset))
     best_fp = "fp32"
     if args.optimization is Optimization.FUSED:
@@ -776,7 +1026,8 @@ def _build(args: ExportArgs, source: Source, eval_set: EvalSet | None, calibrati
     for a in report.artifacts:
         a.seconds = round(a.seconds, 3)
     report.warnings += [f"{a.name}: {a.notes}" for a in report.artifacts if not a.passed]
-    if any(a.precision == "int8" and not a.passed for a in report.artifacts):
+    int8 = [a for a in report.artifacts if a.precision == "int8"]
+    if int8 and not any(a.passed for a in int8):
         report.warnings.append(f"INT8 did not pass; recommended falls back to {report.recommended}")
     return report
 
@@ -788,9 +1039,16 @@ def _add_int8(args: ExportArgs, ref: Reference, out: Path, best_fp: str, calibra
     # Static QDQ quantization of the fused graph fails in onnxruntime 1.32 (Attention has no
     # QDQ support and the classifier bias loses its scale), so static starts from model.onnx.
     base = best_fp if args.quantize is Quantization.DYNAMIC else "fp32"
-    artifact, tried = build_int8(args, ref, out, base, calibration)
+    artifact, tried, table = build_int8(args, ref, out, base, calibration)
     report.artifacts.append(artifact)
-    report.int8_search = tried
+    report.int8_search, report.sensitivity = tried, table
+    if args.quantize is Quantization.DYNAMIC and calibration:
+        # Static scales are batch-invariant by construction: one calibrated QDQ candidate too.
+        static = q.Int8Config(q.Method.STATIC, per_channel=True, operators=("MatMul",), calibrate=args.calibrate_method)
+        extra, rows, _ = build_int8(args, ref, out, "fp32", calibration, config=static)
+        report.artifacts.append(extra)
+        report.int8_search += rows
+        artifact = artifact if artifact.passed else extra
     if args.require_int8 and not artifact.passed:
         summary = ", ".join(f"{t['candidate']}: agreement {t['agreement']}" for t in tried)
         raise BertedgeError(f"no INT8 candidate met the budget ({report.gate}); tried {summary}",
@@ -807,28 +1065,48 @@ def _drop_failed_fused(report: ExportReport, out: Path) -> None:
 
 
 def render(report: ExportReport) -> list[Any]:
-    """Rich tables for the terminal: artifacts, then the INT8 candidates tried."""
+    """Rich tables for the terminal: artifacts, the INT8 candidates tried, the sensitive nodes."""
     from rich.table import Table
 
     table = Table(title=f"bertedge export: {report.task} ({report.seconds:.1f} s)")
-    for col in ("artifact", "file", "MB", "max|Δ| real", "max|Δ| rand", "agreement", "metric", "passed", "s", "notes"):
+    for col in ("artifact", "file", "MB", "max|Δ| real", "agreement", "metric", "batch-invariant",
+                f"p50 ms {'/'.join(report.targets)}", "passed", "notes"):
         table.add_column(col, overflow="fold")
     for a in report.artifacts:
         mark = "[green]yes[/]" if a.passed else ("[yellow]not validated[/]" if not a.validated else "[red]no[/]")
         star = " *" if a.name == report.recommended else ""
         table.add_row(a.name + star, a.file, f"{a.size_mb:.2f}", _num(a.max_abs_diff_real),
-                      _num(a.max_abs_diff_random), f"{a.label_agreement:.4f}", _metric_text(a.metric),
-                      mark, f"{a.seconds:.1f}", a.notes)
+                      f"{a.label_agreement:.4f}", _metric_text(a.metric), _invariance_text(a.batch_invariance),
+                      _timings_text(a.timings_ms), mark, a.notes)
     tables: list[Any] = [table]
     if report.int8_search:
-        search = Table(title="INT8 candidates (fastest first)")
-        for col in ("candidate", "agreement", "metric", "passed", "s"):
-            search.add_column(col)
+        search = Table(title="INT8 candidates (all validated; the fastest passer is kept)")
+        for col in ("candidate", "agreement", "metric", "batch-invariant", "p50 ms", "passed", "s"):
+            search.add_column(col, overflow="fold")
         for t in report.int8_search:
             search.add_row(str(t["candidate"]), _num(t["agreement"], ".4f"), _metric_text(t["metric"]),  # type: ignore[arg-type]
+                           _invariance_text(t["batch_invariance"]), _timings_text(t["timings_ms"]),  # type: ignore[arg-type]
                            "yes" if t["passed"] else ("error" if t["error"] else "no"), f"{t['seconds']:.1f}")
         tables.append(search)
+    if report.sensitivity:
+        nodes = Table(title="INT8 sensitivity: share of the output error per node (top 8)")
+        for col in ("node", "share", "error, node in fp32", "error, all INT8"):
+            nodes.add_column(col, overflow="fold")
+        for r in report.sensitivity[:8]:
+            nodes.add_row(str(r["node"]), f"{float(r['share']):.3f}", f"{float(r['error_with_node_fp32']):.2e}",  # type: ignore[arg-type]
+                          f"{float(r['error_all_int8']):.2e}")  # type: ignore[arg-type]
+        tables.append(nodes)
     return tables
+
+
+def _invariance_text(inv: dict[str, object] | None) -> str:
+    if not inv:
+        return "-"
+    return f"{'yes' if inv['passed'] else 'no'} ({float(inv['max_prob_diff']):.0e})"  # type: ignore[arg-type]
+
+
+def _timings_text(timings: dict[str, float] | None) -> str:
+    return " / ".join(f"{v:.2f}" for v in timings.values()) if timings else "-"
 
 
 def _num(x: object, fmt: str = ".2e") -> str:

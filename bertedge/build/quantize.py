@@ -23,8 +23,10 @@ from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 import onnx
+from onnx import helper, numpy_helper
 from onnxruntime.quantization import (
     CalibrationDataReader,
+    CalibrationMethod,
     QuantFormat,
     QuantType,
     quantize_dynamic,
@@ -40,6 +42,13 @@ class Method(str, Enum):
 
     DYNAMIC = "dynamic"  # computed per batch at run time: no calibration data needed
     STATIC = "static"  # fixed from a calibration set, stored as QuantizeLinear/DequantizeLinear pairs
+
+
+class Activations(str, Enum):
+    """How a dynamic recipe scales the activations entering each MatMul."""
+
+    PER_TENSOR = "per-tensor"  # onnxruntime's DynamicQuantizeLinear: one scale for the whole batch
+    PER_TOKEN = "per-token"  # one symmetric scale per token row: a text's answer ignores its batch mates
 
 
 class Keep(str, Enum):
@@ -59,6 +68,14 @@ class Int8Config:
     reduce_range: bool = False  # 7-bit weights: avoids u8 x s8 saturation on AVX2 without VNNI
     operators: tuple[str, ...] = ()  # op types to quantize; () = onnxruntime's default set
     keep_fp32: tuple[Keep, ...] = ()  # node groups excluded from quantization
+    activations: Activations = Activations.PER_TENSOR  # dynamic only: per batch or per token row
+    fp32_nodes: tuple[str, ...] = ()  # single nodes kept in fp32 (the sensitivity search picks them)
+    calibrate: str = "minmax"  # static only: minmax, percentile or entropy
+
+    @property
+    def batch_invariant(self) -> bool:
+        """Whether a text's output can depend on the other texts in its batch."""
+        return self.method is Method.STATIC or self.activations is Activations.PER_TOKEN
 
     def label(self) -> str:
         """Short human-readable name, e.g. 'dynamic per-channel reduce-range keep=head'."""
@@ -67,6 +84,9 @@ class Int8Config:
         parts += ["reduce-range"] if self.reduce_range else []
         parts += [f"ops={','.join(self.operators)}"] if self.operators else []
         parts += [f"keep-fp32={'+'.join(k.value for k in self.keep_fp32)}"] if self.keep_fp32 else []
+        parts += [f"fp32-nodes={len(self.fp32_nodes)}"] if self.fp32_nodes else []
+        parts += ["per-token"] if self.activations is Activations.PER_TOKEN else []
+        parts += [self.calibrate] if self.method is Method.STATIC else []
         return " ".join(parts)
 
     def to_dict(self) -> dict[str, object]:
@@ -75,6 +95,9 @@ class Int8Config:
         d["method"] = self.method.value
         d["operators"] = list(self.operators) or "onnxruntime default"
         d["keep_fp32"] = [k.value for k in self.keep_fp32]
+        d["fp32_nodes"] = list(self.fp32_nodes)
+        d["activations"] = "static (calibrated)" if self.method is Method.STATIC else self.activations.value
+        d["batch_invariant"] = self.batch_invariant
         d["weight_type"] = "int8"
         d["activation_type"] = "uint8" if self.method is Method.STATIC else "uint8 (dynamic)"
         d["format"] = "QDQ" if self.method is Method.STATIC else "QOperator"
@@ -82,19 +105,29 @@ class Int8Config:
 
 
 def candidates(base: Int8Config) -> list[Int8Config]:
-    """The fallback ladder from `base`, fastest first, without duplicates.
+    """The recipes to try from `base`, without duplicates; export validates and times them all.
 
-    >>> [c.label() for c in candidates(Int8Config())][:2]
-    ['dynamic', 'dynamic per-channel reduce-range']
-    >>> len(candidates(Int8Config()))
+    Dynamic: the plain recipe, per-channel weights (3x fewer flips, same speed: PERF-NOTES), and
+    per-channel with per-token activations on MatMul (the batch-invariant one). Sensitivity-
+    guided fp32 nodes are added later, from measurement (`sensitivity`). Static: the recipe,
+    per-channel + reduce_range, then ever larger node groups kept in fp32.
+
+    >>> [c.label() for c in candidates(Int8Config())]
+    ['dynamic', 'dynamic per-channel', 'dynamic per-channel ops=MatMul per-token']
+    >>> len(candidates(Int8Config(Method.STATIC)))
     5
     """
-    mitigated = replace(base, per_channel=True, reduce_range=True)
-    ladder = [base, mitigated]
-    keep: tuple[Keep, ...] = ()
-    for group in Keep:
-        keep = keep + (group,)
-        ladder.append(replace(mitigated, keep_fp32=keep))
+    if base.method is Method.DYNAMIC:
+        per_channel = replace(base, per_channel=True)
+        per_token = replace(per_channel, activations=Activations.PER_TOKEN, operators=base.operators or ("MatMul",))
+        ladder = [base, per_channel, per_token]
+    else:
+        mitigated = replace(base, per_channel=True, reduce_range=True)
+        ladder = [base, mitigated]
+        keep: tuple[Keep, ...] = ()
+        for group in Keep:
+            keep = keep + (group,)
+            ladder.append(replace(mitigated, keep_fp32=keep))
     unique: list[Int8Config] = []
     for c in ladder:
         if c not in unique:
@@ -111,8 +144,9 @@ def distinct(ladder: Sequence[Int8Config], model: onnx.ModelProto) -> list[Int8C
     seen: set[tuple[object, ...]] = set()
     kept = []
     for config in ladder:
-        excluded = frozenset(excluded_nodes(model, config.keep_fp32)) & _touched(model, config)
-        key = (config.method, config.per_channel, config.reduce_range, config.operators, excluded)
+        excluded = frozenset([*excluded_nodes(model, config.keep_fp32), *config.fp32_nodes]) & _touched(model, config)
+        key = (config.method, config.per_channel, config.reduce_range, config.operators, excluded,
+               config.activations, config.calibrate)
         if key not in seen:
             seen.add(key)
             kept.append(config)
@@ -226,7 +260,7 @@ def quantize(src: Path, dst: Path, config: Int8Config, calibration: Sequence[Fee
         ValueError: static quantization without calibration batches.
     """
     model = onnx.load(str(src))
-    exclude = excluded_nodes(model, config.keep_fp32)
+    exclude = [*excluded_nodes(model, config.keep_fp32), *config.fp32_nodes]
     common = dict(
         op_types_to_quantize=list(config.operators) or None,
         per_channel=config.per_channel,
@@ -238,12 +272,90 @@ def quantize(src: Path, dst: Path, config: Int8Config, calibration: Sequence[Fee
     with _quiet_onnxruntime_advice():
         if config.method is Method.DYNAMIC:
             quantize_dynamic(src, dst, **common)  # type: ignore[arg-type]
+            if config.activations is Activations.PER_TOKEN:
+                quantized = onnx.load(str(dst))
+                per_token_activations(quantized)
+                onnx.save(quantized, str(dst))
             return
         if not calibration:
             raise ValueError("static quantization needs calibration batches")
         reader = FeedReader(calibration, [i.name for i in model.graph.input])
         quantize_static(src, dst, reader, quant_format=QuantFormat.QDQ,  # type: ignore[arg-type]
-                        activation_type=QuantType.QUInt8, **common)
+                        activation_type=QuantType.QUInt8, calibrate_method=CALIBRATE[config.calibrate],
+                        **common)
+
+
+CALIBRATE = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+             "entropy": CalibrationMethod.Entropy}
+_PT = "bertedge_per_token_"  # prefix of the constants the per-token rewrite adds
+
+
+def per_token_activations(model: onnx.ModelProto) -> int:
+    """Rewrite every DynamicQuantizeLinear into per-token symmetric quantization, in place.
+
+    onnxruntime's dynamic INT8 computes one scale and zero point over the whole input tensor,
+    so a text's activations are rounded on a grid set by its batch mates and its padding: the
+    same text can get another label in another batch. Here each token row gets its own scale
+    (max |x| / 127, zero point 128): the row is flattened to 2-D and quantized by one
+    per-axis QuantizeLinear, which keeps the u8 x s8 MatMulInteger kernels (VNNI on AVX-512)
+    and the downstream `Mul(x_scale, w_scale)` (it broadcasts the (..., 1) scale). Each row
+    then depends on that row alone.
+
+    Returns:
+        How many quantize nodes were rewritten.
+
+    Raises:
+        ValueError: a quantized activation feeds something other than MatMulInteger / Mul
+            (e.g. QAttention, which only takes one scale): such a graph cannot be per-token.
+    """
+    graph = model.graph
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    weights = {i.name: list(i.dims) for i in graph.initializer}
+    targets = [n for n in graph.node if n.op_type == "DynamicQuantizeLinear"]
+    for node in targets:
+        wrong = {c.op_type for out in node.output for c in consumers.get(out, [])} - {"MatMulInteger", "Mul"}
+        if wrong:
+            raise ValueError(f"per-token activations: {node.name} feeds {', '.join(sorted(wrong))}; "
+                             "quantize MatMul only (attention unfused or kept in fp32)")
+    constants = {"127": np.float32(127.0), "eps": np.float32(1e-12), "flat": np.array([-1], np.int64),
+                 "zp": np.uint8(128)}
+    graph.initializer.extend(numpy_helper.from_array(np.array(v), _PT + k) for k, v in constants.items())
+    rewritten: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if node.op_type != "DynamicQuantizeLinear":
+            rewritten.append(node)
+            continue
+        x, (q, scale, zero) = node.input[0], node.output
+        matmuls = [c for c in consumers.get(q, []) if c.op_type == "MatMulInteger"]
+        inner = {weights[c.input[1]][0] for c in matmuls if c.input[1] in weights}
+        if len(inner) != 1:
+            raise ValueError(f"per-token activations: cannot tell the inner dimension of {node.name}")
+        p = f"{node.name}_per_token"
+        graph.initializer.append(numpy_helper.from_array(np.array([-1, inner.pop()], np.int64), f"{p}_2d"))
+        for c in matmuls:  # the scalar zero point 128 is a constant: no node needed
+            c.input[2] = _PT + "zp" if c.input[2] == zero else c.input[2]
+        rewritten += [
+            helper.make_node("ReduceMax", [x], [f"{p}_hi"], name=f"{p}_hi", axes=[-1], keepdims=1),
+            helper.make_node("ReduceMin", [x], [f"{p}_lo"], name=f"{p}_lo", axes=[-1], keepdims=1),
+            helper.make_node("Neg", [f"{p}_lo"], [f"{p}_neg"], name=f"{p}_neg"),
+            helper.make_node("Max", [f"{p}_hi", f"{p}_neg", _PT + "eps"], [f"{p}_amax"], name=f"{p}_amax"),
+            helper.make_node("Div", [f"{p}_amax", _PT + "127"], [scale], name=f"{p}_scale"),  # (..., 1)
+            helper.make_node("Reshape", [scale, _PT + "flat"], [f"{p}_rows"], name=f"{p}_rows"),
+            helper.make_node("Shape", [f"{p}_rows"], [f"{p}_n"], name=f"{p}_n"),
+            helper.make_node("ConstantOfShape", [f"{p}_n"], [f"{p}_zps"], name=f"{p}_zps",
+                             value=numpy_helper.from_array(np.array([128], np.uint8))),
+            helper.make_node("Reshape", [x, f"{p}_2d"], [f"{p}_x2d"], name=f"{p}_x2d"),
+            helper.make_node("QuantizeLinear", [f"{p}_x2d", f"{p}_rows", f"{p}_zps"], [f"{p}_q2d"],
+                             name=f"{p}_q2d", axis=0),
+            helper.make_node("Shape", [x], [f"{p}_shape"], name=f"{p}_shape"),
+            helper.make_node("Reshape", [f"{p}_q2d", f"{p}_shape"], [q], name=f"{p}_q"),
+        ]
+    del graph.node[:]
+    graph.node.extend(rewritten)
+    return len(targets)
 
 
 class Verdict(Protocol):
@@ -251,6 +363,7 @@ class Verdict(Protocol):
 
     passed: bool
     label_agreement: float
+    cost_ms: float | None  # measured time at the target shapes; lower wins among passers
 
 
 V = TypeVar("V", bound=Verdict)
@@ -283,26 +396,41 @@ class SearchResult(Generic[V]):
 
 
 def search(
-    src: Path,
+    src: Path | Callable[[Int8Config], Path],
     dst: Path,
     ladder: Sequence[Int8Config],
     check: Callable[[Path, Int8Config], V],
     calibration: Sequence[Feeds] = (),
     search_all: bool = False,
+    extend: Callable[[SearchResult[V]], Iterator[Int8Config]] | None = None,
 ) -> SearchResult[V]:
     """Quantize `src` with each recipe in `ladder` until one passes `check`; keep it at `dst`.
 
-    With `search_all`, every recipe is tried and the passer with the highest label agreement
-    wins. When none passes, the highest-agreement candidate is kept (marked failed by its
+    `src` may be a function of the recipe (per-token recipes start from a graph whose
+    attention is left unfused, since QAttention takes a single activation scale).
+
+    With `search_all`, every recipe is tried and the fastest passer wins (by its verdict's
+    measured cost; without timings, the highest label agreement). When none passes, the highest-agreement candidate is kept (marked failed by its
     verdict) so the user can inspect it; a recipe that raises is recorded and skipped.
+    `extend`, given the ladder's result, yields further recipes (cheapest first) that are tried
+    until one passes.
     """
     result: SearchResult[V] = SearchResult()
-    for i, config in enumerate(ladder):
-        attempt = _try(src, dst.with_name(f"{dst.stem}.candidate{i}{dst.suffix}"), config, check, calibration)
-        result.attempts.append(attempt)
-        if attempt.verdict is not None and _better(attempt, result):
+
+    def attempt(config: Int8Config) -> Attempt[V]:
+        i = len(result.attempts)
+        source = src(config) if callable(src) else src
+        tried = _try(source, dst.with_name(f"{dst.stem}.candidate{i}{dst.suffix}"), config, check, calibration)
+        result.attempts.append(tried)
+        if tried.verdict is not None and _better(tried, result):
             result.chosen = i
-        if attempt.passed and not search_all:
+        return tried
+
+    for config in ladder:
+        if attempt(config).passed and not search_all:
+            break
+    for config in (extend(result) if extend is not None else ()):
+        if attempt(config).passed:
             break
     for i in range(len(result.attempts)):
         tmp = dst.with_name(f"{dst.stem}.candidate{i}{dst.suffix}")
@@ -311,6 +439,36 @@ def search(
         else:
             tmp.unlink(missing_ok=True)
     return result
+
+
+def sensitivity(src: Path, config: Int8Config, nodes: Sequence[str], error: Callable[[Path], float],
+                work: Path) -> list[dict[str, object]]:
+    """Each node's share of the INT8 output error: quantize with only that node left in fp32.
+
+    `error(path)` measures a quantized file against the reference (e.g. mean |logit difference|
+    on a slice of the user's data). A node's gain is how much the error falls when it alone
+    stays in fp32; its share is the gain over the sum of positive gains. Sorted by gain, largest
+    first: the order in which the search keeps nodes in fp32.
+    """
+    path = work / "sensitivity.onnx"
+    quantize(src, path, config)
+    full = error(path)
+    rows = []
+    for node in nodes:
+        quantize(src, path, replace(config, fp32_nodes=(node,)))
+        rows.append({"node": node, "error_with_node_fp32": error(path)})
+    path.unlink(missing_ok=True)
+    gains = [full - float(r["error_with_node_fp32"]) for r in rows]  # type: ignore[arg-type]
+    total = sum(max(0.0, g) for g in gains) or 1.0
+    for r, gain in zip(rows, gains, strict=True):
+        r.update(error_all_int8=full, gain=gain, share=max(0.0, gain) / total)
+    return sorted(rows, key=lambda r: -float(r["gain"]))  # type: ignore[arg-type]
+
+
+def touched_nodes(model: onnx.ModelProto, config: Int8Config) -> list[str]:
+    """The nodes `config` would quantize, in graph order."""
+    touched = _touched(model, config)
+    return [n.name for n in model.graph.node if n.name in touched]
 
 
 def _try(src: Path, path: Path, config: Int8Config, check: Callable[[Path, Int8Config], V],
@@ -330,11 +488,15 @@ def _try(src: Path, path: Path, config: Int8Config, check: Callable[[Path, Int8C
 
 
 def _better(attempt: Attempt[V], result: SearchResult[V]) -> bool:
-    """Passing beats failing; then higher label agreement; ties keep the earlier (faster) one."""
+    """Passing beats failing; among passers the faster (measured cost), else higher agreement;
+    among failers the higher agreement; ties keep the earlier one."""
     if result.chosen is None:
         return True
     current = result.attempts[result.chosen]
-    assert attempt.verdict is not None and current.verdict is not None
+    new, old = attempt.verdict, current.verdict
+    assert new is not None and old is not None
     if attempt.passed != current.passed:
         return attempt.passed
-    return attempt.verdict.label_agreement > current.verdict.label_agreement
+    if attempt.passed and new.cost_ms is not None and old.cost_ms is not None and new.cost_ms != old.cost_ms:
+        return new.cost_ms < old.cost_ms
+    return new.label_agreement > old.label_agreement
