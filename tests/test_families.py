@@ -112,6 +112,19 @@ def test_ner_words_tokenize_like_running_text(arch: str, tmp_path: Path) -> None
         assert (min(a for a, _ in mine), max(b for _, b in mine)) == (starts[w], starts[w] + len(word)), word
 
 
+@pytest.mark.parametrize(("arch", "feeds"), [("bert", True), ("electra", True), ("xlm-roberta", False),
+                                             ("roberta", False), ("deberta-v2", False), ("mpnet", False)])
+def test_training_feeds_token_types_only_where_the_graph_takes_them(arch: str, feeds: bool, tmp_path: Path) -> None:
+    """XLM-R QA windows past the first carry type id 1 (tokenizers), which its one-row table cannot index."""
+    from transformers import AutoModelForQuestionAnswering
+
+    from bertedge.build.finetune import _Trainer
+    from bertedge.runtime.tasks import QA
+
+    model = AutoModelForQuestionAnswering.from_pretrained(make_family_model(tmp_path, arch, task="qa"))
+    assert _Trainer(QA, model, torch.device("cpu"), 0, []).uses_type_ids is feeds
+
+
 def test_modernbert_layers_get_layerwise_lr_depth() -> None:
     assert _layer_depth("model.layers.1.attn.Wqkv.weight", 2) == 2
     assert _layer_depth("model.embeddings.tok_embeddings.weight", 2) == 0

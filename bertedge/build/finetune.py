@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from bertedge import __version__
-from bertedge.build.families import check_exportable
+from bertedge.build.families import check_exportable, family
 from bertedge.build.models import resolve_model
 from bertedge.errors import BertedgeError
 from bertedge.runtime.data import BadRows, Columns, check_trainable, seeded_subset
@@ -306,7 +306,11 @@ class _Trainer:
 
     def __init__(self, task: Task, model: nn.Module, device: torch.device, pad: int, labels: list[str]) -> None:
         self.task, self.model, self.device, self.pad, self.labels = task, model, device, pad, labels
-        self.uses_type_ids = "token_type_ids" in model.forward.__code__.co_varnames
+        # The graph's own inputs: XLM-R's one token type would be indexed by the type id 1 that
+        # tokenizers gives overflowing QA windows; export leaves token_type_ids out just the same.
+        config: Any = model.config
+        self.uses_type_ids = "token_type_ids" in model.forward.__code__.co_varnames and "token_type_ids" in \
+            family(config.model_type).input_names(int(getattr(config, "type_vocab_size", 0) or 0))
 
     def _tensors(self, feeds: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         if not self.uses_type_ids:
