@@ -468,3 +468,23 @@ def test_targets_are_timed_and_parsed(tiny_bert: Path, tmp_path: Path) -> None:
                                timing_seconds=0.05))
     assert report.targets == ["1x8", "4x16"]
     assert all(set(a.timings_ms) == {"1x8", "4x16"} and a.cost_ms for a in report.artifacts)
+
+
+def test_bundle_records_validated_isa_and_warns_without_vnni(bert_export: tuple[Path, ExportReport], tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from bertedge.runtime import bundle as bundle_module
+    from bertedge.runtime.bundle import PackageArgs, isa_warning, package
+    from bertedge.runtime.predictor import Predictor
+
+    built = package(PackageArgs(export_dir=bert_export[0], out=tmp_path / "bundle", artifact="int8"))
+    validated = built.manifest["provenance"]["artifact"]["validated_on"]
+    assert {"model", "avx2", "avx512_vnni", "avx_vnni"} <= set(validated)
+    vnni = {"precision": "int8", "provenance": {"artifact": {"validated_on": {"model": "x", "avx512_vnni": True}}}}
+    assert "validated on a CPU with VNNI" in (isa_warning(vnni, {"avx2", "fma"}) or "")
+    assert isa_warning(vnni, {"avx2", "avx512_vnni"}) is None
+    assert isa_warning({**vnni, "precision": "fp32"}, {"avx2"}) is None
+    if not validated["avx512_vnni"] and not validated["avx_vnni"]:
+        pytest.skip("this CPU has no VNNI: nothing to warn about at load")
+    monkeypatch.setattr(bundle_module, "cpu_flags", lambda: {"avx2", "fma"})
+    with pytest.warns(RuntimeWarning, match="validated on a CPU with VNNI"):
+        Predictor(built.root)

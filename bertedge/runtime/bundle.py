@@ -696,6 +696,37 @@ def check_file(root: Path, name: str, expected: dict[str, Any]) -> str | None:
     return None
 
 
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni")
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's ISA flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set()
+    line = next((v for k, _, v in (ln.partition(":") for ln in text.splitlines()) if k.strip() == "flags"), "")
+    return set(line.split())
+
+
+def isa_warning(manifest: dict[str, Any], flags: set[str] | None = None) -> str | None:
+    """Why this INT8 bundle may answer differently here than where export validated it, if it may.
+
+    INT8 validated with VNNI (32-bit accumulation) but run without it (AVX2's 16-bit u8 x s8
+    intermediate saturates) flips more labels than export measured.
+    """
+    artifact = (manifest.get("provenance") or {}).get("artifact") or {}
+    validated = artifact.get("validated_on") or {}
+    if manifest.get("precision") != "int8" or not any(validated.get(f) for f in VNNI_FLAGS):
+        return None
+    here = cpu_flags() if flags is None else flags
+    if not here or here & set(VNNI_FLAGS):
+        return None
+    return (f"this INT8 bundle was validated on a CPU with VNNI ({validated.get('model', 'unknown')}); this CPU has "
+            "none, so expect more answers to differ from fp32 than export measured "
+            "(re-export here, or package the fused fp32 artifact)")
+
+
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON object from a file, or a BertedgeError naming the file."""
     try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ import numpy as np
 from tokenizers import Encoding
 
 from bertedge.errors import BertedgeError
-from bertedge.runtime.bundle import open_bundle
+from bertedge.runtime.bundle import isa_warning, open_bundle
 from bertedge.runtime.features import (
     Features,
     length_sorted_batches,
@@ -171,6 +172,8 @@ class Predictor:
         with open_bundle(bundle, expect_digest=expect_digest) as opened:
             self.manifest: dict[str, Any] = opened.manifest
             self.meta = meta_from_manifest(self.manifest)
+            if (isa := isa_warning(self.manifest)) is not None:
+                warnings.warn(isa, RuntimeWarning, stacklevel=2)
             check_max_length(self.meta.max_length, self.meta.max_positions, f"the manifest of bundle '{bundle}'")
             self.session = make_session(opened.model_path, requested, threads, spin=spin)
             self.tokenizer = load_tokenizer(opened.tokenizer_path)
