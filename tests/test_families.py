@@ -70,6 +70,7 @@ def test_registry_covers_every_family() -> None:
     for f in fam.FAMILIES:
         assert f.exportable and not f.blocker and f.tasks == fam.ALL_TASKS
         assert ("Attention" in f.fused) == f.attention_fused
+        assert f.ner_alignment.startswith("first sub-word")
 
 
 @pytest.mark.parametrize("arch", FAMILIES)

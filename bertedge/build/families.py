@@ -30,6 +30,13 @@ class TokenizerKind(str, Enum):
 
 
 ALL_TASKS = ("classification", "ner", "qa")
+# Training and predict both encode whitespace words pre-split (bertedge.runtime.tasks.ner).
+NER_ALIGNMENT = {
+    TokenizerKind.WORDPIECE: "first sub-word of each word; later '##' pieces are ignored",
+    TokenizerKind.BPE: "first sub-word; words after the first get their leading space back ('Ġ'), "
+                       "as in running text, and offsets are mapped back onto the word",
+    TokenizerKind.UNIGRAM: "first sub-word; every word starts with '▁' (or a bare '▁' piece)",
+}
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,11 @@ class Family:
     """Why it cannot be exported, when it cannot."""
     note: str = ""
     """What differs from BERT, in a phrase."""
+
+    @property
+    def ner_alignment(self) -> str:
+        """How NER puts a word's tag on its first sub-word, for this tokenizer kind."""
+        return NER_ALIGNMENT[self.tokenizer]
 
     def input_names(self, type_vocab_size: int) -> list[str]:
         """The graph's inputs: token_type_ids only where the model can tell segments apart.
