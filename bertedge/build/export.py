@@ -1,9 +1,12 @@
 """bertedge export: PyTorch model folder -> validated ONNX artifacts (fp32, fused, INT8, FP16).
 
-Every artifact is checked against PyTorch before the export folder appears: max |output
-difference| on real and on random inputs, label agreement, and the task metric on `--eval`
-data. INT8 runs a fallback search (`bertedge.build.quantize`) against an accuracy budget. The
-folder is built next to `--out` and moved into place only when everything succeeded.
+Every artifact is checked against PyTorch before the export folder appears, in the batches the
+runtime builds (length-sorted groups of `batch_size`, padded to their longest): max |output
+difference| on real and random inputs, agreement with PyTorch's answers, the task metric on
+`--eval` data, and batch invariance (a text alone, among 31 others, padded). INT8 candidates
+(`bertedge.build.quantize`) must meet the metric and agreement budgets and stay batch-invariant;
+every validated artifact is timed at the target shapes and the fastest passer is recommended.
+The folder is built next to `--out` and moved into place only when everything succeeded.
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
-"""INT8 quantization of an exported encoder: dynamic, static (QDQ + calibration), and the fallback search.
+"""INT8 quantization of an exported encoder: dynamic (per-tensor or per-token), static QDQ, the search.
 
 The search knows nothing about what "good enough" means: `export.py` passes a `check`
-callback that validates each candidate file and says whether it meets the accuracy budget.
-Candidates run fastest-first (docs: /work/shared/PERF-NOTES.md): the plain recipe on the
-given graph; then per-channel + reduce_range, which cut label flips on AVX2 CPUs without
-VNNI (the u8 x s8 16-bit intermediate saturates); then ever larger parts of the network
-kept in fp32 (classifier head, embeddings, first and last encoder layers).
+callback that validates (and times) each candidate file and says whether it meets the budgets.
+Dynamic candidates (docs: /work/shared/PERF-NOTES.md): the plain recipe; per-channel weights;
+per-channel with per-token activations, the batch-invariant one; then, by measurement, the
+per-token recipe with the nodes that carry most of the output error kept in fp32
+(`sensitivity`). Static candidates: the recipe, per-channel + reduce_range, then ever larger
+node groups kept in fp32 (classifier head, embeddings, first and last encoder layers).
 """
 
 from __future__ import annotations
