@@ -298,7 +298,7 @@ def test_cli_prints_the_digest_and_predict_checks_it(bert_export: Path, tmp_path
     runner = CliRunner()
     out = runner.invoke(cli, ["package", str(bert_export), "--out", str(tmp_path / "b")])
     assert out.exit_code == 0, out.output
-    digest = next(w for w in out.output.split() if len(w) == 64)
+    digest = next(line.split()[1] for line in out.output.splitlines() if line.startswith("digest: "))
     with open_bundle(tmp_path / "b") as b:
         assert b.digest == digest
     ok = runner.invoke(cli, ["predict", str(tmp_path / "b"), "a good film", "-q", "--expect-digest", digest])
