@@ -251,6 +251,7 @@ class Connection:
 
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
+        self.last_used = time.perf_counter()  # when its last answer arrived
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
@@ -371,6 +372,8 @@ class Soak:
     timed_out: int = 0  # 504 (request timeout)
     errors: int = 0  # any other status or a transport error
     error_kinds: dict[str, int] = field(default_factory=dict)  # "status 500", "ConnectionResetError", ...
+    stale_retries: int = 0  # requests resent once because an idle connection had just been closed
+    stale_idle_min_s: float | None = None  # the shortest idle time of such a connection
     lost: int = 0  # no answer at all by the end of the drain
     not_their_own: int = 0  # an answer whose label and score are not its text's
     rss_mb: list[float] = field(default_factory=list)  # the server's RSS, sampled every ~5 s
@@ -386,15 +389,28 @@ def soak(port: int, pid: int, texts: list[str], reference: list[dict[str, Any]],
         result.error_kinds[kind] = result.error_kinds.get(kind, 0) + 1
 
     async def one(i: int, idle: list[Connection]) -> None:
+        reused = bool(idle)
         conn = idle.pop() if idle else Connection(HOST, port)
         k = i % len(texts)
+        body = json.dumps({"texts": [texts[k]]}).encode()
         try:
-            status, payload = await asyncio.wait_for(
-                conn.post("/v1/predict", json.dumps({"texts": [texts[k]]}).encode()), 120)
+            try:
+                status, payload = await asyncio.wait_for(conn.post("/v1/predict", body), 120)
+            except (IndexError, asyncio.IncompleteReadError):
+                if not reused:
+                    raise
+                # The server closed this idle keep-alive connection (uvicorn's keep-alive timeout)
+                # just as it was reused: retry once on a new one, as HTTP clients do.
+                result.stale_retries += 1
+                idle_s = round(time.perf_counter() - conn.last_used, 2)
+                result.stale_idle_min_s = min(result.stale_idle_min_s or idle_s, idle_s)
+                await conn.close()
+                status, payload = await asyncio.wait_for(conn.post("/v1/predict", body), 120)
         except (OSError, asyncio.IncompleteReadError, IndexError, ValueError, asyncio.TimeoutError) as e:
             failed(type(e).__name__)
             await conn.close()
             return
+        conn.last_used = time.perf_counter()
         idle.append(conn)
         if status == 503:
             result.shed += 1
