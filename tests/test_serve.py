@@ -504,6 +504,15 @@ def test_max_batch_tokens_keeps_a_long_text_from_padding_short_ones() -> None:
     assert run(64) == [1, 1, 3]  # "a" + long would be 2 x 43 > 64: the long text runs alone
 
 
+def test_token_counter_counts_what_the_predictor_runs(predictor: Predictor) -> None:
+    from bertedge.edges.serve import token_counter
+
+    count = token_counter(predictor)
+    short, long = count([("a good film", None), ("good " * 500, None)])
+    assert short == len(predictor.tokenizer.encode("a good film").ids) == 5  # [CLS] a good film [SEP]
+    assert long == predictor.max_length  # truncated as the runtime truncates it
+
+
 def test_workers_run_batches_at_once() -> None:
     def run(workers: int) -> float:
         fake = FakePredictor(delay_s=0.2)

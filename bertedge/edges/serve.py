@@ -459,17 +459,22 @@ class MetricsMiddleware:
 
 
 def token_counter(predictor: PredictorLike) -> Callable[[Sequence[Pair]], list[int]]:
-    """Tokens per item as the predictor will run it (capped at max_length; QA: all windows).
+    """Tokens per item as the predictor will pad it: its window length, at most max_length.
+
+    A long QA context runs as several windows; they are counted as one (the padded length is
+    what one long text costs the short texts it is batched with).
 
     Uses the predictor's own tokenizer; a predictor without one (a test fake) counts words + 3.
     """
     tokenizer = getattr(predictor, "tokenizer", None)
-    if tokenizer is None:
+    window = int(getattr(predictor, "max_length", 0) or 0)
+    if tokenizer is None or not window:
         return lambda items: [len(t.split()) + len((p or "").split()) + 3 for t, p in items]
+    cap = window * 64  # characters: far past max_length tokens (the runtime cuts there too)
 
     def count(items: Sequence[Pair]) -> list[int]:
-        encodings = tokenizer.encode_batch([t if p is None else (t, p) for t, p in items])
-        return [len(e.ids) * (1 + len(e.overflowing)) for e in encodings]
+        encodings = tokenizer.encode_batch([t[:cap] if p is None else (t[:cap], p[:cap]) for t, p in items])
+        return [min(len(e.ids), window) for e in encodings]  # the padded length of its (first) window
 
     return count
 
