@@ -29,10 +29,10 @@ from bertedge import __version__
 from bertedge.build.families import check_exportable, family
 from bertedge.build.models import resolve_model
 from bertedge.errors import BertedgeError
-from bertedge.runtime.data import BadRows, Columns, check_trainable, seeded_subset
+from bertedge.runtime.data import BadRows, Columns, seeded_subset
 from bertedge.runtime.features import Features, load_tokenizer, pad_batch, pad_id, run_windows
 from bertedge.runtime.meta import check_max_length, position_limit, read_json_object
-from bertedge.runtime.tasks import CLASSIFICATION, Task, get_task
+from bertedge.runtime.tasks import Task, get_task
 
 
 @dataclass
@@ -192,10 +192,9 @@ def _load_data(task: Task, args: FinetuneArgs) -> tuple[Any, Any, dict[str, Any]
     train = seeded_subset(full, args.max_train_rows, args.seed)
     if args.eval is not None:
         evalset = task.load(args.eval, args.columns, train.label_names, args.bad_rows)
-        if task is CLASSIFICATION:
-            check_trainable(train)
     else:
         train, evalset = task.split(train, args.eval_fraction, args.seed)
+    task.check_train(train)
     skipped = [asdict(s) for s in getattr(full, "skipped", [])]
     eval_skipped = [asdict(s) for s in getattr(evalset, "skipped", [])] if args.eval else []
     report: dict[str, Any] = {

@@ -25,7 +25,7 @@ from bertedge.build.bench.results import (
 from bertedge.build.bench.spec import Backend, BenchArgs, Feeds
 from bertedge.runtime.data import Columns
 from bertedge.runtime.features import load_tokenizer, pad_id
-from bertedge.runtime.tasks import get_task
+from bertedge.runtime.tasks import Task, get_task
 
 # ----------------------------------------------------------------------------- measuring
 
@@ -61,7 +61,7 @@ def measure_shapes(loaded: Loaded, inputs: dict[tuple[int, int], Feeds], args: B
 class TaskData:
     """NER / QA --data as the task record reads it: examples, model windows, labels."""
 
-    task: Any
+    task: Task
     examples: Any
     features: Any
     labels: tuple[str, ...]

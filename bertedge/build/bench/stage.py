@@ -118,9 +118,7 @@ def _sentences(data: TextExamples | None) -> list[str]:
 
 def _task_sentences(data: TaskData) -> list[str]:
     """Real text from NER sentences (words joined) or QA contexts, to fill the timed inputs."""
-    if hasattr(data.examples, "words"):
-        return [" ".join(w) for w in data.examples.words]
-    return [e.context for e in data.examples.items]
+    return data.task.texts(data.examples)
 
 
 def load_data(args: BenchArgs, source: Source) -> TextExamples | None:

@@ -94,6 +94,9 @@ class Task:
     decode: Callable[[list[Pair], Features, WindowOutputs, Sequence[str], DecodeOptions], list[Result]]
     example_item: Pair  # an item every model of this task accepts (probes, warm-up)
     output_schema: Callable[[Sequence[str], DecodeOptions], Schema]  # (labels, options) -> fields
+    # --- examples, whatever the task
+    texts: Callable[[Any], list[str]]  # the examples' raw text (bench fills its timed inputs with it)
+    check_train: Callable[[Any], None] = lambda examples: None  # refuse untrainable data (one class...)
 
     def columns(self, text_columns: tuple[str, ...], pair_columns: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """The (text, pair) input columns to read: the user's, or this task's defaults when no

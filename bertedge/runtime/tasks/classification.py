@@ -56,9 +56,7 @@ def _targets(targets: list[Any], width: int) -> dict[str, np.ndarray]:
 
 
 def _split(ex: TextExamples, fraction: float, seed: int) -> tuple[TextExamples, TextExamples]:
-    train, evalset = seeded_split(ex, fraction, seed)
-    check_trainable(train)
-    return train, evalset
+    return seeded_split(ex, fraction, seed)
 
 
 # --- the runtime ------------------------------------------------------------------------------
@@ -127,4 +125,6 @@ CLASSIFICATION = Task(
     decode=_decode,
     example_item=("a short example text", None),
     output_schema=_schema,
+    texts=lambda ex: list(ex.texts),
+    check_train=check_trainable,
 )

@@ -447,4 +447,5 @@ NER = Task(
     decode=_decode,
     example_item=("John Smith lives in Paris .", None),
     output_schema=_schema,
+    texts=lambda ex: [" ".join(words) for words in ex.words],
 )

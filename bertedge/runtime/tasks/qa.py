@@ -383,4 +383,5 @@ QA = Task(
     decode=_decode,
     example_item=("What is this?", "This is an example context."),
     output_schema=_schema,
+    texts=lambda ex: [e.context for e in ex.items],
 )
