@@ -131,6 +131,7 @@ def test_per_token_tasks_export_generically(task: str, tmp_path: Path) -> None:
     """NER and QA go through the same code: per-token axes, masked comparison, task metric."""
     labels = NER_LABELS if task == "ner" else ("negative", "positive")
     model = make_tiny_model(tmp_path / "model", task=task, labels=labels)
+    rows: list[dict[str, object]]
     if task == "ner":
         rows = [{"tokens": ["john", "smith", "lives", "in", "paris"],
                  "tags": ["B-PER", "I-PER", "O", "O", "B-LOC"]}] * 6
@@ -138,7 +139,7 @@ def test_per_token_tasks_export_generically(task: str, tmp_path: Path) -> None:
         context = "john smith lives in paris and works at acme corp"
         rows = [{"question": "where does john live ?", "context": context,
                  "answers": {"text": ["paris"], "answer_start": [context.index("paris")]}}] * 6
-    data = write_jsonl(tmp_path / f"{task}.jsonl", rows)  # type: ignore[arg-type]
+    data = write_jsonl(tmp_path / f"{task}.jsonl", rows)
     report = export(ExportArgs(model, tmp_path / "out", eval_file=data))
     session = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"), providers=["CPUExecutionProvider"])
     assert all(o.shape[:2] == ["batch", "sequence"] for o in session.get_outputs())
@@ -163,7 +164,7 @@ def test_impossible_budget_tries_every_mitigation(tiny_bert: Path, sentiment_csv
                          "dynamic per-channel ops=MatMul fp32-nodes=2 per-token"]
     ranked = [r["node"] for r in report.sensitivity]
     assert report.int8_search[4]["fp32_nodes"] == ranked[:2]
-    assert abs(sum(float(r["share"]) for r in report.sensitivity) - 1.0) < 1e-6  # type: ignore[arg-type]
+    assert abs(sum(float(str(r["share"])) for r in report.sensitivity) - 1.0) < 1e-6
     int8 = report.artifact("int8")
     assert int8 is not None and not int8.passed and "failed budget" in int8.notes
     assert report.recommended in ("fused", "fp32")

@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.request
 import venv
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -78,7 +79,7 @@ def clean_env() -> dict[str, str]:
 
 
 def test_runtime_only_install_predicts(wheel: Path, tiny_bundle: Path, tmp_path: Path,
-                                       record_property: pytest.RecordProperty) -> None:
+                                       record_property: Callable[[str, object], None]) -> None:
     python = fresh_venv(tmp_path / "runtime", str(wheel))
     code = ("import importlib.util as u, json, sys\n"
             "from bertedge.runtime import Predictor\n"

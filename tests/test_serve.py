@@ -455,7 +455,8 @@ def test_crashed_worker_is_restarted_and_not_ready_meanwhile(monkeypatch: pytest
     with TestClient(app) as client:
         batcher = app.state.server.batcher
         batcher.restart_delay_s = 0.5
-        real_collect, crashes = batcher._collect, []
+        real_collect = batcher._collect
+        crashes: list[int] = []
 
         async def crash_once() -> Any:
             got = await real_collect()  # the worker now holds a request

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 POSITIVE = ["good", "great", "excellent", "wonderful", "superb", "lovely", "fun", "brilliant"]
@@ -109,7 +110,7 @@ def write_csv(path: Path, rows: list[tuple[str, int]], text_col: str = "text",
     return path
 
 
-def write_jsonl(path: Path, records: list[dict[str, object]]) -> Path:
+def write_jsonl(path: Path, records: Sequence[Mapping[str, object]]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return path
