@@ -59,7 +59,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch1", type=int, default=200, help="timed batch-1 sentences per round")
     p.add_argument("--artifact", default="int8",
                    help="artifact timed for both models: a name from export-report.json (int8: the INT8 graph export "
-                        "kept, even when it missed export's gate) or 'recommended'")
+                        "kept, even when it missed export's gate), 'recommended', or 'same': both fused graphs "
+                        "quantized here with one recipe (dynamic per-channel), so the ratio compares depth only")
     p.add_argument("--reuse", action="store_true", help="keep an existing student / export folder")
     p.add_argument("--results", type=Path, default=RESULTS, help="JSONL file the result line is appended to")
     return p.parse_args()
@@ -111,7 +112,11 @@ class Timed:
         from bertedge.runtime.sessions import feed_plan, make_session
 
         self.artifact = chosen(report, args.artifact)
-        self.session = make_session(export_dir / self.artifact["file"], threads=args.threads)
+        path = export_dir / self.artifact["file"]
+        if args.artifact == "same":
+            path = same_recipe_int8(export_dir, args.work / f"{export_dir.name}-same-int8.onnx")
+            self.artifact = {"name": "same-recipe int8", "file": str(path), "size_mb": round(path.stat().st_size / 1e6, 3)}
+        self.session = make_session(path, threads=args.threads)
         self.plan = feed_plan(self.session)
         tok = load_tokenizer(export_dir / "tokenizer.json")
         self.big = self._feeds(real_tokens_batch(tok, sentences, 32, 128, args.seed))
@@ -144,6 +149,15 @@ class Timed:
                 "b1_sent_s": 1 / float(np.median(self.b1)),
                 "b1_p50_ms": 1000 * float(np.median(self.b1)),
                 "b1_mean_tokens": self.tokens_b1}
+
+
+def same_recipe_int8(export_dir: Path, dst: Path) -> Path:
+    """The export's fused graph (else fp32) quantized dynamic per-channel, for a like-for-like timing."""
+    from bertedge.build.quantize import Int8Config, quantize
+
+    src = export_dir / "model-fused.onnx"
+    quantize(src if src.is_file() else export_dir / "model.onnx", dst, Int8Config(per_channel=True))
+    return dst
 
 
 def real_tokens_batch(tok: Any, sentences: list[str], batch: int, seq_len: int, seed: int) -> dict[str, np.ndarray]:
@@ -206,14 +220,13 @@ def main() -> None:
                "student": args.work / f"student-{args.layers}-export"}
     reports = {"teacher": run_export(args, args.teacher, folders["teacher"], reuse=args.teacher_export is not None),
                "student": run_export(args, student, folders["student"])}
-    for name, rep in reports.items():
-        a, t = recommended(rep), chosen(rep, args.artifact)
-        print(f"{name}: recommended artifact {a['name']} ({a['size_mb']} MB); timed artifact {t['name']} "
-              f"({t['size_mb']} MB, passed export's gate: {t['passed']}, label agreement {t['label_agreement']:.4f}, "
-              f"dev {t['metric']})")
-
     sentences = dev_sentences(args.eval)
     timed = {name: Timed(folders[name], rep, sentences, args) for name, rep in reports.items()}
+    for name, rep in reports.items():
+        t = timed[name].artifact
+        print(f"{name}: recommended artifact {recommended(rep)['name']} ({recommended(rep)['size_mb']} MB); timed "
+              f"{t['name']} ({t['size_mb']} MB, passed export's gate: {t.get('passed', 'not validated')}, "
+              f"label agreement {t.get('label_agreement', '-')}, dev {t.get('metric', '-')})")
     for _ in range(args.rounds):
         for t in timed.values():
             t.round()
@@ -231,8 +244,8 @@ def main() -> None:
     line = {"timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **settings,
             "distill_wall_seconds": metrics.get("wall_seconds"), "distillation": d,
             "recommended": {n: recommended(r)["name"] for n, r in reports.items()},
-            "timed": {n: {k: chosen(r, args.artifact)[k] for k in ("name", "size_mb", "passed", "label_agreement", "metric")}
-                      for n, r in reports.items()},
+            "timed": {n: {k: t.artifact.get(k) for k in ("name", "size_mb", "passed", "label_agreement", "metric")}
+                      for n, t in timed.items()},
             "speed": speed, "ratio": ratio, "targets": targets}
     args.results.parent.mkdir(parents=True, exist_ok=True)
     with args.results.open("a", encoding="utf-8") as f:
