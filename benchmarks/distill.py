@@ -111,7 +111,7 @@ class Timed:
         from bertedge.runtime.features import load_tokenizer, pad_batch
         from bertedge.runtime.sessions import feed_plan, make_session
 
-        self.artifact = chosen(report, args.artifact)
+        self.artifact: dict[str, Any] = chosen(report, args.artifact)
         path = export_dir / self.artifact["file"]
         if args.artifact == "same":
             path = same_recipe_int8(export_dir, args.work / f"{export_dir.name}-same-int8.onnx")
@@ -223,10 +223,10 @@ def main() -> None:
     sentences = dev_sentences(args.eval)
     timed = {name: Timed(folders[name], rep, sentences, args) for name, rep in reports.items()}
     for name, rep in reports.items():
-        t = timed[name].artifact
+        a = timed[name].artifact
         print(f"{name}: recommended artifact {recommended(rep)['name']} ({recommended(rep)['size_mb']} MB); timed "
-              f"{t['name']} ({t['size_mb']} MB, passed export's gate: {t.get('passed', 'not validated')}, "
-              f"label agreement {t.get('label_agreement', '-')}, dev {t.get('metric', '-')})")
+              f"{a['name']} ({a['size_mb']} MB, passed export's gate: {a.get('passed', 'not validated')}, "
+              f"label agreement {a.get('label_agreement', '-')}, dev {a.get('metric', '-')})")
     for _ in range(args.rounds):
         for t in timed.values():
             t.round()

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -71,7 +72,7 @@ def test_layer_map_and_student_weights(teacher: Path) -> None:
 
     assert layer_map(6, 3) == [1, 3, 5] and layer_map(12, 4) == [2, 5, 8, 11]
     t = AutoModelForSequenceClassification.from_pretrained(teacher).eval()
-    s = make_student(t, [1]).eval()
+    s: Any = make_student(t, [1]).eval()
     assert s.config.num_hidden_layers == 1 and len(s.bert.encoder.layer) == 1
     assert torch.equal(s.bert.encoder.layer[0].output.dense.weight, t.bert.encoder.layer[1].output.dense.weight)
     assert torch.equal(s.bert.embeddings.word_embeddings.weight, t.bert.embeddings.word_embeddings.weight)
