@@ -89,39 +89,67 @@ def columns_from(text_column: str, text_pair_column: str | None, label_column: s
                    label=tuple(csv_list(label_column)))
 
 
+def recipe_options(epochs: float, layer_lr_decay: float) -> Callable[[F], F]:
+    """The training-recipe options `finetune` and `distill` share (`TrainingRecipe`), with each verb's defaults."""
+    options = [
+        click.option("--eval", "eval_", type=click.Path(path_type=Path),
+                     help="Evaluation file; default: hold out --eval-fraction of train."),
+        click.option("--max-train-rows", default=0, show_default=True, help="Seeded random subset of train (0 = all rows)."),
+        click.option("--eval-fraction", default=0.1, show_default=True, help="Held-out share of train when --eval is not given."),
+        click.option("--epochs", default=epochs, show_default=True, help="Passes over the training data."),
+        click.option("--batch-size", default=32, show_default=True, help="Examples per step."),
+        click.option("--lr", default=1e-4, show_default=True, help="Peak LR of the top encoder layer."),
+        click.option("--layer-lr-decay", default=layer_lr_decay, show_default=True,
+                     help="LR factor per layer going down (1.0 = off)."),
+        click.option("--weight-decay", default=0.01, show_default=True, help="AdamW weight decay."),
+        click.option("--warmup-ratio", default=0.06, show_default=True, help="Share of steps for linear warm-up."),
+        click.option("--grad-clip", default=1.0, show_default=True, help="Max gradient norm."),
+        click.option("--eval-every", default=0, show_default=True, help="Evaluate every N steps (0 = each epoch)."),
+        click.option("--patience", default=2, show_default=True, help="Early-stop after N evaluations without gain (0 = off)."),
+        click.option("--seed", default=42, show_default=True, help="Random seed."),
+        click.option("--threads", default=0, show_default=True, help="torch CPU threads (0 = all cores)."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+                     help="Training device; CUDA uses mixed precision."),
+        click.option("--skip-bad-rows", is_flag=True,
+                     help="Leave out rows with an empty text/label (counted in metrics.json) instead of failing."),
+        click.option("--overwrite", is_flag=True, help="Replace an existing --out folder."),
+        click.option("--no-progress", is_flag=True, help="Hide the progress bar."),
+    ]
+
+    def apply(fn: F) -> F:
+        for option in reversed(options):
+            fn = option(fn)
+        return data_options(fn)
+
+    return apply
+
+
+def recipe_from(opts: dict[str, Any]) -> dict[str, Any]:
+    """`TrainingRecipe` keyword arguments from the options `recipe_options` added."""
+    from bertedge.runtime.data import BadRows
+
+    keys = ("max_train_rows", "eval_fraction", "max_length", "epochs", "batch_size", "lr", "layer_lr_decay",
+            "weight_decay", "warmup_ratio", "grad_clip", "eval_every", "patience", "seed", "threads", "device",
+            "overwrite")
+    return {**{k: opts[k] for k in keys}, "eval": opts["eval_"], "progress": not opts["no_progress"],
+            "columns": columns_from(opts["text_column"], opts["text_pair_column"], opts["label_column"]),
+            "bad_rows": BadRows.SKIP if opts["skip_bad_rows"] else BadRows.ERROR}
+
+
 @cli.command()
 @click.option("--model", "-m", default="minilm", show_default=True,
               help="Base model: a registry short name (see `bertedge models`) or a local HF model folder.")
 @click.option("--train", "train", required=True, type=click.Path(path_type=Path), help="Training file (.csv, .tsv, .jsonl).")
-@click.option("--eval", "eval_", type=click.Path(path_type=Path), help="Evaluation file; default: hold out --eval-fraction of train.")
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Output model folder.")
 @click.option("--task", type=click.Choice(["classification", "ner", "qa"]), default="classification", show_default=True,
               help="classification (CSV/TSV/JSONL), ner (CoNLL token<TAB>tag or JSONL tokens/tags), qa (SQuAD v1.1 JSON or JSONL).")
-@data_options
+@recipe_options(epochs=2.0, layer_lr_decay=0.9)
 @click.option("--label-names", default=None, help="Label names in index order, e.g. negative,positive (integer labels index into them).")
-@click.option("--max-train-rows", default=0, show_default=True, help="Seeded random subset of train (0 = all rows).")
-@click.option("--eval-fraction", default=0.1, show_default=True, help="Held-out share of train when --eval is not given.")
 @click.option("--max-length", default=0, show_default=True,
               help="Max tokens per window (0 = task default: 128; QA 384). Longer inputs are truncated and counted.")
 @click.option("--stride", default=128, show_default=True, help="QA: tokens shared by consecutive windows of a long context.")
-@click.option("--epochs", default=2.0, show_default=True, help="Passes over the training data.")
-@click.option("--batch-size", default=32, show_default=True, help="Examples per step.")
-@click.option("--lr", default=1e-4, show_default=True, help="Peak LR of the top encoder layer.")
 @click.option("--head-lr", default=None, type=float, help="LR of the new head (default: --lr).")
-@click.option("--layer-lr-decay", default=0.9, show_default=True, help="LR factor per layer going down (1.0 = off).")
 @click.option("--freeze-layers", default=0, show_default=True, help="Freeze embeddings + this many lowest layers.")
-@click.option("--weight-decay", default=0.01, show_default=True, help="AdamW weight decay.")
-@click.option("--warmup-ratio", default=0.06, show_default=True, help="Share of steps for linear warm-up.")
-@click.option("--grad-clip", default=1.0, show_default=True, help="Max gradient norm.")
-@click.option("--eval-every", default=0, show_default=True, help="Evaluate every N steps (0 = each epoch).")
-@click.option("--patience", default=2, show_default=True, help="Early-stop after N evaluations without gain (0 = off).")
-@click.option("--seed", default=42, show_default=True, help="Random seed.")
-@click.option("--threads", default=0, show_default=True, help="torch CPU threads (0 = all cores).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="Training device; CUDA uses mixed precision.")
-@click.option("--skip-bad-rows", is_flag=True, help="Leave out rows with an empty text/label (counted in metrics.json) instead of failing.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
-@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @user_errors
 def finetune(**opts: Any) -> None:
     """Fine-tune a BERT / DistilBERT model: sequence classification, NER or extractive QA.
@@ -138,20 +166,10 @@ def finetune(**opts: Any) -> None:
     """
     from bertedge.build.finetune import FinetuneArgs
     from bertedge.build.finetune import finetune as run
-    from bertedge.runtime.data import BadRows
 
-    args = FinetuneArgs(
-        model=opts["model"], train=opts["train"], eval=opts["eval_"], out=opts["out"], task=opts["task"],
-        columns=columns_from(opts["text_column"], opts["text_pair_column"], opts["label_column"]),
-        label_names=tuple(csv_list(opts["label_names"])), max_train_rows=opts["max_train_rows"],
-        eval_fraction=opts["eval_fraction"], max_length=opts["max_length"], stride=opts["stride"], epochs=opts["epochs"],
-        batch_size=opts["batch_size"], lr=opts["lr"], head_lr=opts["head_lr"],
-        layer_lr_decay=opts["layer_lr_decay"], freeze_layers=opts["freeze_layers"],
-        weight_decay=opts["weight_decay"], warmup_ratio=opts["warmup_ratio"], grad_clip=opts["grad_clip"],
-        eval_every=opts["eval_every"], patience=opts["patience"], seed=opts["seed"], threads=opts["threads"],
-        device=opts["device"], bad_rows=BadRows.SKIP if opts["skip_bad_rows"] else BadRows.ERROR,
-        overwrite=opts["overwrite"], progress=not opts["no_progress"],
-    )
+    args = FinetuneArgs(**recipe_from(opts), model=opts["model"], train=opts["train"], out=opts["out"],
+                        task=opts["task"], label_names=tuple(csv_list(opts["label_names"])), stride=opts["stride"],
+                        head_lr=opts["head_lr"], freeze_layers=opts["freeze_layers"])
     result = run(args)
     ev = result.metrics["eval"]
     shown = {k: v for k, v in ev.items() if k in ("accuracy", "macro_f1", "f1", "precision", "recall", "exact_match")}
@@ -163,7 +181,6 @@ def finetune(**opts: Any) -> None:
 @cli.command()
 @click.argument("teacher", type=click.Path(path_type=Path))
 @click.option("--train", "train", required=True, type=click.Path(path_type=Path), help="Labelled training file (the teacher's task format).")
-@click.option("--eval", "eval_", type=click.Path(path_type=Path), help="Labelled file for the budget; default: hold out --eval-fraction of train.")
 @click.option("--unlabelled", type=click.Path(path_type=Path),
               help="Extra texts the teacher labels: a text column (classification, NER) or SQuAD questions+contexts (QA).")
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Output model folder.")
@@ -172,22 +189,9 @@ def finetune(**opts: Any) -> None:
 @click.option("--temperature", default=2.0, show_default=True, help="Soft-target temperature (KL scaled by T^2).")
 @click.option("--alpha", default=0.5, show_default=True, help="Weight of the soft-target loss (gold labels get 1 - alpha).")
 @click.option("--hidden-weight", default=0.0, show_default=True, help="Weight of hidden-state MSE vs the copied teacher layers (0 = off).")
-@data_options
-@click.option("--max-train-rows", default=0, show_default=True, help="Seeded random subset of train (0 = all rows).")
+@recipe_options(epochs=3.0, layer_lr_decay=1.0)
 @click.option("--max-unlabelled-rows", default=0, show_default=True, help="Seeded random subset of --unlabelled (0 = all rows).")
-@click.option("--eval-fraction", default=0.1, show_default=True, help="Held-out share of train when --eval is not given.")
 @click.option("--max-length", default=0, show_default=True, help="Max tokens per window (0 = the teacher's).")
-@click.option("--epochs", default=3.0, show_default=True, help="Passes over the training data.")
-@click.option("--batch-size", default=32, show_default=True, help="Examples per step.")
-@click.option("--lr", default=1e-4, show_default=True, help="Peak learning rate.")
-@click.option("--layer-lr-decay", default=1.0, show_default=True, help="LR factor per layer going down (1.0 = off).")
-@click.option("--patience", default=2, show_default=True, help="Early-stop after N evaluations without gain (0 = off).")
-@click.option("--seed", default=42, show_default=True, help="Random seed.")
-@click.option("--threads", default=0, show_default=True, help="torch CPU threads (0 = all cores).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Training device.")
-@click.option("--skip-bad-rows", is_flag=True, help="Leave out rows with an empty text/label instead of failing.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
-@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @user_errors
 def distill(**opts: Any) -> None:
     """Distil a fine-tuned model into a smaller student (fewer layers) within an accuracy budget.
@@ -203,20 +207,11 @@ def distill(**opts: Any) -> None:
     """
     from bertedge.build.distill import DistillArgs
     from bertedge.build.distill import distill as run
-    from bertedge.runtime.data import BadRows
 
-    args = DistillArgs(
-        teacher=opts["teacher"], train=opts["train"], eval=opts["eval_"], unlabelled=opts["unlabelled"],
-        out=opts["out"], layers=opts["layers"], max_accuracy_drop=opts["max_accuracy_drop"],
-        temperature=opts["temperature"], alpha=opts["alpha"], hidden_weight=opts["hidden_weight"],
-        columns=columns_from(opts["text_column"], opts["text_pair_column"], opts["label_column"]),
-        max_train_rows=opts["max_train_rows"], max_unlabelled_rows=opts["max_unlabelled_rows"],
-        eval_fraction=opts["eval_fraction"], max_length=opts["max_length"], epochs=opts["epochs"],
-        batch_size=opts["batch_size"], lr=opts["lr"], layer_lr_decay=opts["layer_lr_decay"],
-        patience=opts["patience"], seed=opts["seed"], threads=opts["threads"], device=opts["device"],
-        bad_rows=BadRows.SKIP if opts["skip_bad_rows"] else BadRows.ERROR, overwrite=opts["overwrite"],
-        progress=not opts["no_progress"],
-    )
+    args = DistillArgs(**recipe_from(opts), teacher=opts["teacher"], train=opts["train"], out=opts["out"],
+                       unlabelled=opts["unlabelled"], layers=opts["layers"], max_accuracy_drop=opts["max_accuracy_drop"],
+                       temperature=opts["temperature"], alpha=opts["alpha"], hidden_weight=opts["hidden_weight"],
+                       max_unlabelled_rows=opts["max_unlabelled_rows"])
     d = run(args).metrics["distillation"]
     m, t, s = d["metric"], d["teacher"], d["student"]
     click.echo(f"teacher {t['layers']} layers {m} {t[m]:.4f}  student {s['layers']} layers {m} {s[m]:.4f}  "

@@ -41,6 +41,7 @@ from torch.nn import functional as F
 
 from bertedge.build.finetune import (
     FinetuneArgs,
+    TrainingRecipe,
     _encode,
     _load_data,
     _load_hf_tokenizer,
@@ -52,8 +53,6 @@ from bertedge.build.finetune import (
 )
 from bertedge.errors import BertedgeError
 from bertedge.runtime.data import (
-    BadRows,
-    Columns,
     TextExamples,
     load_text_classification,
     seeded_subset,
@@ -67,8 +66,8 @@ _LAYER_KEY = re.compile(r"(^|\.)layer\.(\d+)\.")  # bert: encoder.layer.3. ; dis
 
 
 @dataclass
-class DistillArgs:
-    """Everything `bertedge distill` takes."""
+class DistillArgs(TrainingRecipe):
+    """Everything `bertedge distill` takes: finetune's shared recipe plus the teacher and student."""
 
     teacher: Path
     """A fine-tuned model folder (the --out of `bertedge finetune`)."""
@@ -76,8 +75,6 @@ class DistillArgs:
     """Labelled training file, in the format the teacher's task reads."""
     out: Path
     """Output model folder (must not exist unless `overwrite`)."""
-    eval: Path | None = None
-    """Labelled evaluation file for the budget; without it a seeded `eval_fraction` of train."""
     unlabelled: Path | None = None
     """Texts the teacher labels for extra training data: a CSV/TSV/JSONL text column
     (classification, NER) or SQuAD JSON / JSONL questions with contexts (QA)."""
@@ -92,55 +89,19 @@ class DistillArgs:
     hidden_weight: float = 0.0
     """Weight of the hidden-state MSE against the teacher's copied layers (0 = off; on runs
     the teacher at every step)."""
-    columns: Columns = field(default_factory=Columns)
-    """Text / text-pair / label column names."""
-    max_train_rows: int = 0
-    """Seeded random subset of the training rows (0 = all)."""
     max_unlabelled_rows: int = 0
     """Seeded random subset of the unlabelled rows (0 = all)."""
-    eval_fraction: float = 0.1
-    """Held-out share of train when no eval file is given."""
-    max_length: int = 0
-    """Token limit per window (0 = the teacher's)."""
-    epochs: float = 3.0
+    epochs: float = field(default=3.0, kw_only=True)
     """Passes over the training data."""
-    batch_size: int = 32
-    """Examples per optimizer step."""
-    lr: float = 1e-4
-    """Peak learning rate."""
-    layer_lr_decay: float = 1.0
+    layer_lr_decay: float = field(default=1.0, kw_only=True)
     """LR factor per layer going down (1.0 = off: every copied layer must adapt to its new neighbours)."""
-    weight_decay: float = 0.01
-    """AdamW weight decay (not applied to biases and LayerNorm)."""
-    warmup_ratio: float = 0.06
-    """Share of steps spent warming the LR up linearly."""
-    grad_clip: float = 1.0
-    """Max global gradient norm."""
-    eval_every: int = 0
-    """Evaluate every N steps (0 = once per epoch); the best evaluation's weights are kept."""
-    patience: int = 2
-    """Stop after this many evaluations without improvement (0 = never stop early)."""
-    seed: int = 42
-    """Seed for sampling, shuffling and dropout."""
-    threads: int = 0
-    """CPU threads for torch (0 = all cores)."""
-    device: str = "auto"
-    """auto, cpu or cuda."""
-    bad_rows: BadRows = BadRows.ERROR
-    """What to do with rows with an empty text or label."""
-    overwrite: bool = False
-    """Replace an existing output folder."""
-    progress: bool = True
-    """Show a progress bar."""
 
     def __post_init__(self) -> None:
         self.teacher, self.train, self.out = Path(self.teacher), Path(self.train), Path(self.out)
-        problems = []
+        problems = self.recipe_problems()
         if self.layers != "auto" and not (self.layers.isdigit() and int(self.layers) >= 1):
             problems.append(f"--layers must be a positive integer or 'auto' (got '{self.layers}')")
-        finite = all(np.isfinite(v) for v in (self.max_accuracy_drop, self.temperature, self.alpha,
-                                              self.hidden_weight, self.epochs, self.lr))
-        if not finite:
+        if not all(np.isfinite(v) for v in (self.max_accuracy_drop, self.temperature, self.alpha, self.hidden_weight)):
             problems.append("numeric options must be finite numbers")
         if not self.max_accuracy_drop >= 0:
             problems.append("--max-accuracy-drop must be >= 0")
@@ -150,22 +111,8 @@ class DistillArgs:
             problems.append("--alpha must be in [0, 1]")
         if not self.hidden_weight >= 0:
             problems.append("--hidden-weight must be >= 0")
-        if not self.epochs > 0:
-            problems.append("--epochs must be > 0")
-        if self.batch_size < 1:
-            problems.append("--batch-size must be >= 1")
-        if not 0 < self.lr < 1:
-            problems.append("--lr must be in (0, 1)")
-        if not 0 < self.layer_lr_decay <= 1:
-            problems.append("--layer-lr-decay must be in (0, 1]")
-        if self.max_length and not 8 <= self.max_length <= 4096:
-            problems.append("--max-length must be in [8, 4096]")
-        if not 0 < self.eval_fraction < 1:
-            problems.append("--eval-fraction must be in (0, 1)")
-        if self.max_train_rows < 0 or self.max_unlabelled_rows < 0:
-            problems.append("--max-train-rows and --max-unlabelled-rows must be >= 0")
-        if self.device not in ("auto", "cpu", "cuda"):
-            problems.append("--device must be auto, cpu or cuda")
+        if self.max_unlabelled_rows < 0:
+            problems.append("--max-unlabelled-rows must be >= 0")
         if problems:
             raise BertedgeError("bad distill options: " + "; ".join(problems), "see `bertedge distill --help`")
 
@@ -455,14 +402,8 @@ def distill(args: DistillArgs) -> DistillResult:
 
 def _finetune_args(args: DistillArgs, task: Task, labels: tuple[str, ...], max_length: int, stride: int) -> FinetuneArgs:
     """The finetune options the shared loader, optimizer, loop and writer read."""
-    return FinetuneArgs(
-        model=str(args.teacher), train=args.train, out=args.out, eval=args.eval, task=task.name,
-        columns=args.columns, label_names=labels, max_train_rows=args.max_train_rows,
-        eval_fraction=args.eval_fraction, max_length=max_length, stride=stride, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, layer_lr_decay=args.layer_lr_decay,
-        weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, grad_clip=args.grad_clip,
-        eval_every=args.eval_every, patience=args.patience, seed=args.seed, threads=args.threads,
-        device=args.device, bad_rows=args.bad_rows, overwrite=args.overwrite, progress=args.progress)
+    return FinetuneArgs(**{**args.recipe(), "max_length": max_length}, model=str(args.teacher), train=args.train,
+                        out=args.out, task=task.name, label_names=labels, stride=stride)
 
 
 def _candidates(layers: str, teacher_layers: int) -> list[int]:

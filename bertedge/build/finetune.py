@@ -17,7 +17,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -35,45 +35,29 @@ from bertedge.runtime.meta import check_max_length, position_limit, read_json_ob
 from bertedge.runtime.tasks import Task, get_task
 
 
-@dataclass
-class FinetuneArgs:
-    """Everything `bertedge finetune` takes."""
+@dataclass(kw_only=True)
+class TrainingRecipe:
+    """The data and optimisation options shared by `bertedge finetune` and `bertedge distill`."""
 
-    model: str
-    """Registry short name (e.g. `minilm`) or a local Hugging Face model folder."""
-    train: Path
-    """Training file: .csv, .tsv or .jsonl."""
-    out: Path
-    """Output folder (must not exist unless `overwrite`)."""
     eval: Path | None = None
     """Evaluation file; without it a seeded `eval_fraction` of train is held out."""
-    task: str = "classification"
-    """classification, ner (CoNLL / JSONL tokens+tags) or qa (SQuAD JSON / JSONL)."""
     columns: Columns = field(default_factory=Columns)
     """Text / text-pair / label column names."""
-    label_names: tuple[str, ...] = ()
-    """Label names in index order; integer labels in the file index into them."""
     max_train_rows: int = 0
     """Seeded random subset of the training rows (0 = all)."""
     eval_fraction: float = 0.1
     """Held-out share of train when no eval file is given."""
     max_length: int = 0
-    """Token limit per window (0 = the task's default: 128, QA 384); longer inputs are truncated
-    (and counted), QA contexts are split into windows."""
-    stride: int = 128
-    """QA: tokens shared by consecutive windows of a long context."""
+    """Token limit per window (0 = the default: the task's for finetune, the teacher's for distill);
+    longer inputs are truncated (and counted), QA contexts are split into windows."""
     epochs: float = 2.0
     """Passes over the training data (fractions allowed)."""
     batch_size: int = 32
     """Examples per optimizer step."""
     lr: float = 1e-4
     """Peak learning rate of the top encoder layer."""
-    head_lr: float | None = None
-    """Learning rate of the new classification head (default: lr)."""
     layer_lr_decay: float = 0.9
     """Each lower layer gets this factor times the LR of the layer above (1.0 = off)."""
-    freeze_layers: int = 0
-    """Freeze the embeddings and this many lowest encoder layers."""
     weight_decay: float = 0.01
     """AdamW weight decay (not applied to biases and LayerNorm)."""
     warmup_ratio: float = 0.06
@@ -81,7 +65,7 @@ class FinetuneArgs:
     grad_clip: float = 1.0
     """Max global gradient norm."""
     eval_every: int = 0
-    """Evaluate every N steps (0 = once per epoch)."""
+    """Evaluate every N steps (0 = once per epoch); the best evaluation's weights are kept."""
     patience: int = 2
     """Stop after this many evaluations without improvement (0 = never stop early)."""
     seed: int = 42
@@ -97,15 +81,15 @@ class FinetuneArgs:
     progress: bool = True
     """Show a progress bar."""
 
-    def __post_init__(self) -> None:
+    def recipe_problems(self) -> list[str]:
+        """Every problem with the shared options, to be raised once with the verb's own."""
         problems = []
-        if not math.isfinite(self.epochs) or self.epochs <= 0:
-            problems.append(f"--epochs must be a finite number > 0 (got {self.epochs})")
-        for name, value in (("--lr", self.lr), ("--weight-decay", self.weight_decay),
-                            ("--warmup-ratio", self.warmup_ratio), ("--grad-clip", self.grad_clip),
-                            ("--head-lr", self.head_lr or 0.0)):
+        for name, value in (("--epochs", self.epochs), ("--lr", self.lr), ("--weight-decay", self.weight_decay),
+                            ("--warmup-ratio", self.warmup_ratio), ("--grad-clip", self.grad_clip)):
             if not math.isfinite(value):
                 problems.append(f"{name} must be a finite number (got {value})")
+        if not self.epochs > 0:
+            problems.append(f"--epochs must be a finite number > 0 (got {self.epochs})")
         if self.batch_size < 1:
             problems.append("--batch-size must be >= 1")
         if not 0 < self.lr < 1:
@@ -116,8 +100,42 @@ class FinetuneArgs:
             problems.append("--max-length must be in [8, 4096]")
         if not 0 < self.eval_fraction < 1:
             problems.append("--eval-fraction must be in (0, 1)")
+        if self.max_train_rows < 0:
+            problems.append("--max-train-rows must be >= 0")
         if self.device not in ("auto", "cpu", "cuda"):
             problems.append("--device must be auto, cpu or cuda")
+        return problems
+
+    def recipe(self) -> dict[str, Any]:
+        """The shared options as keyword arguments (distill hands them to finetune's loop)."""
+        return {f.name: getattr(self, f.name) for f in fields(TrainingRecipe)}
+
+
+@dataclass
+class FinetuneArgs(TrainingRecipe):
+    """Everything `bertedge finetune` takes: the shared recipe plus the base model and task."""
+
+    model: str
+    """Registry short name (e.g. `minilm`) or a local Hugging Face model folder."""
+    train: Path
+    """Training file: .csv, .tsv or .jsonl."""
+    out: Path
+    """Output folder (must not exist unless `overwrite`)."""
+    task: str = "classification"
+    """classification, ner (CoNLL / JSONL tokens+tags) or qa (SQuAD JSON / JSONL)."""
+    label_names: tuple[str, ...] = ()
+    """Label names in index order; integer labels in the file index into them."""
+    stride: int = 128
+    """QA: tokens shared by consecutive windows of a long context."""
+    head_lr: float | None = None
+    """Learning rate of the new classification head (default: lr)."""
+    freeze_layers: int = 0
+    """Freeze the embeddings and this many lowest encoder layers."""
+
+    def __post_init__(self) -> None:
+        problems = self.recipe_problems()
+        if self.head_lr is not None and not (math.isfinite(self.head_lr) and self.head_lr > 0):
+            problems.append(f"--head-lr must be a finite number > 0 (got {self.head_lr})")
         if problems:
             raise BertedgeError("bad finetune options: " + "; ".join(problems), "see `bertedge finetune --help`")
 
