@@ -19,14 +19,16 @@ One JSON line is appended to benchmarks/results/distill.jsonl.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from bertedge.build.bench.environment import cpu_facts
+from bertedge.build.bench.inputs import realistic_batch
+from bertedge.build.bench.report import append_history
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "sst2"
@@ -119,7 +121,7 @@ class Timed:
         self.session = make_session(path, threads=args.threads)
         self.plan = feed_plan(self.session)
         tok = load_tokenizer(export_dir / "tokenizer.json")
-        self.big = self._feeds(real_tokens_batch(tok, sentences, 32, 128, args.seed))
+        self.big = self._feeds(realistic_batch(tok, sentences, 32, 128, args.seed))
         tok.enable_truncation(128)
         self.singles = [self._feeds(pad_batch([e])) for e in tok.encode_batch(sentences[:args.batch1])]
         self.tokens_b1 = float(np.mean([len(e.ids) for e in tok.encode_batch(sentences[:args.batch1])]))
@@ -160,38 +162,10 @@ def same_recipe_int8(export_dir: Path, dst: Path) -> Path:
     return dst
 
 
-def real_tokens_batch(tok: Any, sentences: list[str], batch: int, seq_len: int, seed: int) -> dict[str, np.ndarray]:
-    """`batch` rows of exactly `seq_len` real tokens: [CLS] consecutive sentences from a seeded start [SEP]."""
-    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    pieces = [e.ids for e in tok.encode_batch(sentences, add_special_tokens=False) if e.ids]
-    rng = np.random.default_rng(seed)
-    rows = []
-    for _ in range(batch):
-        body: list[int] = []
-        i = int(rng.integers(len(pieces)))
-        while len(body) < seq_len - 2:
-            body += pieces[i % len(pieces)]
-            i += 1
-        rows.append([cls, *body[:seq_len - 2], sep])
-    ids = np.asarray(rows, dtype=np.int64)
-    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
-
-
 def dev_sentences(path: Path) -> list[str]:
     from bertedge.runtime.data import Columns, load_text_classification
 
     return load_text_classification(path, Columns(text=("sentence", "content"))).texts
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (Linux), else what platform knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -203,7 +177,7 @@ def main() -> None:
                 "layers": args.layers, "max_train_rows": args.max_train_rows, "epochs": args.epochs,
                 "batch_size": args.batch_size, "lr": args.lr, "temperature": args.temperature, "alpha": args.alpha,
                 "seed": args.seed, "threads": args.threads, "train_threads": args.train_threads or args.threads, "rounds": args.rounds, "onnxruntime": ort.__version__,
-                "torch": torch.__version__, "cpu": cpu_name(), "reuse": args.reuse}
+                "torch": torch.__version__, "cpu": cpu_facts(), "reuse": args.reuse}
     for key, value in settings.items():
         print(f"{key:>15}: {value}")
     if not (args.teacher / "metrics.json").is_file():
@@ -241,16 +215,13 @@ def main() -> None:
                f"{kind} 32x128 >= 1.8x": ratio["b32x128_sent_s"] >= 1.8, f"{kind} batch 1 >= 1.6x": ratio["b1_sent_s"] >= 1.6}
     print("issue targets: " + "   ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in targets.items()))
 
-    line = {"timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **settings,
+    line = {**settings,
             "distill_wall_seconds": metrics.get("wall_seconds"), "distillation": d,
             "recommended": {n: recommended(r)["name"] for n, r in reports.items()},
             "timed": {n: {k: t.artifact.get(k) for k in ("name", "size_mb", "passed", "label_agreement", "metric")}
                       for n, t in timed.items()},
             "speed": speed, "ratio": ratio, "targets": targets}
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    with args.results.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(line) + "\n")
-    print(f"appended to {args.results}")
+    append_history(args.results, line)
 
 
 if __name__ == "__main__":

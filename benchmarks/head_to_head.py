@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from bertedge.build.bench.inputs import realistic_batch
 from bertedge.runtime.data import Columns, TextExamples, load_text_classification, seeded_subset
 from bertedge.runtime.features import length_sorted_batches, load_tokenizer, pad_batch, pad_id
 from bertedge.runtime.meta import read_model_meta
@@ -146,23 +147,6 @@ def encode(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[Any]:
         return list(tokenizer.encode_batch(list(texts)))
     finally:
         tokenizer.no_truncation()
-
-
-def realistic_batch(tokenizer: Any, texts: Sequence[str], batch: int, seq: int, seed: int) -> Feeds:
-    """`batch` rows of real text, each exactly `seq` tokens: [CLS] sentences run together [SEP]."""
-    template = tokenizer.encode("").ids  # [CLS] [SEP]
-    pieces = [e.ids for e in tokenizer.encode_batch(list(texts), add_special_tokens=False) if e.ids]
-    rng = np.random.default_rng(seed)
-    rows = []
-    for _ in range(batch):
-        body: list[int] = []
-        i = int(rng.integers(len(pieces)))
-        while len(body) < seq - 2:
-            body += pieces[i % len(pieces)]
-            i += 1
-        rows.append([template[0], *body[:seq - 2], template[-1]])
-    ids = np.asarray(rows, dtype=np.int64)
-    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
 
 
 def runtime_batches(encodings: Sequence[Any], pad: int) -> tuple[list[Feeds], list[list[int]]]:

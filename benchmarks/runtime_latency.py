@@ -14,8 +14,6 @@ One JSON line is appended to benchmarks/results/runtime_latency.jsonl for histor
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import platform
 import random
 import time
@@ -25,6 +23,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from bertedge.build.bench.environment import cpu_facts
+from bertedge.build.bench.report import append_history
 from bertedge.runtime.predict import predict_stream
 from bertedge.runtime.predictor import LatencyRecorder, Predictor
 from bertedge.runtime.records import InputFormat, input_format_of, read_records, records_from_texts
@@ -76,17 +76,6 @@ def time_batch1(predictor: Predictor, text: str, warmup: int, runs: int) -> dict
             "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean())}
 
 
-def cpu_name() -> str:
-    """The CPU model (from /proc/cpuinfo on Linux), else what platform knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def synthetic_texts(n: int, seed: int) -> list[str]:
     rng = random.Random(seed)
     return [" ".join(rng.choices(WORDS, k=rng.randint(4, 40))) for _ in range(n)]
@@ -118,7 +107,7 @@ def main() -> None:
         "precision": predictor.manifest.get("precision"), "model_type": predictor.manifest.get("model_type"),
         "providers": predictor.providers, "threads": args.threads, "batch_size": args.batch_size,
         "warmup": args.warmup, "runs": args.runs, "seed": args.seed, "onnxruntime": ort.__version__,
-        "cpu": cpu_name(), "python": platform.python_version(),
+        "cpu": cpu_facts(), "python": platform.python_version(),
     }
     for key, value in settings.items():
         print(f"{key:>12}: {value}")
@@ -135,12 +124,9 @@ def main() -> None:
     print(f"throughput: {tput['lines']} lines, {tput['throughput_items_s']:.1f} items/s at batch "
           f"{args.batch_size} (tokenize {tput['tokenize_s']:.3f} s, inference {tput['inference_s']:.3f} s, "
           f"decode {tput['decode_s']:.3f} s)")
-    line = {"timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **settings,
+    line = {**settings,
             "short": short, "long": long, "long_short_ratio": ratio, "throughput": tput}
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    with args.results.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(line) + "\n")
-    print(f"appended to {args.results}")
+    append_history(args.results, line)
 
 
 if __name__ == "__main__":

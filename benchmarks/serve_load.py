@@ -47,6 +47,8 @@ from typing import Any
 
 import numpy as np
 
+from bertedge.build.bench.environment import cpu_facts
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "sst2" / "dev.tsv"
 RESULTS = Path(__file__).parent / "results"
@@ -504,14 +506,6 @@ def markdown(runs: list[Run], settings: dict[str, Any], result: dict[str, Any], 
     return "\n".join(lines) + "\n"
 
 
-def cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.baseline_server is not None:  # the baseline's own process
@@ -524,7 +518,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with open_bundle(args.bundle) as b:
         manifest = b.manifest
     model = args.model or (baseline_model(args.bundle) if "pipeline" in args.systems else None)
-    settings = {"when": dt.datetime.now().isoformat(timespec="seconds"), "cpu": cpu_name(),
+    settings = {"when": dt.datetime.now().isoformat(timespec="seconds"), "cpu": cpu_facts(),
                 "cores": os.cpu_count(), "bundle": str(args.bundle), "precision": manifest.get("precision"),
                 "model": str(model), "data": str(args.data), "sentences": len(texts),
                 "systems": args.systems, "concurrency": args.concurrency, "requests": args.requests,

@@ -41,6 +41,7 @@ from torch.nn import functional as F
 
 from bertedge.build.finetune import (
     FinetuneArgs,
+    FinetuneResult,
     TrainingRecipe,
     _encode,
     _load_data,
@@ -117,12 +118,7 @@ class DistillArgs(TrainingRecipe):
             raise BertedgeError("bad distill options: " + "; ".join(problems), "see `bertedge distill --help`")
 
 
-@dataclass
-class DistillResult:
-    """Where the student went and how it compares with its teacher."""
-
-    out: Path
-    metrics: dict[str, Any]
+DistillResult = FinetuneResult  # the same record: the student's folder and its metrics.json
 
 
 def layer_map(teacher_layers: int, student_layers: int) -> list[int]:

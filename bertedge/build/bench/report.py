@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
 from collections.abc import Sequence
@@ -147,3 +148,12 @@ def _jsonable(x: object) -> object:
     if isinstance(x, (np.floating, np.integer)):
         return x.item()
     return str(x)
+
+
+def append_history(path: Path, record: dict[str, Any]) -> None:
+    """Append one benchmark run as a JSON line, stamped with the UTC time (nanoGPT-style history)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stamped = {"timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **record}
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(stamped, default=str) + "\n")
+    print(f"appended to {path}")
