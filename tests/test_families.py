@@ -193,8 +193,7 @@ def _check_predictions(task: str, bundle: Path, model_dir: Path, report: ExportR
 
         hf_tok = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
-        got = p.predict(TEXTS)
-        for text, result in zip(TEXTS, got, strict=True):
+        for text, result in zip(TEXTS, p.predict(TEXTS), strict=True):
             enc = hf_tok(text, return_tensors="pt")  # transformers' own tokenization of tokenizer.json
             with torch.no_grad():
                 probs = torch.softmax(model(**{n: enc[n] for n in report.input_names}).logits, -1)[0].numpy()
@@ -208,19 +207,19 @@ def _check_predictions(task: str, bundle: Path, model_dir: Path, report: ExportR
         spans = ner.absolute_offsets(text, enc.word_ids, enc.offsets)
         want = [ner.trim_entity(text, e) for e in ner.group_entities(text, logits, enc.word_ids, spans,
                                                                       list(report.labels))]
-        got = p.predict([text])[0]["entities"]
-        assert [(e["type"], e["start"], e["end"]) for e in got] == [(e["type"], e["start"], e["end"]) for e in want]
-        assert all(text[e["start"]:e["end"]] == e["text"] and e["text"] == e["text"].strip() for e in got)
+        entities = p.predict([text])[0]["entities"]
+        assert [(e["type"], e["start"], e["end"]) for e in entities] == [(e["type"], e["start"], e["end"]) for e in want]
+        assert all(text[e["start"]:e["end"]] == e["text"] and e["text"] == e["text"].strip() for e in entities)
         return
     question, context = QA_ROWS[0][0], "the film was good . " * 3 + QA_CONTEXT
-    got = p.predict([{"question": question, "context": context}])[0]
+    answer = p.predict([{"question": question, "context": context}])[0]
     features = qa.encode_qa(p.tokenizer, [question], [context])
     windows = []
     for enc in features.encodings:
         out = _torch_run(model_dir, report.input_names, enc)
         windows.append((enc, out.start_logits[0].numpy(), out.end_logits[0].numpy()))
-    want = qa.best_spans(windows, context)[0]
-    assert (got["start"], got["end"], got["answer"]) == (want["start"], want["end"], want["text"])
+    best = qa.best_spans(windows, context)[0]
+    assert (answer["start"], answer["end"], answer["answer"]) == (best["start"], best["end"], best["text"])
 
 
 MATRIX = [pytest.param(arch, task, id=f"{arch}-{task}",

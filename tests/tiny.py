@@ -7,6 +7,7 @@ import json
 import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 POSITIVE = ["good", "great", "excellent", "wonderful", "superb", "lovely", "fun", "brilliant"]
 NEGATIVE = ["bad", "awful", "terrible", "boring", "dull", "poor", "ugly", "tedious"]
@@ -72,6 +73,7 @@ def make_tiny_model(folder: Path, arch: str = "bert", task: str = "classificatio
     label2id = {lab: i for i, lab in id2label.items()}
     common = dict(vocab_size=len(vocab()), max_position_embeddings=128, id2label=id2label,
                   label2id=label2id, pad_token_id=0)
+    config: Any
     if arch == "bert":
         config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                             intermediate_size=37, **common)
@@ -225,7 +227,7 @@ def family_config(arch: str, vocab_size: int, pad: int, labels: tuple[str, ...])
     import transformers
 
     id2label = {i: lab for i, lab in enumerate(labels)}
-    common = dict(vocab_size=vocab_size, id2label=id2label, label2id={lab: i for i, lab in id2label.items()},
+    common: dict[str, Any] = dict(vocab_size=vocab_size, id2label=id2label, label2id={lab: i for i, lab in id2label.items()},
                   pad_token_id=pad)
     layers = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37)
     if arch in ("roberta", "xlm-roberta"):  # positions start after padding_idx: 128 tokens need 130
