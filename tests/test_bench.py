@@ -312,3 +312,14 @@ def test_ner_bench_reports_entity_f1_per_backend(tmp_path: Path) -> None:
     metrics = {b.name: b.task_metric for b in report.backends}
     assert all(m is not None and m["name"] == "f1" and m["examples"] == 2 for m in metrics.values())
     assert metrics["onnx"]["value"] == pytest.approx(metrics["torch"]["value"])  # type: ignore[index]
+
+
+@pytest.mark.parametrize("arch", ["roberta", "xlm-roberta", "mpnet", "deberta-v2"])
+def test_realistic_batch_uses_the_tokenizers_own_template(arch: str, tmp_path: Path) -> None:
+    from tiny import make_family_tokenizer
+
+    make_family_tokenizer(tmp_path, arch)  # <s> / </s>, or a SentencePiece template
+    tokenizer = load_tokenizer(tmp_path / "tokenizer.json")
+    ids = realistic_batch(tokenizer, ["a good film", "the plot was dull"], 2, 16)["input_ids"]
+    template = tokenizer.encode("").ids
+    assert ids.shape == (2, 16) and (ids[:, 0] == template[0]).all() and (ids[:, -1] == template[-1]).all()

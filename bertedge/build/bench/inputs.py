@@ -119,12 +119,18 @@ def _export_source(root: Path) -> Source:
 
 
 def _special_ids(tokenizer: Any) -> tuple[int, int]:
+    """The tokens the tokenizer's own template puts around a text: [CLS] / [SEP], <s> / </s>, ...
+
+    An empty text may keep a piece of its own (SentencePiece's '▁'); the template's ends are
+    still the first and last ids.
+    """
     ids = tokenizer.encode("", add_special_tokens=True).ids
-    if len(ids) == 2:
-        return int(ids[0]), int(ids[1])
+    if len(ids) >= 2:
+        return int(ids[0]), int(ids[-1])
     cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     if cls is None or sep is None:
-        raise BertedgeError("the tokenizer has no [CLS] / [SEP] template", "bench a BERT-family tokenizer")
+        raise BertedgeError("the tokenizer adds no start / end tokens to a text",
+                            "bench a model whose tokenizer.json has a post-processor template")
     return int(cls), int(sep)
 
 
