@@ -145,6 +145,11 @@ def _save_fast(tok, folder: Path, fast_cls: str, specials: dict[str, str], max_l
     return fast
 
 
+# The special-token roles of RoBERTa-style tokenizers (RoBERTa, XLM-R): <s> ... </s>.
+ROBERTA_NAMES = {"bos_token": "<s>", "eos_token": "</s>", "cls_token": "<s>", "sep_token": "</s>",
+                 "pad_token": "<pad>", "unk_token": "<unk>", "mask_token": "<mask>"}
+
+
 def make_family_tokenizer(folder: Path, arch: str, max_length: int = 64):  # type: ignore[no-untyped-def]
     """Write the tokenizer kind `arch` ships with (tokenizer.json + fast tokenizer config); return it."""
     from tokenizers import (
@@ -191,9 +196,7 @@ def make_family_tokenizer(folder: Path, arch: str, max_length: int = 64):  # typ
         if arch == "roberta":
             tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0), trim_offsets=True,
                                                               add_prefix_space=False)
-            names = {"bos_token": "<s>", "eos_token": "</s>", "cls_token": "<s>", "sep_token": "</s>",
-                     "pad_token": "<pad>", "unk_token": "<unk>", "mask_token": "<mask>"}
-            return _save_fast(tok, folder, "RobertaTokenizerFast", names, max_length)
+            return _save_fast(tok, folder, "RobertaTokenizerFast", ROBERTA_NAMES, max_length)
         tok.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 0), ("[SEP]", 1)])
         names = {"cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]", "unk_token": "[UNK]",
@@ -212,9 +215,7 @@ def make_family_tokenizer(folder: Path, arch: str, max_length: int = 64):  # typ
     if arch == "xlm-roberta":
         tok.post_processor = processors.TemplateProcessing(
             single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
-        names = {"bos_token": "<s>", "eos_token": "</s>", "cls_token": "<s>", "sep_token": "</s>",
-                 "pad_token": "<pad>", "unk_token": "<unk>", "mask_token": "<mask>"}
-        return _save_fast(tok, folder, "XLMRobertaTokenizerFast", names, max_length)
+        return _save_fast(tok, folder, "XLMRobertaTokenizerFast", ROBERTA_NAMES, max_length)
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 1), ("[SEP]", 2)])
     names = {"bos_token": "[CLS]", "eos_token": "[SEP]", "cls_token": "[CLS]", "sep_token": "[SEP]",

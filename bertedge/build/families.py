@@ -53,13 +53,14 @@ class Family:
     """forward() takes segment ids; the graph gets them only when config.type_vocab_size >= 2."""
     offset_positions: bool
     """Position ids start after padding_idx, so the table holds pad_token_id + 1 fewer tokens."""
-    optimizer_type: str
-    """`model_type` for onnxruntime.transformers.optimizer.optimize_model."""
     fused: tuple[str, ...]
-    """Operators that optimizer fuses in a 2-layer model of this family."""
+    """Operators onnxruntime's transformer optimizer fuses in a 2-layer model of this family."""
     attention_fused: bool
     """Self-attention becomes one `Attention` op (the bulk of the fused speed-up)."""
-    int8_dynamic: bool
+    optimizer_type: str = "bert"
+    """`model_type` for onnxruntime.transformers.optimizer.optimize_model (its `bert` path
+    covers every family here; what it cannot match stays unfused)."""
+    int8_dynamic: bool = True
     """Dynamic INT8 keeps label agreement with PyTorch (tiny-model check; real models vary)."""
     tasks: tuple[str, ...] = ALL_TASKS
     """bertedge tasks with a Hugging Face head for this family."""
@@ -86,36 +87,35 @@ class Family:
 
 
 _BERT_FUSED = ("EmbedLayerNormalization", "Attention", "BiasGelu", "SkipLayerNormalization")
+_ROBERTA_FUSED = ("Attention", "BiasGelu", "SkipLayerNormalization", "LayerNormalization")  # no embedding fusion
 
 FAMILIES: tuple[Family, ...] = (
     Family("bert", "BERT", TokenizerKind.WORDPIECE, token_type_ids=True, offset_positions=False,
-           optimizer_type="bert", fused=_BERT_FUSED, attention_fused=True, int8_dynamic=True,
+           fused=_BERT_FUSED, attention_fused=True,
            note="the reference: MiniLM, BERT-base and their fine-tunes"),
     Family("distilbert", "DistilBERT", TokenizerKind.WORDPIECE, token_type_ids=False, offset_positions=False,
-           optimizer_type="bert", fused=_BERT_FUSED, attention_fused=True, int8_dynamic=True,
+           fused=_BERT_FUSED, attention_fused=True,
            note="no token_type_ids"),
     Family("roberta", "RoBERTa", TokenizerKind.BPE, token_type_ids=True, offset_positions=True,
-           optimizer_type="bert", attention_fused=True, int8_dynamic=True,
-           fused=("Attention", "BiasGelu", "SkipLayerNormalization", "LayerNormalization"),
+           fused=_ROBERTA_FUSED, attention_fused=True,
            note="one token type (none fed); position ids from input_ids keep the embeddings unfused"),
     Family("xlm-roberta", "XLM-RoBERTa", TokenizerKind.UNIGRAM, token_type_ids=True, offset_positions=True,
-           optimizer_type="bert", attention_fused=True, int8_dynamic=True,
-           fused=("Attention", "BiasGelu", "SkipLayerNormalization", "LayerNormalization"),
+           fused=_ROBERTA_FUSED, attention_fused=True,
            note="RoBERTa's graph with a multilingual SentencePiece vocabulary"),
     Family("electra", "ELECTRA", TokenizerKind.WORDPIECE, token_type_ids=True, offset_positions=False,
-           optimizer_type="bert", attention_fused=True, int8_dynamic=True, fused=(*_BERT_FUSED, "Gelu"),
+           attention_fused=True, fused=(*_BERT_FUSED, "Gelu"),
            note="discriminator checkpoints; a factorised embedding is projected to the hidden size"),
     Family("mpnet", "MPNet", TokenizerKind.WORDPIECE, token_type_ids=False, offset_positions=True,
-           optimizer_type="bert", attention_fused=False, int8_dynamic=True,
+           attention_fused=False,
            fused=("BiasGelu", "SkipLayerNormalization"),
            note="relative position bias in every attention block: attention stays unfused; on the real "
                 "all-mpnet-base-v2 plain dynamic INT8 collapses and the search's per-token MatMul recipe holds"),
     Family("deberta-v2", "DeBERTa-v2 / v3", TokenizerKind.UNIGRAM, token_type_ids=True, offset_positions=False,
-           optimizer_type="bert", attention_fused=False, int8_dynamic=True,
+           attention_fused=False,
            fused=("BiasGelu", "SkipLayerNormalization", "LayerNormalization", "Gelu"),
            note="disentangled attention stays unfused; v3 has no token types (type_vocab_size 0)"),
     Family("modernbert", "ModernBERT", TokenizerKind.BPE, token_type_ids=False, offset_positions=False,
-           optimizer_type="bert", attention_fused=False, int8_dynamic=True,
+           attention_fused=False,
            fused=("Gelu", "LayerNormalization", "SkipLayerNormalization"),
            note="rotary positions, local/global attention and GLU MLPs: attention stays unfused"),
 )
