@@ -322,6 +322,8 @@ def test_cli_prints_the_digest_and_predict_checks_it(bert_export: Path, tmp_path
     ({"task": "qa"}, "task 'qa' needs graph output"),
     ({"task": None}, "unknown task None"),
     ({"format_version": "1"}, "format_version must be a positive integer"),
+    ({"provenance": 1}, "provenance must be an object or null"),  # found by test_fuzz_bundle
+    ({"quantization": "int8"}, "quantization must be an object or null"),
 ])
 def test_manifest_schema_is_checked_without_pinning(bert_bundle: Path, tmp_path: Path,
                                                    change: dict[str, object], message: str) -> None:

@@ -497,6 +497,9 @@ def manifest_problems(m: dict[str, Any]) -> list[str]:
         problems.append(f"model_type must be a string (got {m['model_type']!r})")
     if "inputs" in m and not (isinstance(m["inputs"], list) and all(isinstance(i, str) for i in m["inputs"])):
         problems.append(f"inputs must be a list of graph input names (got {m['inputs']!r})")
+    for key in ("provenance", "quantization"):  # informational, but read at load (ISA warning, describe)
+        if m.get(key) is not None and not isinstance(m[key], dict):
+            problems.append(f"{key} must be an object or null (got {type(m[key]).__name__})")
     if "files" in m:
         problems += files_problems(m["files"])
     return problems
@@ -715,9 +718,11 @@ def isa_warning(manifest: dict[str, Any], flags: set[str] | None = None) -> str 
     INT8 validated with VNNI (32-bit accumulation) but run without it (AVX2's 16-bit u8 x s8
     intermediate saturates) flips more labels than export measured.
     """
-    artifact = (manifest.get("provenance") or {}).get("artifact") or {}
-    validated = artifact.get("validated_on") or {}
-    if manifest.get("precision") != "int8" or not any(validated.get(f) for f in VNNI_FLAGS):
+    provenance = manifest.get("provenance")
+    artifact = provenance.get("artifact") if isinstance(provenance, dict) else None
+    validated = artifact.get("validated_on") if isinstance(artifact, dict) else None
+    if manifest.get("precision") != "int8" or not isinstance(validated, dict) \
+            or not any(validated.get(f) for f in VNNI_FLAGS):
         return None
     here = cpu_flags() if flags is None else flags
     if not here or here & set(VNNI_FLAGS):

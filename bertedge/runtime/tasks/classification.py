@@ -109,7 +109,7 @@ def _schema(labels: Sequence[str], options: DecodeOptions) -> Schema:
     return {"label": "string", "score": "float64", "probabilities": {lab: "float64" for lab in labels}}
 
 
-CLASSIFICATION = Task(
+CLASSIFICATION: Task = Task(
     name="classification",
     hf_auto_class="AutoModelForSequenceClassification",
     hf_architecture_suffix="ForSequenceClassification",

@@ -431,7 +431,7 @@ def _schema(labels: Sequence[str], options: DecodeOptions) -> Schema:
     return {"entities": [ENTITY_SCHEMA]}
 
 
-NER = Task(
+NER: Task = Task(
     name="ner",
     hf_auto_class="AutoModelForTokenClassification",
     hf_architecture_suffix="ForTokenClassification",

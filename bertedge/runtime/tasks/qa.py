@@ -367,7 +367,7 @@ def _schema(labels: Sequence[str], options: DecodeOptions) -> Schema:
     return {**schema, "answers": [SPAN_SCHEMA]} if options.top_k > 1 else schema
 
 
-QA = Task(
+QA: Task = Task(
     name="qa",
     hf_auto_class="AutoModelForQuestionAnswering",
     hf_architecture_suffix="ForQuestionAnswering",
