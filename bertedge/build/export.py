@@ -31,6 +31,7 @@ import numpy as np
 from bertedge.build import quantize as q
 from bertedge.build.families import FAMILIES, family
 from bertedge.errors import BertedgeError
+from bertedge.runtime.bundle import cpu_model_and_flags
 from bertedge.runtime.data import BadRows, Columns, load_text_classification, seeded_subset
 from bertedge.runtime.features import (
     Features,
@@ -891,17 +892,7 @@ def _search_note(result: q.SearchResult[ArtifactReport]) -> str:
 
 def cpu_info() -> dict[str, object]:
     """CPU model and the ISA flags that decide INT8 speed and accuracy (AVX2 / AVX-512 / VNNI)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        text = ""
-    model, flags = "unknown", set[str]()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "model name" and model == "unknown":
-            model = value.strip()
-        elif key.strip() == "flags" and not flags:
-            flags = set(value.split())
+    model, flags = cpu_model_and_flags()
     return {"model": model, **{f: f in flags for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni")}}
 
 

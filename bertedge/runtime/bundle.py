@@ -702,14 +702,21 @@ def check_file(root: Path, name: str, expected: dict[str, Any]) -> str | None:
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni")
 
 
-def cpu_flags() -> set[str]:
-    """This CPU's ISA flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
+def cpu_model_and_flags() -> tuple[str, set[str]]:
+    """This CPU's model name and ISA flags from /proc/cpuinfo ('unknown' and none where there is
+    no such file, e.g. macOS). The one reader: export, bench and the ISA warning all call it."""
     try:
         text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:
-        return set()
-    line = next((v for k, _, v in (ln.partition(":") for ln in text.splitlines()) if k.strip() == "flags"), "")
-    return set(line.split())
+        return "unknown", set()
+    fields = [(k.strip(), v) for k, _, v in (ln.partition(":") for ln in text.splitlines())]
+    model = next((v.strip() for k, v in fields if k == "model name"), "unknown")
+    return model, set(next((v for k, v in fields if k == "flags"), "").split())
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's ISA flags (empty where /proc/cpuinfo is missing)."""
+    return cpu_model_and_flags()[1]
 
 
 def isa_warning(manifest: dict[str, Any], flags: set[str] | None = None) -> str | None:

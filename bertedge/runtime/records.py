@@ -81,22 +81,6 @@ def unicode_problem(value: str) -> str | None:
     return None
 
 
-def as_pairs(items: Iterable[Item]) -> list[Pair]:
-    """Every item as (text, pair); one BertedgeError listing all bad items."""
-    pairs, problems = [], []
-    for i, item in enumerate(items):
-        checked = as_pair(item)
-        if isinstance(checked, str):
-            problems.append(f"item {i}: {checked}")
-        else:
-            pairs.append(checked)
-    if problems:
-        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise BertedgeError(f"{len(problems)} bad input(s): {'; '.join(problems[:5])}{more}",
-                            "pass non-empty strings, (text, pair) tuples or {'text', 'text_pair'} dicts")
-    return pairs
-
-
 # ----------------------------------------------------------------------------- input streams
 
 

@@ -5,25 +5,19 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
-from pathlib import Path
 from typing import Any
 
 from bertedge import __version__
 from bertedge.build.bench.spec import ISA_FLAGS, LIBRARIES
+from bertedge.runtime.bundle import cpu_model_and_flags
 
 # ----------------------------------------------------------------------------- environment
 
 
 def cpu_facts() -> dict[str, Any]:
     """CPU model, cores and the ISA flags that decide INT8 speed and accuracy."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        text = ""
-    models = [v.strip() for k, _, v in (ln.partition(":") for ln in text.splitlines()) if k.strip() == "model name"]
-    flag_lines = [v.split() for k, _, v in (ln.partition(":") for ln in text.splitlines()) if k.strip() == "flags"]
-    model = models[0] if models else (platform.processor() or "unknown")
-    flags = set(flag_lines[0]) if flag_lines else set()
+    model, flags = cpu_model_and_flags()
+    model = model if model != "unknown" else (platform.processor() or "unknown")
     return {"model": model, "logical_cores": os.cpu_count(), "physical_cores": _physical_cores(),
             "usable_cores": usable_cores(), "isa": {f: f in flags for f in ISA_FLAGS}}
 
