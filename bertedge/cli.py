@@ -23,7 +23,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 EXTRAS = {"torch": "train", "transformers": "train", "onnx": "train", "optimum": "train", "tqdm": "train",
           "rich": "train", "matplotlib": "train", "psutil": "train", "safetensors": "train",
           "fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve", "pydantic": "serve",
-          "starlette": "serve", "ray": "ray", "pyarrow": "ray"}
+          "starlette": "serve", "ray": "ray", "pyarrow": "ray", "openvino": "openvino", "nncf": "openvino"}
 
 
 def user_errors(fn: F) -> F:
@@ -259,6 +259,9 @@ def models() -> None:
 @click.option("--max-fp32-nodes", default=8, show_default=True, help="Most nodes the sensitivity search keeps in fp32.")
 @click.option("--calibrate-method", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax",
               show_default=True, help="Static INT8 calibration (a static candidate is tried whenever --calibration is given).")
+@click.option("--openvino", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Also try NNCF static INT8 on the OpenVINO engine (auto: when bertedge[openvino] is "
+                   "installed and --calibration is given; on: required).")
 @click.option("--per-channel", is_flag=True, help="Start the INT8 search with per-channel weight scales.")
 @click.option("--reduce-range", is_flag=True, help="Start the INT8 search with 7-bit weights.")
 @click.option("--int8-ops", default="", help="Op types to quantize, e.g. MatMul,Attention (default: onnxruntime's set).")
@@ -308,7 +311,8 @@ def export_cmd(**opts: Any) -> None:
         batch_invariance=opts["batch_invariance"], invariance_tol=opts["invariance_tol"],
         targets=parse_targets(opts["targets"]), timing_seconds=opts["timing_seconds"], threads=opts["threads"],
         sensitivity=opts["sensitivity"], max_fp32_nodes=opts["max_fp32_nodes"],
-        calibrate_method=opts["calibrate_method"], seed=opts["seed"], overwrite=opts["overwrite"],
+        calibrate_method=opts["calibrate_method"], openvino=opts["openvino"], seed=opts["seed"],
+        overwrite=opts["overwrite"],
     ))
     console = Console(width=max(Console().width, 140))
     for table in render(report):

@@ -255,13 +255,30 @@ def _indexed(task: Task) -> Task:
 
 # --- unlabelled data: the teacher's predictions become labels ------------------------------------
 
-def _read_unlabelled(task: Task, tokenizer: Any, args: DistillArgs, max_length: int, stride: int) -> Features:
-    """Windows of the unlabelled file, without targets."""
+def _read_unlabelled(task: Task, tokenizer: Any, args: DistillArgs, max_length: int, stride: int,
+                     train_texts: list[str]) -> tuple[Features, int]:
+    """Windows of the unlabelled file, without targets, and how many rows were dropped as repeats.
+
+    Classification and NER rows whose text (and pair) is already in the training data, or earlier
+    in the file, are dropped before the seeded subset is drawn, so `--unlabelled` may name the
+    full training file of which `--max-train-rows` took a subset: the rest becomes teacher-labelled
+    data. QA keeps every question (many share a context).
+    """
+    dropped = 0
     if task is QA:
         examples: Any = task.load(args.unlabelled, args.columns, None, args.bad_rows)  # type: ignore[arg-type]
     else:
         examples = load_text_classification(args.unlabelled, args.columns, require_labels=False,  # type: ignore[arg-type]
                                             bad_rows=args.bad_rows)
+        seen = set(train_texts)
+        keep: list[int] = []
+        for i, key in enumerate(_text_keys(examples.texts, examples.pairs)):
+            if key in seen:
+                continue
+            seen.add(key)
+            keep.append(i)
+        dropped = len(examples.texts) - len(keep)
+        examples = examples.subset(keep)
         examples = TextExamples(examples.texts, examples.pairs, None, [], examples.source,
                                 examples.skipped, examples.rows_read)
     examples = seeded_subset(examples, args.max_unlabelled_rows, args.seed)
@@ -269,8 +286,13 @@ def _read_unlabelled(task: Task, tokenizer: Any, args: DistillArgs, max_length: 
         tokenizer.enable_truncation(max_length)
         features = ner.encode_texts(tokenizer, examples.texts)
         tokenizer.no_truncation()
-        return features
-    return _encode(task, tokenizer, examples, max_length, stride)
+        return features, dropped
+    return _encode(task, tokenizer, examples, max_length, stride), dropped
+
+
+def _text_keys(texts: list[str], pairs: list[str] | None) -> list[str]:
+    """One comparable key per row: the text, or text and pair joined by a unit separator."""
+    return list(texts) if pairs is None else [f"{t}\x1f{p}" for t, p in zip(texts, pairs, strict=True)]
 
 
 def pseudo_targets(task: Task, features: Features, soft: list[dict[str, np.ndarray]]) -> list[Any]:
@@ -327,7 +349,10 @@ def distill(args: DistillArgs) -> DistillResult:
     pad = pad_id(tokenizer)
     train_f = _encode(task, tokenizer, train, max_length, meta.stride)
     eval_f = _encode(task, tokenizer, evalset, max_length, meta.stride)
-    unlabelled_f = _read_unlabelled(task, tokenizer, args, max_length, meta.stride) if args.unlabelled else None
+    unlabelled_f, repeats = None, 0
+    if args.unlabelled:
+        train_keys = [] if task is QA else _text_keys(task.texts(train), getattr(train, "pairs", None))
+        unlabelled_f, repeats = _read_unlabelled(task, tokenizer, args, max_length, meta.stride, train_keys)
 
     started = time.perf_counter()
     teacher_eval = _Trainer(task, teacher, device, pad, labels).evaluate(eval_f, evalset, args.batch_size * 2)
@@ -387,7 +412,8 @@ def distill(args: DistillArgs) -> DistillResult:
         "train_seconds": round(time.perf_counter() - started, 1),
         "data": data_report | {"train_windows": len(train_f), "eval_windows": len(eval_f),
                                "unlabelled_file": str(args.unlabelled) if args.unlabelled else None,
-                               "unlabelled_windows": len(unlabelled_f) if unlabelled_f is not None else 0},
+                               "unlabelled_windows": len(unlabelled_f) if unlabelled_f is not None else 0,
+                               "unlabelled_repeats_dropped": repeats},
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
     }

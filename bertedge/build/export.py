@@ -41,7 +41,7 @@ from bertedge.runtime.features import (
     pad_id,
 )
 from bertedge.runtime.meta import ModelMeta, read_model_meta, write_meta
-from bertedge.runtime.sessions import make_session
+from bertedge.runtime.sessions import ONNXRUNTIME, OPENVINO, make_session, openvino_version
 from bertedge.runtime.tasks import Task
 
 Feeds = dict[str, np.ndarray]
@@ -51,7 +51,8 @@ Run = Callable[[Feeds], Outputs]
 # config model_type -> onnxruntime optimizer type, for every family in bertedge.build.families
 SUPPORTED_MODEL_TYPES = {f.model_type: f.optimizer_type for f in FAMILIES if f.exportable}
 ARTIFACT_FILES = {"fp32": "model.onnx", "fused": "model-fused.onnx", "int8": "model-int8.onnx",
-                  "int8-static": "model-int8-static.onnx", "fp16": "model-fp16.onnx"}
+                  "int8-static": "model-int8-static.onnx", "int8-openvino": "model-int8-openvino.onnx",
+                  "fp16": "model-fp16.onnx"}
 COPIED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                 "vocab.txt", "bertedge.json")
 # Used for label agreement when the user gives neither --eval nor --calibration.
@@ -114,6 +115,7 @@ class ExportArgs:
     sensitivity: bool = True  # keep the most error-prone nodes in fp32 when no invariant INT8 passes
     max_fp32_nodes: int = 8  # the most nodes the sensitivity search may keep in fp32
     calibrate_method: str = "minmax"  # static INT8 calibration: minmax, percentile or entropy
+    openvino: str = "auto"  # NNCF INT8 for the OpenVINO engine: auto (when installed and --calibration given), on, off
     seed: int = 0  # seeds random inputs and row subsets
     overwrite: bool = False  # replace an existing --out folder
 
@@ -136,6 +138,10 @@ class ExportArgs:
             problems.append(f"--calibrate-method must be one of {', '.join(q.CALIBRATE)}")
         if self.max_fp32_nodes < 0 or self.timing_seconds <= 0 or self.threads < 0:
             problems.append("--max-fp32-nodes and --threads must be >= 0, --timing-seconds positive")
+        if self.openvino not in ("auto", "on", "off"):
+            problems.append(f"--openvino must be auto, on or off (got {self.openvino!r})")
+        if self.openvino == "on" and (self.calibration is None or self.quantize is Quantization.NONE):
+            problems.append("--openvino on needs --calibration FILE (texts from your data) and INT8 (not --quantize none)")
         if self.quantize is Quantization.STATIC and self.calibration is None:
             problems.append("--quantize static needs --calibration FILE (texts from your data)")
         if self.require_int8 and self.quantize is Quantization.NONE:
@@ -154,6 +160,7 @@ class ArtifactReport:
     file: str
     precision: str
     optimization: str
+    engine: str = ONNXRUNTIME  # what runs it: onnxruntime, or openvino (`bertedge[openvino]`)
     quantization: dict[str, object] | None = None
     size_mb: float = 0.0
     max_abs_diff_real: float | None = None
@@ -380,9 +387,10 @@ def torch_runner(source: Source) -> Run:
     return run
 
 
-def ort_runner(path: Path, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0) -> Run:
-    """Run an ONNX file with onnxruntime, feeding the graph's own input names."""
-    session = make_session(path, providers, threads=threads or None,
+def ort_runner(path: Path, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0,
+               engine: str = ONNXRUNTIME) -> Run:
+    """Run an ONNX file with the engine the runtime will use, feeding the graph's own input names."""
+    session = make_session(path, providers, threads=threads or None, engine=engine,
                            fix="re-run `bertedge export`; report the error if it persists")
     inputs = [i.name for i in session.get_inputs()]
     outputs = [o.name for o in session.get_outputs()]
@@ -1012,6 +1020,7 @@ def _build(args: ExportArgs, source: Source, eval_set: EvalSet | None, calibrati
         report.artifacts.append(build_fused(source, ref, out))
         best_fp = "fused" if report.artifacts[-1].passed else "fp32"
     _add_int8(args, ref, out, best_fp, calibration, report)
+    _add_openvino(args, ref, out, calibration, report)
     if args.fp16:
         report.artifacts.append(build_fp16(ref, out, best_fp))
     _drop_failed_fused(report, out)
@@ -1047,6 +1056,57 @@ def _add_int8(args: ExportArgs, ref: Reference, out: Path, best_fp: str, calibra
         summary = ", ".join(f"{t['candidate']}: agreement {t['agreement']}" for t in tried)
         raise BertedgeError(f"no INT8 candidate met the budget ({report.gate}); tried {summary}",
                             "loosen --max-accuracy-drop / --min-agreement, or drop --require-int8")
+
+
+def _add_openvino(args: ExportArgs, ref: Reference, out: Path, calibration: list[Feeds],
+                  report: ExportReport) -> None:
+    """NNCF's static INT8 run by OpenVINO (`bertedge.build.openvino`): validated and timed through
+    the runtime's OpenVINO session like any artifact; recommended when it is the fastest passer."""
+    from bertedge.build import openvino as ov
+
+    if args.openvino == "off" or args.quantize is Quantization.NONE:
+        return
+    if not calibration:
+        if args.openvino == "auto":
+            report.warnings.append("int8-openvino: not tried (needs --calibration texts)")
+        return
+    why_not = ov.missing()
+    if why_not is not None:
+        if args.openvino == "on":
+            raise BertedgeError(f"--openvino on: {why_not}", "pip install 'bertedge[openvino]', or pass --openvino off")
+        return
+    start = time.perf_counter()
+    src, dst = out / ARTIFACT_FILES["fp32"], out / ARTIFACT_FILES["int8-openvino"]
+    rows = ov.calibration_rows(calibration)
+    ranked = [str(r["node"]) for r in report.sensitivity if float(r["gain"]) > 0]  # type: ignore[arg-type]
+    chosen: ArtifactReport | None = None
+    for recipe in ov.recipes(src, len(rows), ranked, args.max_fp32_nodes if args.sensitivity else 0):
+        t0 = time.perf_counter()
+        candidate = _artifact("int8-openvino", "int8", "none")
+        candidate.engine, candidate.quantization = OPENVINO, {**recipe.to_dict(), "openvino": openvino_version()}
+        try:
+            ov.quantize(src, dst, rows, recipe)
+            candidate.size_mb = _size_mb(dst)
+            ref.check(candidate, ort_runner(dst, threads=args.threads, engine=OPENVINO), lossy=True)
+        except BertedgeError as e:  # NNCF or OpenVINO cannot build or load this recipe
+            candidate.notes = f"could not build or run: {e}"
+        except Exception as e:  # noqa: BLE001 - NNCF raises many types; record and go on
+            candidate.notes = f"could not build or run: {_first_line(e)}"
+        report.int8_search.append({"candidate": recipe.label(), **(candidate.quantization or {}),
+                                   "agreement": candidate.label_agreement if candidate.validated else None,
+                                   "metric": candidate.metric, "max_abs_diff_real": candidate.max_abs_diff_real,
+                                   "batch_invariance": candidate.batch_invariance, "timings_ms": candidate.timings_ms,
+                                   "passed": candidate.passed, "error": None if candidate.validated else candidate.notes,
+                                   "seconds": round(time.perf_counter() - t0, 1)})
+        chosen = candidate
+        if candidate.passed:
+            break
+    assert chosen is not None
+    if not chosen.passed or not chosen.validated:
+        dst.unlink(missing_ok=True)
+        chosen.file = ""
+    chosen.seconds = time.perf_counter() - start
+    report.artifacts.append(chosen)
 
 
 def _drop_failed_fused(report: ExportReport, out: Path) -> None:

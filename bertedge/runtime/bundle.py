@@ -171,6 +171,7 @@ def package(args: PackageArgs) -> Bundle:
         "model_type": meta.model_type, "precision": record.get("precision"),
         "quantization": record.get("quantization"), "provenance": provenance,
         "stride": meta.stride, "max_positions": meta.max_positions,
+        "engine": record.get("engine") or "onnxruntime",
     }
     with tempfile.TemporaryDirectory(prefix=f".{dest.name}.partial-", dir=dest.parent) as tmp:
         built = build_bundle(Path(tmp) / "bundle", model_file, args.export_dir / TOKENIZER, **fields)
@@ -261,7 +262,7 @@ def build_bundle(out: Path, model: Path, tokenizer: Path, *, task: str, labels: 
                  max_length: int, model_type: str, precision: str | None = None,
                  quantization: dict[str, Any] | None = None,
                  provenance: dict[str, Any] | None = None, stride: int | None = None,
-                 max_positions: int | None = None) -> Bundle:
+                 max_positions: int | None = None, engine: str = "onnxruntime") -> Bundle:
     """Write a bundle folder from a model file and a tokenizer (export can call this directly).
 
     An existing bundle at `out` is replaced; any other non-empty folder is refused.
@@ -281,7 +282,7 @@ def build_bundle(out: Path, model: Path, tokenizer: Path, *, task: str, labels: 
         "task": task, "labels": list(labels), "max_length": int(max_length), "model_type": model_type,
         **({"stride": stride} if stride else {}),  # QA: overlap of context windows
         **({"max_positions": max_positions} if max_positions else {}),  # the position table's limit
-        "inputs": graph_inputs(out / MODEL), "precision": precision, "quantization": quantization,
+        "inputs": graph_inputs(out / MODEL), "engine": engine, "precision": precision, "quantization": quantization,
         "provenance": provenance or {},
         "files": {n: {"sha256": sha256_of(out / n), "bytes": (out / n).stat().st_size}
                   for n in (MODEL, TOKENIZER)},
@@ -497,6 +498,11 @@ def manifest_problems(m: dict[str, Any]) -> list[str]:
         problems.append(f"model_type must be a string (got {m['model_type']!r})")
     if "inputs" in m and not (isinstance(m["inputs"], list) and all(isinstance(i, str) for i in m["inputs"])):
         problems.append(f"inputs must be a list of graph input names (got {m['inputs']!r})")
+    from bertedge.runtime.sessions import ENGINES
+
+    if "engine" in m and m["engine"] not in ENGINES:  # absent: onnxruntime (bundles before engines)
+        problems.append(f"engine {m['engine']!r} is not one this bertedge runs ({', '.join(ENGINES)}); "
+                        "a newer bertedge may")
     for key in ("provenance", "quantization"):  # informational, but read at load (ISA warning, describe)
         if m.get(key) is not None and not isinstance(m[key], dict):
             problems.append(f"{key} must be an object or null (got {type(m[key]).__name__})")

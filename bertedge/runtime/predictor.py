@@ -34,7 +34,7 @@ from bertedge.runtime.features import (
 )
 from bertedge.runtime.meta import check_max_length, meta_from_manifest
 from bertedge.runtime.records import Item, Pair, as_pair
-from bertedge.runtime.sessions import feed_plan, make_session, resolve_providers
+from bertedge.runtime.sessions import ONNXRUNTIME, feed_plan, make_session, resolve_providers
 from bertedge.runtime.tasks import DecodeOptions, Result
 
 # A text longer than this many characters per allowed token is cut before tokenizing, so one
@@ -138,7 +138,8 @@ class LatencyRecorder:
 
 
 class Predictor:
-    """A loaded bundle: tokenizer + onnxruntime session + the task's encoder and decoder. Thread-safe.
+    """A loaded bundle: tokenizer + inference session (the manifest's engine: onnxruntime, or
+    OpenVINO with `bertedge[openvino]`) + the task's encoder and decoder. Thread-safe.
 
     Everything task-specific (item checks, windows, decoding, the result schema) comes from the
     bundle's `Task` record; the predictor only batches and runs the graph.
@@ -175,7 +176,8 @@ class Predictor:
             if (isa := isa_warning(self.manifest)) is not None:
                 warnings.warn(isa, RuntimeWarning, stacklevel=2)
             check_max_length(self.meta.max_length, self.meta.max_positions, f"the manifest of bundle '{bundle}'")
-            self.session = make_session(opened.model_path, requested, threads, spin=spin)
+            self.engine = str(self.manifest.get("engine") or ONNXRUNTIME)
+            self.session = make_session(opened.model_path, requested, threads, spin=spin, engine=self.engine)
             self.tokenizer = load_tokenizer(opened.tokenizer_path)
         self.task = self.meta.task
         self.max_length = self.meta.max_length
@@ -200,7 +202,7 @@ class Predictor:
         """What this predictor runs: task, labels, limits, precision, providers."""
         keys = ("task", "labels", "max_length", "model_type", "precision", "quantization",
                 "bertedge_version")
-        return {**{k: self.manifest.get(k) for k in keys}, "providers": self.providers,
+        return {**{k: self.manifest.get(k) for k in keys}, "engine": self.engine, "providers": self.providers,
                 "inputs": list(self.feeds)}
 
     def output_schema(self) -> dict[str, Any]:

@@ -1,0 +1,116 @@
+"""The OpenVINO engine: NNCF INT8 built and validated by export, shipped in a bundle, run by Predictor.
+
+Tiny random models; `make test` installs `bertedge[openvino]`, so these run there (they skip
+only where the extra is absent, e.g. a runtime-only install).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from tiny import make_tiny_model, sentiment_rows, write_csv
+
+from bertedge.build.export import ExportArgs, Optimization, export
+from bertedge.cli import cli
+from bertedge.errors import BertedgeError
+from bertedge.runtime import Predictor
+from bertedge.runtime.bundle import PackageArgs, manifest_problems, package
+from bertedge.runtime.sessions import OpenVINOSession, make_session
+
+pytest.importorskip("openvino")
+pytest.importorskip("nncf")
+
+
+@pytest.fixture(scope="module")
+def ov_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(export folder with an int8-openvino artifact, eval csv) of a tiny BERT."""
+    d = tmp_path_factory.mktemp("ov")
+    model = make_tiny_model(d / "model", arch="bert")
+    train = write_csv(d / "train.csv", sentiment_rows(120, seed=1))
+    dev = write_csv(d / "dev.csv", sentiment_rows(48, seed=2))
+    export(ExportArgs(model, d / "export", optimization=Optimization.NONE, eval_file=dev, calibration=train,
+                      calibration_rows=60, max_accuracy_drop=100.0, min_agreement=0.8, sensitivity=False,
+                      timing_seconds=0.1, threads=1))
+    return d / "export", dev
+
+
+def test_export_builds_validates_and_times_the_openvino_candidate(ov_export: tuple[Path, Path]) -> None:
+    out, _ = ov_export
+    report = json.loads((out / "export-report.json").read_text())
+    ov = next(a for a in report["artifacts"] if a["name"] == "int8-openvino")
+    assert ov["engine"] == "openvino" and ov["validated"] and ov["passed"], ov["notes"]
+    assert ov["quantization"]["library"] == "nncf" and ov["quantization"]["openvino"]
+    assert ov["batch_invariance"]["passed"]  # static scales: the same answer in any batch
+    assert set(ov["timings_ms"]) == set(report["targets"]) and ov["cost_ms"] > 0
+    assert (out / "model-int8-openvino.onnx").is_file()
+    rows = [r for r in report["int8_search"] if r.get("library") == "nncf"]
+    assert rows and rows[-1]["passed"]
+    others = {a["name"]: a["engine"] for a in report["artifacts"] if a["name"] != "int8-openvino"}
+    assert set(others.values()) == {"onnxruntime"}
+
+
+def test_openvino_bundle_predicts_like_its_validation(ov_export: tuple[Path, Path], tmp_path: Path) -> None:
+    out, dev = ov_export
+    bundle = package(PackageArgs(export_dir=out, out=tmp_path / "bundle", artifact="int8-openvino"))
+    assert bundle.manifest["engine"] == "openvino" and not manifest_problems(bundle.manifest)
+    predictor = Predictor(tmp_path / "bundle", threads=1)
+    assert isinstance(predictor.session, OpenVINOSession)
+    assert predictor.describe()["engine"] == "openvino" and predictor.providers == ["OpenVINO:CPU"]
+    texts = [line.split(",")[0] for line in dev.read_text().splitlines()[1:20]]
+    one_by_one = [predictor.predict([t])[0] for t in texts]
+    batched = predictor.predict(texts)
+    assert [r["label"] for r in one_by_one] == [r["label"] for r in batched]
+    for a, b in zip(one_by_one, batched, strict=True):
+        assert abs(a["score"] - b["score"]) < 1e-5  # batch-invariant, as export checked
+    fp32 = package(PackageArgs(export_dir=out, out=tmp_path / "fp32", artifact="fp32"))
+    assert fp32.manifest["engine"] == "onnxruntime"
+    agree = np.mean([a["label"] == b["label"] for a, b in zip(batched, Predictor(tmp_path / "fp32").predict(texts),
+                                                              strict=True)])
+    assert agree >= 0.8
+
+
+def test_cli_predict_on_an_openvino_bundle(ov_export: tuple[Path, Path], tmp_path: Path) -> None:
+    out, _ = ov_export
+    runner = CliRunner()
+    r = runner.invoke(cli, ["package", str(out), "--out", str(tmp_path / "b"), "--artifact", "int8-openvino"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(cli, ["predict", str(tmp_path / "b")], input="a good film\na bad film\n")
+    assert r.exit_code == 0, r.output
+    lines = [json.loads(x) for x in r.output.splitlines() if x.startswith("{")]
+    assert len(lines) == 2 and all("label" in x for x in lines)
+
+
+def test_an_openvino_bundle_without_openvino_names_the_install(ov_export: tuple[Path, Path], tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    out, _ = ov_export
+    package(PackageArgs(export_dir=out, out=tmp_path / "b", artifact="int8-openvino"))
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as on a runtime-only install
+    with pytest.raises(BertedgeError, match=r"pip install 'bertedge\[openvino\]'"):
+        Predictor(tmp_path / "b")
+
+
+def test_unknown_engine_is_a_manifest_problem() -> None:
+    problems = manifest_problems({"engine": "tensorrt-llm"})
+    assert any("engine 'tensorrt-llm' is not one this bertedge runs" in p for p in problems)
+    assert not any("engine" in p for p in manifest_problems({"engine": "openvino"}))
+    with pytest.raises(BertedgeError, match="unknown engine"):
+        make_session(Path("x.onnx"), engine="tvm")
+
+
+def test_openvino_off_and_without_calibration(tmp_path: Path) -> None:
+    model = make_tiny_model(tmp_path / "model", arch="bert")
+    train = write_csv(tmp_path / "train.csv", sentiment_rows(40, seed=1))
+    off = export(ExportArgs(model, tmp_path / "off", optimization=Optimization.NONE, calibration=train,
+                            openvino="off", sensitivity=False, timing_seconds=0.05))
+    assert off.artifact("int8-openvino") is None
+    bare = export(ExportArgs(model, tmp_path / "bare", optimization=Optimization.NONE, sensitivity=False,
+                             timing_seconds=0.05))
+    assert bare.artifact("int8-openvino") is None
+    assert any("int8-openvino: not tried (needs --calibration" in w for w in bare.warnings)
+    with pytest.raises(BertedgeError, match="--openvino on needs --calibration"):
+        ExportArgs(model, tmp_path / "on", openvino="on")
