@@ -28,7 +28,7 @@ demo: install
 		--text-column sentence,content --label-column label --label-names negative,positive \
 		--max-train-rows $(DEMO_ROWS) --out $(DEMO)/model
 	$(PY) -m bertedge export $(DEMO)/model --out $(DEMO)/export --eval $(DATA)/sst2/dev.tsv \
-		--text-column sentence,content --label-column label
+		--calibration $(DATA)/sst2/train.tsv --text-column sentence,content --label-column label
 	$(PY) -m bertedge package $(DEMO)/export --out $(DEMO)/bundle
 	printf 'a gripping, beautifully acted film\nthe plot is a tedious mess\n' | $(PY) -m bertedge predict $(DEMO)/bundle
 	$(PY) -m bertedge bench $(DEMO)/export --backends torch,onnx,onnx-fused,int8 --batch-sizes 1,32 --seq-lens 16,128 \
@@ -47,7 +47,7 @@ lint: install
 
 bench: install
 	$(PY) benchmarks/head_to_head.py --model $(DEMO)/model --export $(DEMO)/export --data $(DATA)/sst2/dev.tsv \
-		--text-column sentence,content --label-column label --threads 2 --rounds 3
+		--calibration $(DATA)/sst2/train.tsv --text-column sentence,content --label-column label --threads 2 --rounds 3
 
 clean:
 	rm -rf $(RUNS) build dist *.egg-info

@@ -5,7 +5,10 @@ Contenders (sequence classification):
   optimum-int8             Optimum export + ORTQuantizer, AutoQuantizationConfig.avx512_vnni (avx2
                            without VNNI), dynamic, per-tensor: the one-flag path a user takes today
   optimum-int8-per-channel the same with per_channel=True
-  bertedge-<name>          the artifact `bertedge export` recommends (what `package` ships)
+  openvino-nncf-int8       OpenVINO reads the fp32 ONNX file, `nncf.quantize(model_type=TRANSFORMER)`
+                           on --calibration-rows calibration sentences (skipped without openvino)
+  bertedge-<name>          the artifact `bertedge export` recommends (what `package` ships), run by
+                           the engine the export report names (onnxruntime or openvino)
 
 Every contender runs the same numpy feeds through its own model call (the ONNX ones through an
 onnxruntime session from `bertedge.runtime.sessions`, `--threads` intra-op threads, one inter-op),
@@ -49,6 +52,7 @@ Feeds = dict[str, np.ndarray]
 Call = Callable[[], object]
 EAGER = "torch-eager"
 PEERS = ("optimum-int8", "optimum-int8-per-channel")
+OPENVINO_PEER = "openvino-nncf-int8"
 BATCH1, BIG = "1xreal", "32x128"
 TARGETS = {"vs_best_peer_32x128": 1.2, "vs_best_peer_batch1": 1.1}
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -70,8 +74,9 @@ class Contender:
 # ----------------------------------------------------------------------------- contenders
 
 
-def ort_contender(name: str, path: Path, threads: int, recipe: str, build_s: float = 0.0) -> Contender:
-    session = make_session(path, threads=threads, fix="rebuild the artifact")
+def ort_contender(name: str, path: Path, threads: int, recipe: str, build_s: float = 0.0,
+                  engine: str = "onnxruntime") -> Contender:
+    session = make_session(path, threads=threads, fix="rebuild the artifact", engine=engine)
     names = [i.name for i in session.get_inputs()]
 
     def run(feeds: Feeds) -> np.ndarray:
@@ -120,6 +125,31 @@ def optimum_int8(model_dir: Path, work: Path, threads: int, vnni: bool) -> list[
     return out
 
 
+def openvino_nncf(model_onnx: Path, calibration: Sequence[Feeds], threads: int) -> Contender | None:
+    """The OpenVINO user's path: read the ONNX file, NNCF static INT8 for transformers, compile."""
+    try:
+        import nncf
+        import openvino as ov
+    except ImportError:
+        return None
+    start = time.perf_counter()
+    core = ov.Core()
+    model = core.read_model(str(model_onnx))
+    quantized = nncf.quantize(model, nncf.Dataset(list(calibration)), model_type=nncf.ModelType.TRANSFORMER,
+                              subset_size=len(calibration))
+    compiled = core.compile_model(quantized, "CPU", {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"})
+    request = compiled.create_infer_request()
+    names = [p.get_any_name() for p in compiled.inputs]
+
+    def run(feeds: Feeds) -> np.ndarray:
+        request.infer({n: feeds[n] for n in names})
+        return np.array(request.get_output_tensor(0).data, dtype=np.float32)
+
+    recipe = f"openvino {ov.get_version().split('-')[0]} + nncf {nncf.__version__} quantize(model_type=TRANSFORMER), " \
+             f"{len(calibration)} calibration sentences"
+    return Contender(OPENVINO_PEER, run, str(model_onnx), recipe, time.perf_counter() - start)
+
+
 def bertedge_recommended(model_dir: Path, export_dir: Path | None, work: Path, threads: int,
                          args: argparse.Namespace, columns: Columns) -> Contender:
     """The artifact `bertedge export` recommends; exports now (gated on --data) without --export."""
@@ -134,8 +164,9 @@ def bertedge_recommended(model_dir: Path, export_dir: Path | None, work: Path, t
     report = json.loads((export_dir / "export-report.json").read_text(encoding="utf-8"))
     name = report["recommended"]
     artifact = next(a for a in report["artifacts"] if a["name"] == name)
-    recipe = f"bertedge export, recommended '{name}': {json.dumps(artifact.get('quantization'))}"
-    return ort_contender(f"bertedge-{name}", export_dir / artifact["file"], threads, recipe, build_s)
+    engine = artifact.get("engine", "onnxruntime")
+    recipe = f"bertedge export, recommended '{name}' on {engine}: {json.dumps(artifact.get('quantization'))}"
+    return ort_contender(f"bertedge-{name}", export_dir / artifact["file"], threads, recipe, build_s, engine)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -224,7 +255,7 @@ def summarize(contenders: Sequence[Contender], gold: np.ndarray | None) -> dict[
 
 def targets(summary: dict[str, dict[str, Any]], best: str) -> list[dict[str, Any]]:
     """bertedge vs the best peer INT8 (the fastest one at each shape), at equal or better agreement."""
-    peers = {k: v for k, v in summary.items() if k in PEERS}
+    peers = {k: v for k, v in summary.items() if k in (*PEERS, OPENVINO_PEER)}
     if not peers:
         return []
     me = summary[best]
@@ -282,9 +313,23 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
     p.add_argument("--no-optimum", action="store_true", help="skip the Optimum contenders")
+    p.add_argument("--no-openvino", action="store_true", help="skip the OpenVINO + NNCF contender")
+    p.add_argument("--calibration-rows", type=int, default=200,
+                   help="calibration sentences for the OpenVINO peer, drawn from --calibration (default: --data)")
     p.add_argument("--results-dir", type=Path, default=RESULTS)
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
+
+
+def _openvino_inputs(args: argparse.Namespace, columns: Columns, tokenizer: Any, max_length: int,
+                     pad: int) -> tuple[Path, list[Feeds]]:
+    """The fp32 ONNX file OpenVINO reads (bertedge's export of the same model) and its calibration rows."""
+    if args.export is None:
+        raise SystemExit("the OpenVINO peer reads --export's model.onnx: pass --export or --no-openvino")
+    texts = load_text_classification(args.calibration or args.data, columns, require_labels=False)
+    picked = seeded_subset(texts, args.calibration_rows, args.seed)
+    rows = [pad_batch([e], pad) for e in encode(tokenizer, picked.texts, max_length)]
+    return args.export / "model.onnx", rows
 
 
 def main(argv: list[str]) -> dict[str, Any]:
@@ -315,6 +360,9 @@ def main(argv: list[str]) -> dict[str, Any]:
         contenders = [torch_eager(args.model, args.threads)]
         if not args.no_optimum:
             contenders += optimum_int8(args.model, work, args.threads, bool(cpu.get("avx512_vnni")))
+        if not args.no_openvino:
+            peer = openvino_nncf(*_openvino_inputs(args, columns, tokenizer, info.max_length, pad), args.threads)
+            contenders += [peer] if peer is not None else []
         contenders.append(bertedge_recommended(args.model, args.export, work, args.threads, args, columns))
         measure(contenders, singles, big, batches, order, len(encodings), args, say)
     gold = np.asarray(examples.labels) if examples.labels is not None else None

@@ -114,3 +114,16 @@ def test_openvino_off_and_without_calibration(tmp_path: Path) -> None:
     assert any("int8-openvino: not tried (needs --calibration" in w for w in bare.warnings)
     with pytest.raises(BertedgeError, match="--openvino on needs --calibration"):
         ExportArgs(model, tmp_path / "on", openvino="on")
+
+
+def test_bench_times_the_openvino_backend(ov_export: tuple[Path, Path], tmp_path: Path) -> None:
+    from bertedge.build.bench import BenchArgs, bench
+
+    out, dev = ov_export
+    report = bench(BenchArgs(out, backends=("onnx", "int8-openvino"), batch_sizes=(1, 4), seq_lens=(16,), runs=3,
+                             warmup=1, threads=1, data=dev, cold_start=True, cold_start_runs=1, plots=False))
+    ov = report.backend("int8-openvino")
+    assert ov is not None and ov.status == "ok", ov and ov.reason
+    assert ov.providers_used == ["OpenVINO:CPU"] and ov.threads_used == 1 and ov.accuracy is not None
+    assert ov.accuracy.agreement is not None and ov.accuracy.agreement >= 0.8 and ov.shapes
+    assert ov.cold_start is not None, ov.cold_start_note

@@ -1,4 +1,5 @@
-"""Loading a backend: a torch model or an onnxruntime session (IO binding on GPUs), ready to time."""
+"""Loading a backend: a torch model, an onnxruntime session (IO binding on GPUs) or an OpenVINO
+session, ready to time."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from bertedge.build.bench.spec import (
     Call,
     Feeds,
 )
-from bertedge.runtime.sessions import make_session
+from bertedge.runtime.sessions import OPENVINO, make_session
 from bertedge.runtime.tasks import get_task
 
 # ----------------------------------------------------------------------------- loading backends
@@ -128,6 +129,28 @@ def load_ort(source: Source, backend: Backend, threads: int) -> Loaded:
                   run_outputs=run_outputs)
 
 
+def load_openvino(source: Source, backend: Backend, threads: int) -> Loaded:
+    """The runtime's OpenVINO session (`bertedge.runtime.sessions.OpenVINOSession`) on the file."""
+    path = source.file_for(backend)
+    assert path is not None, "select_backends checks the file exists"
+    start = time.perf_counter()
+    session = make_session(path, threads=threads, engine=OPENVINO, fix="run `bertedge export` again")
+    load_s = time.perf_counter() - start
+    names = [i.name for i in session.get_inputs()]
+    output_names = [o.name for o in session.get_outputs()]
+
+    def run_outputs(feeds: Feeds) -> dict[str, np.ndarray]:
+        outs = session.run(None, {n: feeds[n] for n in names})
+        return {k: np.asarray(v, dtype=np.float32) for k, v in zip(output_names, outs, strict=True)}
+
+    def run(feeds: Feeds) -> np.ndarray:
+        return run_outputs(feeds)[output_names[0]]
+
+    used = int(session.compiled.get_property("INFERENCE_NUM_THREADS"))
+    return Loaded(run, lambda feeds: _host_call(session, {n: feeds[n] for n in names}), session.get_providers(),
+                  used, "OpenVINO INFERENCE_NUM_THREADS", load_s, path, keep=session, run_outputs=run_outputs)
+
+
 def _host_call(session: Any, feeds: Feeds) -> Call:
     return lambda: session.run(None, feeds)
 
@@ -154,4 +177,5 @@ def _bound_call(session: Any, names: Sequence[str]) -> Callable[[Feeds], Call]:
     return prepare
 
 
-LOADERS: dict[str, Callable[[Source, Backend, int], Loaded]] = {"torch": load_torch, "onnxruntime": load_ort}
+LOADERS: dict[str, Callable[[Source, Backend, int], Loaded]] = {"torch": load_torch, "onnxruntime": load_ort,
+                                                                "openvino": load_openvino}

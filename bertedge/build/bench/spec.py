@@ -71,9 +71,9 @@ class Backend:
     """One way to run the model: which engine loads it, from which file, on which provider."""
 
     name: str
-    engine: str  # "torch" or "onnxruntime": the key into LOADERS
+    engine: str  # "torch", "onnxruntime" or "openvino": the key into LOADERS
     files: tuple[str, ...]  # ONNX files in the folder, first present wins (() for torch)
-    provider: str  # onnxruntime execution provider asked for ("" for torch)
+    provider: str  # onnxruntime execution provider asked for ("" for torch and openvino)
     precision: str  # what the file usually holds; an export report or manifest may say otherwise
     io_binding: bool = False  # inputs and outputs stay on the device while timed
     description: str = ""
@@ -91,6 +91,8 @@ BACKENDS: tuple[Backend, ...] = (
     Backend("int8", "onnxruntime", ("model-int8.onnx",), CPU, "int8", description="dynamic INT8, CPU EP"),
     Backend("int8-static", "onnxruntime", ("model-int8-static.onnx",), CPU, "int8",
             description="static INT8 (QDQ), CPU EP"),
+    Backend("int8-openvino", "openvino", ("model-int8-openvino.onnx",), "", "int8",
+            description="NNCF static INT8 (QDQ), OpenVINO CPU (bertedge[openvino])"),
     Backend("cuda", "onnxruntime", ("model.onnx",), CUDA, "fp32", io_binding=True,
             description="ONNX fp32, CUDA EP, IO binding"),
     Backend("cuda-fp16", "onnxruntime", ("model-fp16.onnx",), CUDA, "fp16", io_binding=True,
