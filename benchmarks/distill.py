@@ -50,6 +50,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-4, help="distillation peak LR")
     p.add_argument("--temperature", type=float, default=2.0, help="soft-target temperature")
     p.add_argument("--alpha", type=float, default=0.5, help="soft-target loss weight")
+    p.add_argument("--hidden-weight", type=float, default=0.0, help="hidden-state MSE weight (0 = off)")
+    p.add_argument("--unlabelled", type=Path, default=None,
+                   help="texts the teacher labels (e.g. the train file itself: rows in the subset are dropped)")
+    p.add_argument("--max-unlabelled-rows", type=int, default=0, help="seeded subset of --unlabelled (0 = all)")
+    p.add_argument("--calibration", type=Path, default=DATA / "train.tsv",
+                   help="calibration texts for both exports' static INT8 (OpenVINO engine)")
     p.add_argument("--max-accuracy-drop", type=float, default=100.0,
                    help="distillation budget in points (default: measure, never refuse; the issue asks for 1.0)")
     p.add_argument("--seed", type=int, default=42, help="seed for the subset, shuffling and timing inputs")
@@ -59,7 +65,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per model")
     p.add_argument("--runs", type=int, default=10, help="timed 32x128 calls per round")
     p.add_argument("--batch1", type=int, default=200, help="timed batch-1 sentences per round")
-    p.add_argument("--artifact", default="int8",
+    p.add_argument("--artifact", default="recommended",
                    help="artifact timed for both models: a name from export-report.json (int8: the INT8 graph export "
                         "kept, even when it missed export's gate), 'recommended', or 'same': both fused graphs "
                         "quantized here with one recipe (dynamic per-channel), so the ratio compares depth only")
@@ -80,6 +86,7 @@ def run_distill(args: argparse.Namespace, student: Path) -> dict[str, Any]:
         teacher=args.teacher, train=args.train, eval=args.eval, out=student, layers=args.layers,
         columns=Columns(text=("sentence", "content")), max_train_rows=args.max_train_rows, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, temperature=args.temperature, alpha=args.alpha,
+        hidden_weight=args.hidden_weight, unlabelled=args.unlabelled, max_unlabelled_rows=args.max_unlabelled_rows,
         max_accuracy_drop=args.max_accuracy_drop, seed=args.seed, threads=args.train_threads or args.threads,
         overwrite=True, progress=True))
     metrics = result.metrics
@@ -92,8 +99,8 @@ def run_export(args: argparse.Namespace, model_dir: Path, out: Path, reuse: bool
     from bertedge.runtime.data import Columns
 
     if not ((args.reuse or reuse) and (out / "export-report.json").is_file()):
-        export(ExportArgs(model_dir=model_dir, out=out, eval_file=args.eval,
-                          columns=Columns(text=("sentence", "content")), overwrite=True))
+        export(ExportArgs(model_dir=model_dir, out=out, eval_file=args.eval, calibration=args.calibration,
+                          columns=Columns(text=("sentence", "content")), threads=args.threads, overwrite=True))
     return dict(json.loads((out / "export-report.json").read_text()))
 
 
@@ -118,7 +125,7 @@ class Timed:
         if args.artifact == "same":
             path = same_recipe_int8(export_dir, args.work / f"{export_dir.name}-same-int8.onnx")
             self.artifact = {"name": "same-recipe int8", "file": str(path), "size_mb": round(path.stat().st_size / 1e6, 3)}
-        self.session = make_session(path, threads=args.threads)
+        self.session = make_session(path, threads=args.threads, engine=self.artifact.get("engine", "onnxruntime"))
         self.plan = feed_plan(self.session)
         tok = load_tokenizer(export_dir / "tokenizer.json")
         self.big = self._feeds(realistic_batch(tok, sentences, 32, 128, args.seed))
@@ -176,6 +183,8 @@ def main() -> None:
     settings = {"teacher": str(args.teacher), "train": str(args.train), "eval": str(args.eval),
                 "layers": args.layers, "max_train_rows": args.max_train_rows, "epochs": args.epochs,
                 "batch_size": args.batch_size, "lr": args.lr, "temperature": args.temperature, "alpha": args.alpha,
+                "hidden_weight": args.hidden_weight, "unlabelled": str(args.unlabelled) if args.unlabelled else None,
+                "max_unlabelled_rows": args.max_unlabelled_rows,
                 "seed": args.seed, "threads": args.threads, "train_threads": args.train_threads or args.threads, "rounds": args.rounds, "onnxruntime": ort.__version__,
                 "torch": torch.__version__, "cpu": cpu_facts(), "reuse": args.reuse}
     for key, value in settings.items():
@@ -199,7 +208,7 @@ def main() -> None:
     for name, rep in reports.items():
         a = timed[name].artifact
         print(f"{name}: recommended artifact {recommended(rep)['name']} ({recommended(rep)['size_mb']} MB); timed "
-              f"{a['name']} ({a['size_mb']} MB, passed export's gate: {a.get('passed', 'not validated')}, "
+              f"{a['name']} on {a.get('engine', 'onnxruntime')} ({a['size_mb']} MB, passed export's gate: {a.get('passed', 'not validated')}, "
               f"label agreement {a.get('label_agreement', '-')}, dev {a.get('metric', '-')})")
     for _ in range(args.rounds):
         for t in timed.values():
@@ -218,7 +227,7 @@ def main() -> None:
     line = {**settings,
             "distill_wall_seconds": metrics.get("wall_seconds"), "distillation": d,
             "recommended": {n: recommended(r)["name"] for n, r in reports.items()},
-            "timed": {n: {k: t.artifact.get(k) for k in ("name", "size_mb", "passed", "label_agreement", "metric")}
+            "timed": {n: {k: t.artifact.get(k) for k in ("name", "engine", "size_mb", "passed", "label_agreement", "metric")}
                       for n, t in timed.items()},
             "speed": speed, "ratio": ratio, "targets": targets}
     append_history(args.results, line)

@@ -152,6 +152,25 @@ def test_same_seed_same_student(teacher: Path, sentiment_csv: tuple[Path, Path],
     assert any(not torch.equal(w[0][k], w[2][k]) for k in w[0])  # the seed matters (shuffling, dropout)
 
 
+def test_unlabelled_rows_already_in_train_are_dropped(teacher: Path, sentiment_csv: tuple[Path, Path],
+                                                      tmp_path: Path) -> None:
+    """--unlabelled may name the very file --max-train-rows subsets: the other rows become teacher data."""
+    train = sentiment_csv[0]
+    rows = len(train.read_text().splitlines()) - 1
+    texts = [line.rsplit(",", 1)[0] for line in train.read_text().splitlines()[1:]]
+    distinct = len(set(texts))
+    r = distill(quick(teacher, train, tmp_path / "s", epochs=0.25, max_train_rows=80, unlabelled=train))
+    data = r.metrics["data"]
+    assert data["unlabelled_windows"] == distinct - len(set(texts) & set(_subset_texts(train, 80)))
+    assert data["unlabelled_repeats_dropped"] == rows - data["unlabelled_windows"]
+
+
+def _subset_texts(path: Path, n: int) -> list[str]:
+    from bertedge.runtime.data import Columns, load_text_classification, seeded_subset
+
+    return seeded_subset(load_text_classification(path, Columns()), n, 42).texts
+
+
 @pytest.mark.parametrize(
     ("content", "needle"),
     [(b"text,label\nnice,1\n,0\n", "line 3: empty text"),

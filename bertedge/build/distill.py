@@ -259,10 +259,11 @@ def _read_unlabelled(task: Task, tokenizer: Any, args: DistillArgs, max_length: 
                      train_texts: list[str]) -> tuple[Features, int]:
     """Windows of the unlabelled file, without targets, and how many rows were dropped as repeats.
 
-    Classification and NER rows whose text (and pair) is already in the training data, or earlier
-    in the file, are dropped before the seeded subset is drawn, so `--unlabelled` may name the
-    full training file of which `--max-train-rows` took a subset: the rest becomes teacher-labelled
-    data. QA keeps every question (many share a context).
+    Classification and NER rows whose text (and pair) is already in the training or eval data, or
+    earlier in the file, are dropped before the seeded subset is drawn, so `--unlabelled` may name
+    the full training file of which `--max-train-rows` took a subset: the rest becomes
+    teacher-labelled data, and no eval text is trained on. QA keeps every question (many share a
+    context).
     """
     dropped = 0
     if task is QA:
@@ -351,7 +352,8 @@ def distill(args: DistillArgs) -> DistillResult:
     eval_f = _encode(task, tokenizer, evalset, max_length, meta.stride)
     unlabelled_f, repeats = None, 0
     if args.unlabelled:
-        train_keys = [] if task is QA else _text_keys(task.texts(train), getattr(train, "pairs", None))
+        train_keys = [] if task is QA else [k for ex in (train, evalset)  # eval rows must stay unseen
+                                             for k in _text_keys(task.texts(ex), getattr(ex, "pairs", None))]
         unlabelled_f, repeats = _read_unlabelled(task, tokenizer, args, max_length, meta.stride, train_keys)
 
     started = time.perf_counter()
