@@ -47,7 +47,7 @@ def test_export_builds_validates_and_times_the_openvino_candidate(ov_export: tup
     assert ov["quantization"]["library"] == "nncf" and ov["quantization"]["openvino"]
     assert ov["batch_invariance"]["passed"]  # static scales: the same answer in any batch
     assert set(ov["timings_ms"]) == set(report["targets"]) and ov["cost_ms"] > 0
-    assert (out / "model-int8-openvino.onnx").is_file()
+    assert (out / "model-int8-openvino.xml").is_file() and (out / "model-int8-openvino.bin").is_file()
     rows = [r for r in report["int8_search"] if r.get("library") == "nncf"]
     assert rows and rows[-1]["passed"]
     others = {a["name"]: a["engine"] for a in report["artifacts"] if a["name"] != "int8-openvino"}

@@ -51,7 +51,7 @@ Run = Callable[[Feeds], Outputs]
 # config model_type -> onnxruntime optimizer type, for every family in bertedge.build.families
 SUPPORTED_MODEL_TYPES = {f.model_type: f.optimizer_type for f in FAMILIES if f.exportable}
 ARTIFACT_FILES = {"fp32": "model.onnx", "fused": "model-fused.onnx", "int8": "model-int8.onnx",
-                  "int8-static": "model-int8-static.onnx", "int8-openvino": "model-int8-openvino.onnx",
+                  "int8-static": "model-int8-static.onnx", "int8-openvino": "model-int8-openvino.xml",
                   "fp16": "model-fp16.onnx"}
 COPIED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                 "vocab.txt", "bertedge.json")
@@ -1062,7 +1062,7 @@ def _add_openvino(args: ExportArgs, ref: Reference, out: Path, calibration: list
                   report: ExportReport) -> None:
     """NNCF's static INT8 run by OpenVINO (`bertedge.build.openvino`): validated and timed through
     the runtime's OpenVINO session like any artifact; recommended when it is the fastest passer."""
-    from bertedge.build import openvino as ov
+    from bertedge.build import openvino_int8 as ov
 
     if args.openvino == "off" or args.quantize is Quantization.NONE:
         return
@@ -1086,7 +1086,7 @@ def _add_openvino(args: ExportArgs, ref: Reference, out: Path, calibration: list
         candidate.engine, candidate.quantization = OPENVINO, {**recipe.to_dict(), "openvino": openvino_version()}
         try:
             ov.quantize(src, dst, rows, recipe)
-            candidate.size_mb = _size_mb(dst)
+            candidate.size_mb = ov.size_mb(dst)
             ref.check(candidate, ort_runner(dst, threads=args.threads, engine=OPENVINO), lossy=True)
         except BertedgeError as e:  # NNCF or OpenVINO cannot build or load this recipe
             candidate.notes = f"could not build or run: {e}"
@@ -1103,7 +1103,7 @@ def _add_openvino(args: ExportArgs, ref: Reference, out: Path, calibration: list
             break
     assert chosen is not None
     if not chosen.passed or not chosen.validated:
-        dst.unlink(missing_ok=True)
+        ov.remove(dst)
         chosen.file = ""
     chosen.seconds = time.perf_counter() - start
     report.artifacts.append(chosen)

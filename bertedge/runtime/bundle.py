@@ -35,6 +35,7 @@ from bertedge.runtime.tasks import get_task
 
 MANIFEST = "manifest.json"
 MODEL = "model.onnx"
+OV_MODEL, OV_WEIGHTS = "model.xml", "model.bin"  # an OpenVINO IR: the graph and its weights
 TOKENIZER = "tokenizer.json"
 FORMAT = "bertedge-bundle"
 FORMAT_VERSION = 1
@@ -86,7 +87,7 @@ class Bundle:
 
     @property
     def model_path(self) -> Path:
-        return self.root / MODEL
+        return self.root / model_files(self.manifest.get("engine"))[0]
 
     @property
     def tokenizer_path(self) -> Path:
@@ -96,6 +97,16 @@ class Bundle:
     def digest(self) -> str:
         """The bundle's identity: SHA-256 of its canonical manifest (see `manifest_digest`)."""
         return manifest_digest(self.manifest)
+
+
+def model_files(engine: Any) -> tuple[str, ...]:
+    """The model's files in a bundle for an engine: model.onnx (onnxruntime, and bundles without
+    an engine field), or OpenVINO's IR, model.xml + model.bin (graph first).
+
+    >>> model_files(None), model_files("openvino")
+    (('model.onnx',), ('model.xml', 'model.bin'))
+    """
+    return (OV_MODEL, OV_WEIGHTS) if engine == "openvino" else (MODEL,)
 
 
 def manifest_digest(manifest: dict[str, Any]) -> str:
@@ -272,9 +283,12 @@ def build_bundle(out: Path, model: Path, tokenizer: Path, *, task: str, labels: 
         raise BertedgeError(f"'{out}' exists and is not a bundle; refusing to overwrite it",
                             "choose another --out or empty that folder")
     out.mkdir(parents=True, exist_ok=True)
-    for name in (MODEL, TOKENIZER, MANIFEST):
+    for name in (MODEL, OV_MODEL, OV_WEIGHTS, TOKENIZER, MANIFEST):
         (out / name).unlink(missing_ok=True)
-    shutil.copyfile(model, out / MODEL)
+    names = model_files(engine)
+    sources = [model] if len(names) == 1 else [model, model.with_suffix(".bin")]  # IR: weights beside the graph
+    for src, name in zip(sources, names, strict=True):
+        shutil.copyfile(src, out / name)
     shutil.copyfile(tokenizer, out / TOKENIZER)
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "bertedge_version": __version__,
@@ -282,20 +296,20 @@ def build_bundle(out: Path, model: Path, tokenizer: Path, *, task: str, labels: 
         "task": task, "labels": list(labels), "max_length": int(max_length), "model_type": model_type,
         **({"stride": stride} if stride else {}),  # QA: overlap of context windows
         **({"max_positions": max_positions} if max_positions else {}),  # the position table's limit
-        "inputs": graph_inputs(out / MODEL), "engine": engine, "precision": precision, "quantization": quantization,
+        "inputs": graph_inputs(out / names[0], engine), "engine": engine, "precision": precision, "quantization": quantization,
         "provenance": provenance or {},
         "files": {n: {"sha256": sha256_of(out / n), "bytes": (out / n).stat().st_size}
-                  for n in (MODEL, TOKENIZER)},
+                  for n in (*names, TOKENIZER)},
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return Bundle(root=out, manifest=manifest)
 
 
-def graph_inputs(model: Path) -> list[str]:
-    """The ONNX graph's input names, read through onnxruntime (the `onnx` package is build-only)."""
+def graph_inputs(model: Path, engine: str = "onnxruntime") -> list[str]:
+    """The graph's input names, read through its engine (the `onnx` package is build-only)."""
     from bertedge.runtime.sessions import make_session
 
-    session = make_session(model, optimize=False, fix="run `bertedge export` again")
+    session = make_session(model, optimize=False, fix="run `bertedge export` again", engine=engine)
     return [i.name for i in session.get_inputs()]
 
 
@@ -311,7 +325,7 @@ def archive_path(out: Path, fmt: ArchiveFormat) -> Path:
 def archive_bundle(folder: Path, dest: Path, fmt: ArchiveFormat) -> Path:
     """Pack a bundle folder's files, flat, into one .tar.gz or .zip file."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    names = [MANIFEST, MODEL, TOKENIZER]
+    names = [MANIFEST, *read_json(folder / MANIFEST)["files"]]
     if fmt is ArchiveFormat.TAR_GZ:
         with tarfile.open(dest, "w:gz") as tar:
             for n in names:
@@ -444,9 +458,10 @@ def verify_bundle(root: Path, expect_digest: str | None = None) -> Bundle:
             problems.append(problem)
     if problems:
         raise BertedgeError(f"bundle '{root}': {'; '.join(problems)}", REBUILD)
-    problems = graph_problems(manifest, root / MODEL)
+    model = model_files(manifest.get("engine"))[0]
+    problems = graph_problems(manifest, root / model)
     if problems:
-        raise BertedgeError(f"bundle '{root}': the manifest does not fit model.onnx: {'; '.join(problems)}",
+        raise BertedgeError(f"bundle '{root}': the manifest does not fit {model}: {'; '.join(problems)}",
                             REBUILD)
     return Bundle(root=root, manifest=manifest)
 
@@ -507,7 +522,7 @@ def manifest_problems(m: dict[str, Any]) -> list[str]:
         if m.get(key) is not None and not isinstance(m[key], dict):
             problems.append(f"{key} must be an object or null (got {type(m[key]).__name__})")
     if "files" in m:
-        problems += files_problems(m["files"])
+        problems += files_problems(m["files"], model_files(m.get("engine")))
     return problems
 
 
@@ -549,11 +564,12 @@ def length_problems(m: dict[str, Any]) -> list[str]:
     return problems
 
 
-def files_problems(files: Any) -> list[str]:
-    """files: {name: {"sha256", "bytes"}}, names plain and inside the bundle, model and tokenizer listed."""
+def files_problems(files: Any, model: tuple[str, ...] = (MODEL,)) -> list[str]:
+    """files: {name: {"sha256", "bytes"}}, names plain and inside the bundle, the engine's model
+    files and the tokenizer listed."""
     if not isinstance(files, dict):
         return [f"files must be an object of name -> {{sha256, bytes}} (got {type(files).__name__})"]
-    problems = [f"no checksum for {n}" for n in (MODEL, TOKENIZER) if n not in files]
+    problems = [f"no checksum for {n}" for n in (*model, TOKENIZER) if n not in files]
     for name, entry in files.items():
         if (not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name
                 or Path(name).is_absolute()):
@@ -598,8 +614,11 @@ def graph_output_shapes(model: Path) -> dict[str, list[Dim]]:
 
     A session costs a third of a bundle's load time (MiniLM INT8); this reads only the field
     headers of ModelProto.graph (initializers are skipped by length). Anything it cannot parse
-    falls back to onnxruntime, which then reports a broken file in its own words.
+    falls back to onnxruntime, which then reports a broken file in its own words. An OpenVINO IR
+    (`.xml`) is read by OpenVINO without compiling it.
     """
+    if model.suffix == ".xml":
+        return ir_output_shapes(model)
     try:
         with model.open("rb") as f:
             mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # pages in only what is read
@@ -616,6 +635,22 @@ def graph_output_shapes(model: Path) -> dict[str, list[Dim]]:
 
         session = make_session(model, threads=1, optimize=False, fix=REBUILD)
         return {o.name: list(o.shape) for o in session.get_outputs()}
+
+
+def ir_output_shapes(model: Path) -> dict[str, list[Dim]]:
+    """An OpenVINO IR's outputs and shapes (dynamic axes as None), read without compiling."""
+    try:
+        import openvino as ov
+    except ImportError:
+        raise BertedgeError(f"'{model.name}' is an OpenVINO model, and OpenVINO is not installed",
+                            "pip install 'bertedge[openvino]'") from None
+    try:
+        graph = ov.Core().read_model(str(model))
+    except Exception as e:  # OpenVINO raises RuntimeError subclasses with multi-line texts
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BertedgeError(f"OpenVINO cannot read '{model.name}' ({first})", REBUILD) from None
+    return {o.get_any_name(): [d.get_length() if d.is_static else None for d in o.get_partial_shape()]
+            for o in graph.outputs}
 
 
 def proto_fields(buf: memoryview) -> Iterator[tuple[int, int | memoryview]]:
