@@ -139,3 +139,17 @@ def test_the_ladder_keeps_the_ffn_output_projections_then_sensitive_nodes(ov_exp
     assert [r.fp32_nodes for r in ladder] == [(), tuple(ffn), (*ffn, "/extra/MatMul")]
     assert ladder[0].subset_size == 50 and "2 MatMuls kept fp32" in ladder[1].label()
     assert ov.recipes(src, 500, max_fp32_nodes=0) == [ov.Recipe(300)]
+
+
+def test_serve_answers_from_an_openvino_bundle(ov_export: tuple[Path, Path], tmp_path: Path) -> None:
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from bertedge.edges.serve import create_app
+
+    package(PackageArgs(export_dir=ov_export[0], out=tmp_path / "b", artifact="int8-openvino"))
+    with TestClient(create_app(tmp_path / "b")) as client:
+        response = client.post("/v1/predict", json={"texts": ["a good film", "a bad film", "fine"]})
+        assert response.status_code == 200, response.text
+        assert len(response.json()["predictions"]) == 3
+        assert client.get("/v1/model").json()["engine"] == "openvino"

@@ -836,6 +836,7 @@ def model_info(predictor: PredictorLike, config: ServeConfig) -> dict[str, Any]:
             "bertedge_version", "format_version", "created")
     return {
         **{k: m.get(k) for k in keys},
+        "engine": m.get("engine") or "onnxruntime",
         "digest": model_summary(m)["digest"],
         "checksums": {name: f.get("sha256") for name, f in m.get("files", {}).items()},
         "files": m.get("files", {}),
