@@ -130,7 +130,7 @@ class ServeConfig:
         """
         if self.run_batch_size:
             return min(self.run_batch_size, self.max_batch_size)
-        on_gpu = any(p != "CPUExecutionProvider" for p in providers)
+        on_gpu = any(p not in ("CPUExecutionProvider", "OpenVINO:CPU") for p in providers)
         return self.max_batch_size if on_gpu else min(8, self.max_batch_size)
 
     @property
