@@ -153,3 +153,34 @@ def test_serve_answers_from_an_openvino_bundle(ov_export: tuple[Path, Path], tmp
         assert response.status_code == 200, response.text
         assert len(response.json()["predictions"]) == 3
         assert client.get("/v1/model").json()["engine"] == "openvino"
+
+
+@pytest.mark.parametrize("task", ["ner", "qa"])
+def test_openvino_int8_for_token_and_span_tasks(task: str, tmp_path: Path) -> None:
+    """NER (per-token logits) and QA (start/end logits) through the same candidate, bundle and runtime."""
+    from test_matrix import GOOD, MAX_LENGTH, QA_CONTEXT, TASK_LABELS, check_result
+    from tiny import write_jsonl
+
+    from bertedge.runtime.data import Columns
+
+    model = make_tiny_model(tmp_path / "model", arch="bert", task=task, labels=TASK_LABELS[task])
+    meta = {"task": task, "labels": list(TASK_LABELS[task]), "max_length": MAX_LENGTH[task], "stride": 8}
+    (model / "bertedge.json").write_text(json.dumps(meta), encoding="utf-8")
+    if task == "ner":
+        calibration = write_jsonl(tmp_path / "c.jsonl", [{"text": f"john smith lives in paris {i}"} for i in range(30)])
+        columns = Columns()
+    else:
+        calibration = write_jsonl(tmp_path / "c.jsonl", [{"question": f"where does john live {i} ?",
+                                                          "context": QA_CONTEXT} for i in range(30)])
+        columns = Columns(text=("question",), text_pair=("context",))
+    report = export(ExportArgs(model, tmp_path / "export", optimization=Optimization.NONE, calibration=calibration,
+                               columns=columns, min_agreement=0.0, sensitivity=False, timing_seconds=0.05))
+    ov = report.artifact("int8-openvino")
+    assert ov is not None and ov.validated and ov.passed and ov.engine == "openvino", ov and ov.notes
+    package(PackageArgs(export_dir=tmp_path / "export", out=tmp_path / "b", artifact="int8-openvino"))
+    items = [r["text"] for r in GOOD[task]] if task == "ner" else [
+        {"question": r["question"], "context": r["context"]} for r in GOOD[task]]
+    results = Predictor(tmp_path / "b", threads=1).predict(items)
+    assert len(results) == len(items)
+    for r in results:
+        check_result(task, r)

@@ -164,13 +164,16 @@ class OpenVINOSession:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         try:
             core = ov.Core()
-            self.compiled = core.compile_model(core.read_model(str(model)), "CPU", config)
+            graph = core.read_model(str(model))
+            self.compiled = core.compile_model(graph, "CPU", config)
         except Exception as e:  # OpenVINO raises RuntimeError subclasses with multi-line texts
             raise BertedgeError(f"OpenVINO cannot load '{model.name}' ({_first_line(e)})", fix) from None
+        # Names from the model as read: a compiled output can carry extra internal tensor names
+        # (e.g. '/model/classifier/MatMul_output_0' beside 'logits'), in the same port order.
         self._inputs = [_Node(p.get_any_name(), OV_TYPES.get(p.get_element_type().get_type_name(), "?"))
-                        for p in self.compiled.inputs]
+                        for p in graph.inputs]
         self._outputs = [_Node(p.get_any_name(), OV_TYPES.get(p.get_element_type().get_type_name(), "?"))
-                         for p in self.compiled.outputs]
+                         for p in graph.outputs]
         self._ports = {o.name: i for i, o in enumerate(self._outputs)}
         self._local = threading.local()
 
