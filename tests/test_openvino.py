@@ -136,9 +136,10 @@ def test_the_ladder_keeps_the_ffn_output_projections_then_sensitive_nodes(ov_exp
     ffn = ov.ffn_down_projections(src)
     assert len(ffn) == 2 and all("output/dense" in n and "attention" not in n for n in ffn)  # 2 layers
     ladder = ov.recipes(src, 50, ranked=["/extra/MatMul", ffn[0]], max_fp32_nodes=8)
-    assert [r.fp32_nodes for r in ladder] == [(), tuple(ffn), (*ffn, "/extra/MatMul")]
+    assert [r.fp32_nodes for r in ladder] == [(), tuple(ffn), (*ffn, "/extra/MatMul"), ()]
+    assert [r.weights_only for r in ladder] == [False, False, False, True]
     assert ladder[0].subset_size == 50 and "2 MatMuls kept fp32" in ladder[1].label()
-    assert ov.recipes(src, 500, max_fp32_nodes=0) == [ov.Recipe(300)]
+    assert ov.recipes(src, 500, max_fp32_nodes=0) == [ov.Recipe(300), ov.Recipe(weights_only=True)]
 
 
 def test_serve_answers_from_an_openvino_bundle(ov_export: tuple[Path, Path], tmp_path: Path) -> None:
@@ -184,3 +185,21 @@ def test_openvino_int8_for_token_and_span_tasks(task: str, tmp_path: Path) -> No
     assert len(results) == len(items)
     for r in results:
         check_result(task, r)
+
+
+def test_weights_only_recipe_runs_close_to_fp32_and_batch_invariant(ov_export: tuple[Path, Path],
+                                                                     tmp_path: Path) -> None:
+    from bertedge.build import openvino_int8 as ov
+
+    src = ov_export[0] / "model.onnx"
+    ov.quantize(src, tmp_path / "w.xml", [], ov.Recipe(weights_only=True))
+    session, ref = make_session(tmp_path / "w.xml", threads=1, engine="openvino"), make_session(src, threads=1)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, 90, (4, 12)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[2, 7:] = 0
+    feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+    got, want = session.run(None, feeds)[0], ref.run(None, feeds)[0]
+    assert np.abs(got - want).max() < 0.05
+    alone = session.run(None, {k: v[2:3, :7] for k, v in feeds.items()})[0]
+    assert np.abs(alone - got[2:3]).max() < 1e-5

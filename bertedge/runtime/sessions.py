@@ -145,10 +145,11 @@ def openvino_version() -> str | None:
 class OpenVINOSession:
     """An OpenVINO CPU model behind the calls the runtime makes of an onnxruntime session.
 
-    The `.onnx` file is read by OpenVINO's ONNX frontend and compiled for the CPU with a latency
-    hint, `threads` inference threads and fp32 as the precision of everything not quantized (so a
-    CPU with bf16 units does not silently lower it). QuantizeLinear/DequantizeLinear pairs become
-    OpenVINO's INT8 kernels. Each thread gets its own infer request, so `run` is thread-safe.
+    The model (an OpenVINO IR `.xml`, or an `.onnx` file through OpenVINO's ONNX frontend) is
+    compiled for the CPU with a latency hint, `threads` inference threads, fp32 as the precision of
+    everything not quantized (so a CPU with bf16 units does not silently lower it) and no dynamic
+    activation quantization (see below). Each thread gets its own infer request, so `run` is
+    thread-safe.
     """
 
     def __init__(self, model: Path, threads: int | None = None,
@@ -158,8 +159,10 @@ class OpenVINOSession:
         except ImportError:
             raise BertedgeError(f"'{model.name}' runs on the OpenVINO engine, which is not installed",
                                 "pip install 'bertedge[openvino]' (or package an onnxruntime artifact)") from None
+        # Dynamic activation quantization off: the CPU plugin applies it to INT8-weight MatMuls by
+        # batch size, so a text's probabilities moved by 3e-3 between alone and in a batch.
         config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32",
-                                  "NUM_STREAMS": 1}
+                                  "NUM_STREAMS": 1, "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0}
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         try:
