@@ -257,6 +257,8 @@ def models() -> None:
 @click.option("--sensitivity/--no-sensitivity", default=True, show_default=True,
               help="When no batch-invariant INT8 passes, keep the most error-prone nodes in fp32.")
 @click.option("--max-fp32-nodes", default=8, show_default=True, help="Most nodes the sensitivity search keeps in fp32.")
+@click.option("--sensitivity-seconds", default=600.0, show_default=True,
+              help="Cap on the sensitivity probing (one quantization per node, from the output backwards).")
 @click.option("--calibrate-method", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax",
               show_default=True, help="Static INT8 calibration (a static candidate is tried whenever --calibration is given).")
 @click.option("--openvino", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
@@ -311,6 +313,7 @@ def export_cmd(**opts: Any) -> None:
         batch_invariance=opts["batch_invariance"], invariance_tol=opts["invariance_tol"],
         targets=parse_targets(opts["targets"]), timing_seconds=opts["timing_seconds"], threads=opts["threads"],
         sensitivity=opts["sensitivity"], max_fp32_nodes=opts["max_fp32_nodes"],
+        sensitivity_seconds=opts["sensitivity_seconds"],
         calibrate_method=opts["calibrate_method"], openvino=opts["openvino"], seed=opts["seed"],
         overwrite=opts["overwrite"],
     ))

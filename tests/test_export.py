@@ -171,6 +171,17 @@ def test_impossible_budget_tries_every_mitigation(tiny_bert: Path, sentiment_csv
     assert any("recommended falls back to" in w for w in report.warnings)
 
 
+def test_sensitivity_probing_has_a_time_cap(tiny_bert: Path, sentiment_csv: tuple[Path, Path], tmp_path: Path) -> None:
+    """--sensitivity-seconds 0 probes one node (the last one the recipe quantizes) and says so."""
+    report = export(ExportArgs(tiny_bert, tmp_path / "out", eval_file=sentiment_csv[1], max_accuracy_drop=-1,
+                               max_fp32_nodes=1, sensitivity_seconds=0.0, openvino="off"))
+    assert len(report.sensitivity) == 1
+    total = int(str(report.sensitivity[0]["probed"]).split(" of ")[1])
+    assert report.sensitivity[0]["probed"] == f"1 of {total}" and total > 1
+    with pytest.raises(BertedgeError, match="--sensitivity-seconds"):
+        ExportArgs(tiny_bert, tmp_path / "x", sensitivity_seconds=-1)
+
+
 def test_require_int8_fails_and_leaves_no_folder(tiny_bert: Path, tmp_path: Path) -> None:
     with pytest.raises(BertedgeError, match="no INT8 candidate met the budget"):
         export(ExportArgs(tiny_bert, tmp_path / "out", min_agreement=1.0, max_accuracy_drop=-1,

@@ -114,6 +114,7 @@ class ExportArgs:
     threads: int = 0  # intra-op threads while timing (0: onnxruntime picks)
     sensitivity: bool = True  # keep the most error-prone nodes in fp32 when no invariant INT8 passes
     max_fp32_nodes: int = 8  # the most nodes the sensitivity search may keep in fp32
+    sensitivity_seconds: float = 600.0  # cap on the sensitivity probing (one quantization per node)
     calibrate_method: str = "minmax"  # static INT8 calibration: minmax, percentile or entropy
     openvino: str = "auto"  # NNCF INT8 for the OpenVINO engine: auto (when installed and --calibration given), on, off
     seed: int = 0  # seeds random inputs and row subsets
@@ -136,8 +137,8 @@ class ExportArgs:
             problems.append("--target shapes need batch >= 1 and sequence >= 2 (e.g. 1x32,32x128)")
         if self.calibrate_method not in q.CALIBRATE:
             problems.append(f"--calibrate-method must be one of {', '.join(q.CALIBRATE)}")
-        if self.max_fp32_nodes < 0 or self.timing_seconds <= 0 or self.threads < 0:
-            problems.append("--max-fp32-nodes and --threads must be >= 0, --timing-seconds positive")
+        if self.max_fp32_nodes < 0 or self.timing_seconds <= 0 or self.threads < 0 or not self.sensitivity_seconds >= 0:
+            problems.append("--max-fp32-nodes, --threads and --sensitivity-seconds must be >= 0, --timing-seconds positive")
         if self.openvino not in ("auto", "on", "off"):
             problems.append(f"--openvino must be auto, on or off (got {self.openvino!r})")
         if self.openvino == "on" and (self.calibration is None or self.quantize is Quantization.NONE):
@@ -846,7 +847,8 @@ def build_int8(args: ExportArgs, ref: Reference, out: Path, base_name: str, cali
         if seed is None or not args.sensitivity or args.max_fp32_nodes == 0 or (invariant_passed and not args.search_all):
             return
         seed_src = source(seed)
-        table.extend(q.sensitivity(seed_src, seed, q.touched_nodes(onnx.load(str(seed_src)), seed), ref.output_error, out))
+        table.extend(q.sensitivity(seed_src, seed, q.touched_nodes(onnx.load(str(seed_src)), seed), ref.output_error, out,
+                                   seconds=args.sensitivity_seconds))
         ranked = [str(r["node"]) for r in table if float(r["gain"]) > 0]  # type: ignore[arg-type]
         k = 1
         while ranked and k <= min(args.max_fp32_nodes, len(ranked)):

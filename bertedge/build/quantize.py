@@ -474,21 +474,30 @@ def search(
 
 
 def sensitivity(src: Path, config: Int8Config, nodes: Sequence[str], error: Callable[[Path], float],
-                work: Path) -> list[dict[str, object]]:
+                work: Path, seconds: float | None = None) -> list[dict[str, object]]:
     """Each node's share of the INT8 output error: quantize with only that node left in fp32.
 
     `error(path)` measures a quantized file against the reference (e.g. mean |logit difference|
     on a slice of the user's data). A node's gain is how much the error falls when it alone
     stays in fp32; its share is the gain over the sum of positive gains. Sorted by gain, largest
     first: the order in which the search keeps nodes in fp32.
+
+    `seconds` caps the probing (one quantization per node: a base-size model has ~75 nodes at
+    30-60 s each): nodes are probed from the output backwards, where INT8 errors reach the head
+    least filtered, and the ones left unprobed are not ranked (each row says `probed` of total).
     """
+    start = time.perf_counter()
     path = work / "sensitivity.onnx"
     quantize(src, path, config)
     full = error(path)
-    rows = []
-    for node in nodes:
+    rows: list[dict[str, object]] = []
+    for node in reversed(list(nodes)):
+        if rows and seconds is not None and time.perf_counter() - start > seconds:
+            break
         quantize(src, path, replace(config, fp32_nodes=(node,)))
         rows.append({"node": node, "error_with_node_fp32": error(path)})
+    for r in rows:
+        r["probed"] = f"{len(rows)} of {len(nodes)}"
     path.unlink(missing_ok=True)
     gains = [full - float(r["error_with_node_fp32"]) for r in rows]  # type: ignore[arg-type]
     total = sum(max(0.0, g) for g in gains) or 1.0
