@@ -203,13 +203,16 @@ def test_ner_student_with_unlabelled_texts(tmp_path: Path) -> None:
     dev = conll(tmp_path / "dev.txt", NER_SENTENCES)
     finetune(FinetuneArgs(model=str(base), train=train, eval=dev, out=tmp_path / "t", task="ner", epochs=8,
                           lr=5e-3, layer_lr_decay=1.0, batch_size=8, progress=False, patience=0, threads=1))
-    texts = write_csv(tmp_path / "u.csv", [(" ".join(w for w, _ in s), 0) for s in NER_SENTENCES * 3])
+    new = [f"{name} smith lives in {town}" for name in ("mary", "paul", "anna") for town in ("paris", "rome")]
+    seen = [" ".join(w for w, _ in s) for s in NER_SENTENCES]  # already in train and dev: dropped
+    texts = write_csv(tmp_path / "u.csv", [(t, 0) for t in new * 2 + seen])
     r = distill(quick(tmp_path / "t", train, tmp_path / "s", eval=dev, unlabelled=texts, epochs=6.0, lr=5e-3,
                       batch_size=8, max_accuracy_drop=100.0))
     d = r.metrics["distillation"]
     assert r.metrics["task"] == "ner" and d["student"]["layers"] == 1 and d["metric"] == "f1"
-    assert r.metrics["data"]["unlabelled_windows"] == 12
-    assert r.metrics["data"]["train_windows"] == len(NER_SENTENCES) * 15 + 12
+    assert r.metrics["data"]["unlabelled_windows"] == len(new)  # repeats within the file dropped too
+    assert r.metrics["data"]["unlabelled_repeats_dropped"] == len(new) + len(seen)
+    assert r.metrics["data"]["train_windows"] == len(NER_SENTENCES) * 15 + len(new)
     assert d["teacher"]["f1"] >= 0.5 and d["student"]["f1"] >= 0.5
     assert json.loads((r.out / "bertedge.json").read_text())["task"] == "ner"
 
