@@ -114,15 +114,7 @@ def load_ort(source: Source, backend: Backend, threads: int) -> Loaded:
     else:
         used, how = int(session.get_session_options().intra_op_num_threads), "session options"
 
-    output_names = [o.name for o in session.get_outputs()]
-
-    def run_outputs(feeds: Feeds) -> dict[str, np.ndarray]:
-        outs = session.run(None, {n: feeds[n] for n in names})
-        return {k: np.asarray(v, dtype=np.float32) for k, v in zip(output_names, outs, strict=True)}
-
-    def run(feeds: Feeds) -> np.ndarray:
-        return run_outputs(feeds)[output_names[0]]
-
+    run, run_outputs = _host_runs(session, names)
     prepare = (_bound_call(session, names) if backend.io_binding
                else lambda feeds: _host_call(session, {n: feeds[n] for n in names}))
     return Loaded(run, prepare, list(session.get_providers()), used, how, load_s, path, keep=session,
@@ -137,6 +129,15 @@ def load_openvino(source: Source, backend: Backend, threads: int) -> Loaded:
     session = make_session(path, threads=threads, engine=OPENVINO, fix="run `bertedge export` again")
     load_s = time.perf_counter() - start
     names = [i.name for i in session.get_inputs()]
+    run, run_outputs = _host_runs(session, names)
+    used = int(session.compiled.get_property("INFERENCE_NUM_THREADS"))
+    return Loaded(run, lambda feeds: _host_call(session, {n: feeds[n] for n in names}), session.get_providers(),
+                  used, "OpenVINO INFERENCE_NUM_THREADS", load_s, path, keep=session, run_outputs=run_outputs)
+
+
+def _host_runs(session: Any, names: Sequence[str]) -> tuple[Callable[[Feeds], np.ndarray],
+                                                           Callable[[Feeds], dict[str, np.ndarray]]]:
+    """(first output, every output by name) of a session on host feeds, as float32 numpy."""
     output_names = [o.name for o in session.get_outputs()]
 
     def run_outputs(feeds: Feeds) -> dict[str, np.ndarray]:
@@ -146,9 +147,7 @@ def load_openvino(source: Source, backend: Backend, threads: int) -> Loaded:
     def run(feeds: Feeds) -> np.ndarray:
         return run_outputs(feeds)[output_names[0]]
 
-    used = int(session.compiled.get_property("INFERENCE_NUM_THREADS"))
-    return Loaded(run, lambda feeds: _host_call(session, {n: feeds[n] for n in names}), session.get_providers(),
-                  used, "OpenVINO INFERENCE_NUM_THREADS", load_s, path, keep=session, run_outputs=run_outputs)
+    return run, run_outputs
 
 
 def _host_call(session: Any, feeds: Feeds) -> Call:
