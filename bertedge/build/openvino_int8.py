@@ -21,7 +21,7 @@ import io
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,16 +53,13 @@ class Recipe:
 
     subset_size: int = 300
     fp32_nodes: tuple[str, ...] = ()
-    smooth_quant: bool = True
     weights_only: bool = False
-    notes: tuple[str, ...] = field(default=())
 
     def label(self) -> str:
         if self.weights_only:
             return "nncf INT8 weights only (fp32 activations)"
         kept = f", {len(self.fp32_nodes)} MatMuls kept fp32" if self.fp32_nodes else ""
-        sq = "" if self.smooth_quant else ", no SmoothQuant"
-        return f"nncf static INT8 (transformer{sq}{kept})"
+        return f"nncf static INT8 (transformer{kept})"
 
     def to_dict(self) -> dict[str, object]:
         if self.weights_only:
@@ -70,7 +67,7 @@ class Recipe:
                     "weights": "per-channel symmetric", "activations": "fp32"}
         return {"method": "static", "library": "nncf", "engine": "openvino", "weights": "per-channel symmetric",
                 "activations": "per-tensor static", "calibration_rows": self.subset_size,
-                "smooth_quant": self.smooth_quant, "fp32_nodes": list(self.fp32_nodes)}
+                "fp32_nodes": list(self.fp32_nodes)}
 
 
 def calibration_rows(batches: Sequence[Feeds]) -> list[Feeds]:
@@ -102,10 +99,6 @@ def quantize(src: Path, dst: Path, rows: Sequence[Feeds], recipe: Recipe) -> Non
     with _quiet():
         import nncf
         import openvino as ov
-        from nncf.quantization.advanced_parameters import (
-            AdvancedQuantizationParameters,
-            AdvancedSmoothQuantParameters,
-        )
 
         model = ov.Core().read_model(str(src))
         if recipe.weights_only:
@@ -114,14 +107,11 @@ def quantize(src: Path, dst: Path, rows: Sequence[Feeds], recipe: Recipe) -> Non
             return
         names = {p.get_any_name() for p in model.inputs}
         data = [{k: v for k, v in r.items() if k in names} for r in rows]
-        advanced = AdvancedQuantizationParameters(
-            smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=0.95 if recipe.smooth_quant else -1))
         kwargs: dict[str, Any] = {}
         if recipe.fp32_nodes:
             kwargs["ignored_scope"] = nncf.IgnoredScope(names=list(recipe.fp32_nodes), validate=False)
         quantized = nncf.quantize(model, nncf.Dataset(data), model_type=nncf.ModelType.TRANSFORMER,
-                                  subset_size=min(recipe.subset_size, len(data)),
-                                  advanced_parameters=advanced, **kwargs)
+                                  subset_size=min(recipe.subset_size, len(data)), **kwargs)
         ov.save_model(quantized, str(dst), compress_to_fp16=False)
 
 
