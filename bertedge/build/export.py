@@ -1061,7 +1061,7 @@ def _add_int8(args: ExportArgs, ref: Reference, out: Path, best_fp: str, calibra
 
 def _add_openvino(args: ExportArgs, ref: Reference, out: Path, calibration: list[Feeds],
                   report: ExportReport) -> None:
-    """NNCF's static INT8 run by OpenVINO (`bertedge.build.openvino`): validated and timed through
+    """NNCF's static INT8 run by OpenVINO (`bertedge.build.openvino_int8`): validated and timed through
     the runtime's OpenVINO session like any artifact; recommended when it is the fastest passer."""
     from bertedge.build import openvino_int8 as ov
 
@@ -1078,7 +1078,7 @@ def _add_openvino(args: ExportArgs, ref: Reference, out: Path, calibration: list
         return
     start = time.perf_counter()
     src, dst = out / ARTIFACT_FILES["fp32"], out / ARTIFACT_FILES["int8-openvino"]
-    rows = ov.calibration_rows(calibration)
+    rows = _rows(calibration)  # unpadded, one per call: NNCF collects statistics per row
     ranked = [str(r["node"]) for r in report.sensitivity if float(r["gain"]) > 0]  # type: ignore[arg-type]
     chosen: ArtifactReport | None = None
     for recipe in ov.recipes(src, len(rows), ranked, args.max_fp32_nodes if args.sensitivity else 0):

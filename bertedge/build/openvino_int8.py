@@ -70,15 +70,6 @@ class Recipe:
                 "fp32_nodes": list(self.fp32_nodes)}
 
 
-def calibration_rows(batches: Sequence[Feeds]) -> list[Feeds]:
-    """Every calibration row unpadded, as a batch of one: NNCF collects statistics per row."""
-    rows = []
-    for b in batches:
-        for r, n in enumerate(b["attention_mask"].sum(axis=1)):
-            rows.append({k: np.ascontiguousarray(v[r:r + 1, :int(n)]) for k, v in b.items()})
-    return rows
-
-
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """NNCF's progress bars and INFO lines off (export prints its own table); telemetry off."""
