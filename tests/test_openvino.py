@@ -129,16 +129,21 @@ def test_bench_times_the_openvino_backend(ov_export: tuple[Path, Path], tmp_path
     assert ov.cold_start is not None, ov.cold_start_note
 
 
-def test_the_ladder_keeps_the_ffn_output_projections_then_sensitive_nodes(ov_export: tuple[Path, Path]) -> None:
+def test_the_ladder_keeps_attention_then_ffn_output_projections_then_sensitive_nodes(
+        ov_export: tuple[Path, Path]) -> None:
     from bertedge.build import openvino_int8 as ov
 
     src = ov_export[0] / "model.onnx"
-    ffn = ov.ffn_down_projections(src)
+    groups = ov.fp32_groups(src)
+    attention, ffn = groups["attention products"], groups["FFN output projections"]
     assert len(ffn) == 2 and all("output/dense" in n and "attention" not in n for n in ffn)  # 2 layers
+    assert len(attention) == 4 and all("attention/self" in n for n in attention)  # q x k and scores x v per layer
     ladder = ov.recipes(src, 50, ranked=["/extra/MatMul", ffn[0]], max_fp32_nodes=8)
-    assert [r.fp32_nodes for r in ladder] == [(), tuple(ffn), (*ffn, "/extra/MatMul"), ()]
-    assert [r.weights_only for r in ladder] == [False, False, False, True]
-    assert ladder[0].subset_size == 50 and "2 MatMuls kept fp32" in ladder[1].label()
+    assert [r.fp32_nodes for r in ladder] == [(), tuple(attention), (*attention, *ffn),
+                                              (*attention, *ffn, "/extra/MatMul"), ()]
+    assert [r.weights_only for r in ladder] == [False, False, False, False, True]
+    assert ladder[0].subset_size == 50 and "4 MatMuls kept fp32: attention products" in ladder[1].label()
+    assert ladder[3].to_dict()["fp32_groups"] == ["attention products", "FFN output projections", "1 most sensitive"]
     assert ov.recipes(src, 500, max_fp32_nodes=0) == [ov.Recipe(300), ov.Recipe(weights_only=True)]
 
 
