@@ -253,6 +253,8 @@ def models() -> None:
 @click.option("--target", "targets", default="", help="Shapes to time every artifact at, e.g. 1x32,32x128 "
               "(default: batch 1 and 32 at the data's median length); the fastest passer is recommended.")
 @click.option("--timing-seconds", default=1.0, show_default=True, help="Timed seconds per artifact and shape.")
+@click.option("--timing-rounds", default=3, show_default=True,
+              help="The artifacts that passed are timed again side by side in this many rounds (0: off).")
 @click.option("--threads", default=0, show_default=True, help="Intra-op threads while timing (0: onnxruntime picks).")
 @click.option("--sensitivity/--no-sensitivity", default=True, show_default=True,
               help="When no batch-invariant INT8 passes, keep the most error-prone nodes in fp32.")
@@ -311,7 +313,8 @@ def export_cmd(**opts: Any) -> None:
         int8_operators=tuple(csv_list(opts["int8_ops"])), search_all=opts["search_all"],
         require_int8=opts["require_int8"], atol=opts["atol"], batch_size=opts["batch_size"],
         batch_invariance=opts["batch_invariance"], invariance_tol=opts["invariance_tol"],
-        targets=parse_targets(opts["targets"]), timing_seconds=opts["timing_seconds"], threads=opts["threads"],
+        targets=parse_targets(opts["targets"]), timing_seconds=opts["timing_seconds"],
+        timing_rounds=opts["timing_rounds"], threads=opts["threads"],
         sensitivity=opts["sensitivity"], max_fp32_nodes=opts["max_fp32_nodes"],
         sensitivity_seconds=opts["sensitivity_seconds"],
         calibrate_method=opts["calibrate_method"], openvino=opts["openvino"], seed=opts["seed"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -192,7 +193,7 @@ def test_require_int8_fails_and_leaves_no_folder(tiny_bert: Path, tmp_path: Path
 def test_search_all_keeps_fastest_passer(tiny_bert: Path, tmp_path: Path) -> None:
     """Without --eval the gate is agreement on real inputs (built-in sentences here)."""
     report = export(ExportArgs(tiny_bert, tmp_path / "out", search_all=True, min_agreement=0.5,
-                               batch_invariance=False))
+                               batch_invariance=False, timing_rounds=0))
     assert len(report.int8_search) >= 4 and report.sensitivity  # --search-all runs the sensitivity search too
     fastest = min(float(t["cost_ms"]) for t in report.int8_search if t["passed"])  # type: ignore[arg-type]
     int8 = report.artifact("int8")
@@ -480,6 +481,28 @@ def test_targets_are_timed_and_parsed(tiny_bert: Path, tmp_path: Path) -> None:
                                timing_seconds=0.05))
     assert report.targets == ["1x8", "4x16"]
     assert all(set(a.timings_ms) == {"1x8", "4x16"} and a.cost_ms for a in report.artifacts)
+
+
+def test_the_passers_are_timed_again_side_by_side(tiny_bert: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each artifact is first timed when built; the recommendation compares interleaved re-timings."""
+    from bertedge.build import export as export_module
+
+    calls: list[tuple[int, int]] = []
+
+    def fake_time_run(run: Any, feeds: dict[str, Any], seconds: float) -> float:
+        calls.append(feeds["input_ids"].shape)
+        return float(len(calls))  # 1, 2, 3, ... in call order
+
+    monkeypatch.setattr(export_module, "time_run", fake_time_run)
+    report = export(ExportArgs(tiny_bert, tmp_path / "out", quantize=Quantization.NONE, targets=((1, 8), (4, 16)),
+                               timing_rounds=2))
+    assert [a.name for a in report.artifacts] == ["fp32", "fused"] and all(a.passed for a in report.artifacts)
+    assert calls == [(1, 8), (4, 16)] * 6  # built: fp32, fused; round 1: fp32, fused; round 2: fused, fp32
+    fp32, fused = report.artifact("fp32"), report.artifact("fused")
+    assert fp32 is not None and fused is not None
+    assert fp32.timings_ms == {"1x8": 8.0, "4x16": 9.0}  # medians of calls 5, 11 and 6, 12
+    assert fused.timings_ms == {"1x8": 8.0, "4x16": 9.0}  # medians of calls 7, 9 and 8, 10
 
 
 def test_bundle_records_validated_isa_and_warns_without_vnni(bert_export: tuple[Path, ExportReport], tmp_path: Path,
