@@ -17,7 +17,8 @@ $BE finetune --task ner --model minilm --train "$DATA/wnut16/train.txt" --eval "
 $PY benchmarks/squad_split.py "$DATA/squad/dev-v1.1-a.json" runs/squad --eval-articles 6
 $BE finetune --task qa --model minilm --train runs/squad-train.json --eval runs/squad-eval.json \
     --epochs 2 --out runs/qa --overwrite --no-progress
-$BE export runs/qa --out runs/qa-export --eval runs/squad-eval.json --overwrite
+$BE export runs/qa --out runs/qa-export --eval runs/squad-eval.json --calibration runs/squad-train-text.jsonl \
+    --text-column question --text-pair-column context --overwrite
 # INT8 speed-up at each task's typical length
 $BE bench runs/ner-conll-export --backends torch,onnx,onnx-fused,int8 --batch-sizes 1,8 --seq-lens 40 \
     --runs 30 --no-cold-start --data "$DATA/conll2003/valid.txt" --out runs/ner-conll-bench

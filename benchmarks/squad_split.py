@@ -3,7 +3,8 @@
     python benchmarks/squad_split.py ../shared/data/squad/dev-v1.1-a.json runs/squad --eval-articles 6
 
 Writes OUT-train.json and OUT-eval.json in the original schema, so `bertedge finetune --task qa`
-and `bertedge export --eval` see exactly the same held-out articles.
+and `bertedge export --eval` see exactly the same held-out articles, and OUT-train-text.jsonl
+(one {"question", "context"} line per training question) for `bertedge export --calibration`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ def main() -> None:
         path.write_text(json.dumps({"data": articles, "version": doc.get("version", "1.1")}), encoding="utf-8")
         questions = sum(len(p["qas"]) for a in articles for p in a["paragraphs"])
         print(f"{path}: {len(articles)} articles, {questions} questions")
+        if part == "train":
+            lines = [json.dumps({"question": q["question"], "context": p["context"]})
+                     for a in articles for p in a["paragraphs"] for q in p["qas"]]
+            Path(f"{args.out}-train-text.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("held out:", ", ".join(sorted(held)))
 
 
