@@ -526,6 +526,11 @@ def target_feeds(rows: Sequence[Feeds], batch: int, seq: int, seed: int) -> Feed
     return {"input_ids": tiled, "attention_mask": np.ones_like(tiled), "token_type_ids": np.tile(types, (batch, 1))}
 
 
+def cost_ms(timings_ms: dict[str, float]) -> float | None:
+    """The geometric mean of the timings at the target shapes: what "fastest" compares."""
+    return round(float(np.exp(np.mean(np.log(list(timings_ms.values()))))), 3) if timings_ms else None
+
+
 def time_run(run: Run, feeds: Feeds, seconds: float) -> float:
     """Median milliseconds of `run(feeds)` over about `seconds` (at least 3 calls, 1 warm-up)."""
     run(feeds)
@@ -593,8 +598,7 @@ class Reference:
         for batch, seq in self.shapes:
             feeds = target_feeds(rows, batch, seq, self.args.seed)
             report.timings_ms[f"{batch}x{seq}"] = round(time_run(run, feeds, self.args.timing_seconds), 3)
-        if report.timings_ms:
-            report.cost_ms = round(float(np.exp(np.mean(np.log(list(report.timings_ms.values()))))), 3)
+        report.cost_ms = cost_ms(report.timings_ms)
 
     def _metric(self, got_real: list[Outputs]) -> dict[str, object] | None:
         if self.eval_set is None or self.pytorch_metric is None:
@@ -940,7 +944,7 @@ def retime(ref: Reference, out: Path, artifacts: Sequence[ArtifactReport]) -> No
                 samples[a.name][shape].append(time_run(runs[a.name], f, ref.args.timing_seconds))
     for a in finalists:
         a.timings_ms = {k: round(float(np.median(v)), 3) for k, v in samples[a.name].items()}
-        a.cost_ms = round(float(np.exp(np.mean(np.log(list(a.timings_ms.values()))))), 3)
+        a.cost_ms = cost_ms(a.timings_ms)
 
 
 def recommend(artifacts: Sequence[ArtifactReport]) -> str:

@@ -9,9 +9,9 @@ batch 32 than with onnxruntime's INT8. Static scales make the answer independent
 The artifact is an OpenVINO IR (`model-int8-openvino.xml` + `.bin`). Measured on the demo model
 (Intel Xeon, AVX-512 VNNI, 2 threads), NNCF's ONNX backend (a QDQ `.onnx` that OpenVINO reads)
 ran 15% slower at 32x128 than this path, so the bundle carries the IR and names the engine
-(`bertedge.runtime.sessions`). When the first recipe misses the agreement budget, the next ones
-keep the matrix multiplies that the sensitivity table (or the graph's order) marks as most
-error-prone in fp32.
+(`bertedge.runtime.sessions`). When the first recipe misses the budget, the next ones keep more
+matrix multiplies in fp32 (`recipes`): the attention products, the FFN output projections, then
+the sensitivity table's nodes; the last rung quantizes the weights only.
 """
 
 from __future__ import annotations
