@@ -142,11 +142,11 @@ def test_the_ladder_keeps_attention_then_ffn_output_projections_then_sensitive_n
     assert [r.fp32_nodes for r in ladder] == [(), (), tuple(attention), (*attention, *ffn),
                                               (*attention, *ffn, "/extra/MatMul"), ()]
     assert [r.weights_only for r in ladder] == [False, False, False, False, False, True]
-    assert [r.smooth_quant for r in ladder[:3]] == [ov.NNCF_ALPHA, ov.SECOND_ALPHA, ov.NNCF_ALPHA]
-    assert "SmoothQuant alpha 0.8" in ladder[1].label() and "alpha" not in ladder[0].label()
+    assert [r.smooth_quant for r in ladder[:3]] == [ov.FIRST_ALPHA, ov.NNCF_ALPHA, ov.NNCF_ALPHA]
+    assert "SmoothQuant alpha 0.8" in ladder[0].label() and "alpha" not in ladder[1].label()
     assert ladder[0].subset_size == 50 and "4 MatMuls kept fp32: attention products" in ladder[2].label()
     assert ladder[4].to_dict()["fp32_groups"] == ["attention products", "FFN output projections", "1 most sensitive"]
-    assert ov.recipes(src, 500, max_fp32_nodes=0) == [ov.Recipe(300), ov.Recipe(300, smooth_quant=ov.SECOND_ALPHA),
+    assert ov.recipes(src, 500, max_fp32_nodes=0) == [ov.Recipe(300, smooth_quant=ov.FIRST_ALPHA), ov.Recipe(300),
                                                       ov.Recipe(weights_only=True)]
 
 
