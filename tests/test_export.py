@@ -22,8 +22,8 @@ from bertedge.build.export import (
     ExportReport,
     Optimization,
     Quantization,
+    agreement_counts,
     export,
-    label_agreement,
     max_abs_diff,
 )
 from bertedge.cli import cli
@@ -240,9 +240,9 @@ def test_per_token_comparison_ignores_padding() -> None:
     mask = np.array([[1, 1, 0]])
     ref = [{"logits": np.array([[[0.0, 1.0], [1.0, 0.0], [5.0, 0.0]]])}]
     got = [{"logits": np.array([[[0.0, 1.0], [1.0, 0.0], [0.0, 9.0]]])}]  # differs only at padding
-    assert label_agreement(ref, got, [{"attention_mask": mask}], per_token=True) == 1.0
+    assert agreement_counts(ref, got, [{"attention_mask": mask}], per_token=True) == (2, 2)
     assert max_abs_diff(ref, got, [{"attention_mask": mask}], per_token=True) == 0.0
-    assert label_agreement(ref, got, [{"attention_mask": mask}], per_token=False) < 1.0
+    assert agreement_counts(ref, got, [{"attention_mask": mask}], per_token=False) == (2, 3)
 
 
 def _broken_copy(src: Path, dst: Path) -> Path:
@@ -387,10 +387,10 @@ def test_agreement_is_a_budget_with_and_without_eval() -> None:
 
     ref = Reference.__new__(Reference)
     ref.args = ExportArgs(Path("m"), Path("o"))  # defaults: drop <= 0.5 points, agreement >= 0.995
-    report = ArtifactReport("int8", "f", "int8", "fused", label_agreement=0.99,
+    report = ArtifactReport("int8", "f", "int8", "fused", label_agreement=0.99, answers_changed=9, answers_compared=900,
                             metric={"name": "accuracy", "value": 0.9, "pytorch_value": 0.9, "drop_points": 0.0})
     ok, why = ref._gate(report, lossy=True)
-    assert not ok and "agreement 0.9900 < 0.995" in why
+    assert not ok and "agreement 0.9900 < 0.995 (9 of 900 answers changed; the budget allows 4)" in why
     report.metric = None  # no --eval: the same budget
     assert not ref._gate(report, lossy=True)[0]
     report.label_agreement = 0.996
@@ -408,7 +408,7 @@ def test_qa_agreement_is_span_level() -> None:
     moved[1] = [0.0, 0.0, 3.0, 0.0]  # row 1: same start, different end -> a different span
     ref = [{"start_logits": start, "end_logits": end}]
     got = [{"start_logits": start, "end_logits": moved}]
-    assert label_agreement(ref, got, [{"attention_mask": mask}], per_token=True) == 0.5
+    assert agreement_counts(ref, got, [{"attention_mask": mask}], per_token=True) == (1, 2)
 
 
 def _feeds(rows: int, seq: int, seed: int) -> dict[str, np.ndarray]:

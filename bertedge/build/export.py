@@ -170,6 +170,8 @@ class ArtifactReport:
     max_abs_diff_real: float | None = None
     max_abs_diff_random: float | None = None
     label_agreement: float = 0.0
+    answers_changed: int | None = None  # of answers_compared: rows, real tokens (NER) or spans (QA)
+    answers_compared: int | None = None
     metric: dict[str, object] | None = None
     batch_invariance: dict[str, object] | None = None  # alone vs in a batch of 32 vs padded
     timings_ms: dict[str, float] = field(default_factory=dict)  # "BxS" -> p50 ms at each target shape
@@ -436,9 +438,9 @@ def predictions(x: np.ndarray, mask: np.ndarray, per_token: bool) -> np.ndarray:
     return x.argmax(-1)[mask.astype(bool)]
 
 
-def label_agreement(ref: Sequence[Outputs], got: Sequence[Outputs], batches: Sequence[Feeds],
-                    per_token: bool) -> float:
-    """Share of answers equal between reference and candidate.
+def agreement_counts(ref: Sequence[Outputs], got: Sequence[Outputs], batches: Sequence[Feeds],
+                     per_token: bool) -> tuple[int, int]:
+    """(answers equal, answers compared) between reference and candidate.
 
     Classification: labels per row; NER: labels per real token; QA (per-row position scores):
     spans per row, equal only when the start and the end position both are.
@@ -455,7 +457,15 @@ def label_agreement(ref: Sequence[Outputs], got: Sequence[Outputs], batches: Seq
                 same, total = same + int((a == c).sum()), total + a.size
         if spans is not None:
             same, total = same + int(spans.sum()), total + spans.size
-    return same / total if total else 1.0
+    return same, total
+
+
+def _changed_text(r: ArtifactReport, min_agreement: float) -> str:
+    """' (6 of 872 answers changed; the budget allows 4)': how far a miss is, in answers."""
+    if r.answers_changed is None or not r.answers_compared:
+        return ""
+    allowed = int(np.floor((1.0 - min_agreement) * r.answers_compared + 1e-9))
+    return f" ({r.answers_changed} of {r.answers_compared} answers changed; the budget allows {allowed})"
 
 
 def probabilities(x: np.ndarray, mask: np.ndarray, per_token: bool) -> np.ndarray:
@@ -572,7 +582,9 @@ class Reference:
         got_random = [run(b) for b in self.random]
         report.max_abs_diff_real = max_abs_diff(self.ref_real, got_real, self.real, per_token)
         report.max_abs_diff_random = max_abs_diff(self.ref_random, got_random, self.random, per_token)
-        report.label_agreement = label_agreement(self.ref_real, got_real, self.real, per_token)
+        same, total = agreement_counts(self.ref_real, got_real, self.real, per_token)
+        report.label_agreement = same / total if total else 1.0
+        report.answers_changed, report.answers_compared = total - same, total
         report.metric = self._metric(got_real)
         rows = _rows(self.real)
         probes = rows[:: max(1, len(rows) // 8)][:8]
@@ -617,7 +629,8 @@ class Reference:
             why.append(f"failed budget: {float(r.metric['drop_points']):.2f} point drop "  # type: ignore[arg-type]
                        f"> {self.args.max_accuracy_drop:g}")
         if r.label_agreement < self.args.min_agreement:
-            why.append(f"failed budget: agreement {r.label_agreement:.4f} < {self.args.min_agreement:g}")
+            why.append(f"failed budget: agreement {r.label_agreement:.4f} < {self.args.min_agreement:g}"
+                       f"{_changed_text(r, self.args.min_agreement)}")
         inv = r.batch_invariance or {}
         if self.args.batch_invariance and not inv.get("passed", True):
             why.append(f"not batch-invariant: max |prob diff| {float(inv['max_prob_diff']):.1e} "  # type: ignore[arg-type]
@@ -887,7 +900,8 @@ def build_int8(args: ExportArgs, ref: Reference, out: Path, base_name: str, cali
 def _attempt_row(a: q.Attempt[ArtifactReport]) -> dict[str, object]:
     v = a.verdict
     return {"candidate": a.config.label(), **a.config.to_dict(),
-            "agreement": v.label_agreement if v else None, "metric": v.metric if v else None,
+            "agreement": v.label_agreement if v else None, "answers_changed": v.answers_changed if v else None,
+            "metric": v.metric if v else None,
             "max_abs_diff_real": v.max_abs_diff_real if v else None,
             "batch_invariance": v.batch_invariance if v else None, "timings_ms": v.timings_ms if v else None,
             "cost_ms": v.cost_ms if v else None, "notes": v.notes if v else "",
@@ -1129,6 +1143,7 @@ def _add_openvino(args: ExportArgs, ref: Reference, out: Path, calibration: list
             candidate.notes = f"could not build or run: {_first_line(e)}"
         report.int8_search.append({"candidate": recipe.label(), **(candidate.quantization or {}),
                                    "agreement": candidate.label_agreement if candidate.validated else None,
+                                   "answers_changed": candidate.answers_changed if candidate.validated else None,
                                    "metric": candidate.metric, "max_abs_diff_real": candidate.max_abs_diff_real,
                                    "batch_invariance": candidate.batch_invariance, "timings_ms": candidate.timings_ms,
                                    "passed": candidate.passed, "error": None if candidate.validated else candidate.notes,
@@ -1165,7 +1180,8 @@ def render(report: ExportReport) -> list[Any]:
         mark = "[green]yes[/]" if a.passed else ("[yellow]not validated[/]" if not a.validated else "[red]no[/]")
         star = " *" if a.name == report.recommended else ""
         table.add_row(a.name + star, a.file, f"{a.size_mb:.2f}", _num(a.max_abs_diff_real),
-                      f"{a.label_agreement:.4f}", _metric_text(a.metric), _invariance_text(a.batch_invariance),
+                      _agreement_text(a.label_agreement, a.answers_changed), _metric_text(a.metric),
+                      _invariance_text(a.batch_invariance),
                       _timings_text(a.timings_ms), mark, a.notes)
     tables: list[Any] = [table]
     if report.int8_search:
@@ -1173,7 +1189,8 @@ def render(report: ExportReport) -> list[Any]:
         for col in ("candidate", "agreement", "metric", "batch-invariant", "p50 ms", "passed", "s"):
             search.add_column(col, overflow="fold")
         for t in report.int8_search:
-            search.add_row(str(t["candidate"]), _num(t["agreement"], ".4f"), _metric_text(t["metric"]),  # type: ignore[arg-type]
+            agreement = _agreement_text(t["agreement"], t.get("answers_changed"))  # type: ignore[arg-type]
+            search.add_row(str(t["candidate"]), agreement, _metric_text(t["metric"]),  # type: ignore[arg-type]
                            _invariance_text(t["batch_invariance"]), _timings_text(t["timings_ms"]),  # type: ignore[arg-type]
                            "yes" if t["passed"] else ("error" if t["error"] else "no"), f"{t['seconds']:.1f}")
         tables.append(search)
@@ -1186,6 +1203,13 @@ def render(report: ExportReport) -> list[Any]:
                           f"{float(r['error_all_int8']):.2e}")  # type: ignore[arg-type]
         tables.append(nodes)
     return tables
+
+
+def _agreement_text(agreement: float | None, changed: int | None) -> str:
+    """'0.9931 (6 changed)': the share, and how many answers that is."""
+    if agreement is None:
+        return "-"
+    return f"{agreement:.4f}" + (f" ({changed} changed)" if changed is not None else "")
 
 
 def _invariance_text(inv: dict[str, object] | None) -> str:
