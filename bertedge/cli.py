@@ -241,6 +241,9 @@ def models() -> None:
 @click.option("--opset", default=17, show_default=True, help="ONNX opset (14..20).")
 @click.option("--calibration", type=click.Path(path_type=Path), help="Texts for static calibration (.csv/.tsv/.jsonl).")
 @click.option("--calibration-rows", default=200, show_default=True, help="Calibration rows drawn from --calibration.")
+@click.option("--agreement-data", type=click.Path(path_type=Path),
+              help="Unlabelled texts the agreement budget also counts, beside --eval (calibration rows left out).")
+@click.option("--agreement-rows", default=2000, show_default=True, help="Rows drawn from --agreement-data.")
 @click.option("--eval", "eval_", type=click.Path(path_type=Path), help="Labelled file: metric of every artifact vs PyTorch.")
 @click.option("--max-eval-rows", default=0, show_default=True, help="Seeded subset of --eval (0 = all rows).")
 @data_options
@@ -305,7 +308,8 @@ def export_cmd(**opts: Any) -> None:
     report = export(ExportArgs(
         model_dir=opts["model_dir"], out=opts["out"], optimization=Optimization(opts["opt"]),
         quantize=Quantization(opts["quantize"]), fp16=opts["fp16"], opset=opts["opset"],
-        calibration=opts["calibration"], calibration_rows=opts["calibration_rows"], eval_file=opts["eval_"],
+        calibration=opts["calibration"], calibration_rows=opts["calibration_rows"],
+        agreement_data=opts["agreement_data"], agreement_rows=opts["agreement_rows"], eval_file=opts["eval_"],
         max_eval_rows=opts["max_eval_rows"],
         columns=columns_from(opts["text_column"], opts["text_pair_column"], opts["label_column"]),
         max_accuracy_drop=opts["max_accuracy_drop"], min_agreement=opts["min_agreement"],

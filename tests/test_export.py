@@ -216,6 +216,22 @@ def test_static_qdq_with_calibration(tiny_bert: Path, sentiment_csv: tuple[Path,
     assert report.int8_search[0]["candidate"] == "static ops=MatMul minmax"  # passes the invariance gate
 
 
+def test_agreement_also_counts_unlabelled_texts_but_not_the_calibration_rows(
+        tiny_bert: Path, sentiment_csv: tuple[Path, Path], tmp_path: Path) -> None:
+    """--agreement-data sharpens the agreement budget: eval rows + unlabelled rows, never the
+    rows calibration drew from the same file."""
+    train, dev = sentiment_csv
+    report = export(ExportArgs(tiny_bert, tmp_path / "out", quantize=Quantization.NONE, optimization=Optimization.NONE,
+                               eval_file=dev, calibration=train, calibration_rows=40, agreement_data=train,
+                               agreement_rows=1000))
+    fp32 = report.artifact("fp32")
+    assert fp32 is not None and fp32.passed and fp32.answers_compared == 60 + 200 - 40
+    assert fp32.answers_changed == 0 and "160 unlabelled rows of" in report.validation_inputs
+    with pytest.raises(BertedgeError, match="calibration uses all its 200 rows"):
+        export(ExportArgs(tiny_bert, tmp_path / "out2", quantize=Quantization.NONE, calibration=train,
+                          calibration_rows=500, agreement_data=train))
+
+
 def test_excluded_nodes_groups(bert_export: tuple[Path, ExportReport]) -> None:
     model = onnx.load(str(bert_export[0] / "model-fused.onnx"))
     head = q.excluded_nodes(model, [q.Keep.HEAD])

@@ -95,6 +95,8 @@ class ExportArgs:
     opset: int = 17  # ONNX opset for the legacy TorchScript exporter
     calibration: Path | None = None  # texts for static INT8 calibration (and agreement if no --eval)
     calibration_rows: int = 200  # calibration rows drawn (seeded) from --calibration
+    agreement_data: Path | None = None  # unlabelled texts the agreement budget also counts (beside --eval)
+    agreement_rows: int = 2000  # rows drawn (seeded) from --agreement-data, never calibration rows
     eval_file: Path | None = None  # labelled data: metric of every artifact vs PyTorch
     max_eval_rows: int = 0  # seeded subset of --eval (0 = all rows)
     columns: Columns = field(default_factory=Columns)  # column names in --eval / --calibration
@@ -128,8 +130,8 @@ class ExportArgs:
         problems = []
         if not 14 <= self.opset <= 20:
             problems.append(f"--opset {self.opset} is outside 14..20")
-        if self.calibration_rows < 1 or self.batch_size < 1 or self.max_eval_rows < 0:
-            problems.append("--calibration-rows and --batch-size must be >= 1, --max-eval-rows >= 0")
+        if self.calibration_rows < 1 or self.batch_size < 1 or self.max_eval_rows < 0 or self.agreement_rows < 1:
+            problems.append("--calibration-rows, --agreement-rows and --batch-size must be >= 1, --max-eval-rows >= 0")
         if not 0.0 <= self.min_agreement <= 1.0:
             problems.append(f"--min-agreement {self.min_agreement} is not between 0 and 1")
         if self.atol <= 0 or self.invariance_tol <= 0:
@@ -376,6 +378,28 @@ def load_calibration(args: ExportArgs, source: Source) -> list[Feeds]:
                     args.batch_size)
 
 
+def load_agreement_texts(args: ExportArgs, source: Source) -> list[Feeds]:
+    """Up to --agreement-rows texts of --agreement-data, tokenized, for the agreement budget only.
+
+    A small eval set measures agreement coarsely (872 rows: one answer is 0.11%), so a static
+    INT8 recipe can pass or miss by its calibration draw's luck. Unlabelled texts sharpen it at
+    no labelling cost. From the --calibration file itself, the rows calibration drew are left
+    out: agreement on the texts the scales were fitted to would flatter static INT8.
+    """
+    if args.agreement_data is None:
+        return []
+    examples = load_text_classification(args.agreement_data, args.columns, require_labels=False)
+    same_file = args.calibration is not None and args.calibration.resolve() == args.agreement_data.resolve()
+    if same_file and 0 < args.calibration_rows < len(examples):
+        drawn = set(random.Random(args.seed).sample(range(len(examples)), args.calibration_rows))
+        examples = examples.subset([i for i in range(len(examples)) if i not in drawn])
+    elif same_file:
+        raise BertedgeError(f"--agreement-data is the --calibration file and calibration uses all its "
+                            f"{len(examples)} rows", "give --agreement-data other texts, or lower --calibration-rows")
+    examples = seeded_subset(examples, args.agreement_rows, args.seed + 1)
+    return tokenize(source.tokenizer, examples.texts, examples.pairs, source.info.max_length, args.batch_size)
+
+
 # ----------------------------------------------------------------------------- runners, comparison
 
 
@@ -574,6 +598,8 @@ class Reference:
     width: int = 128  # the padded width of the batch-invariance check
     shapes: tuple[tuple[int, int], ...] = ()  # target shapes every validated artifact is timed at
     cpu: dict[str, object] = field(default_factory=dict)
+    extra: list[Feeds] = field(default_factory=list)  # --agreement-data batches: agreement only
+    ref_extra: list[Outputs] = field(default_factory=list)
 
     def check(self, report: ArtifactReport, run: Run, lossy: bool) -> ArtifactReport:
         """Fill `report` with diffs, agreement, metric, batch invariance and timings; decide `passed`."""
@@ -583,6 +609,9 @@ class Reference:
         report.max_abs_diff_real = max_abs_diff(self.ref_real, got_real, self.real, per_token)
         report.max_abs_diff_random = max_abs_diff(self.ref_random, got_random, self.random, per_token)
         same, total = agreement_counts(self.ref_real, got_real, self.real, per_token)
+        if self.extra:
+            more = agreement_counts(self.ref_extra, [run(b) for b in self.extra], self.extra, per_token)
+            same, total = same + more[0], total + more[1]
         report.label_agreement = same / total if total else 1.0
         report.answers_changed, report.answers_compared = total - same, total
         report.metric = self._metric(got_real)
@@ -650,8 +679,9 @@ class Reference:
 
 
 def build_reference(args: ExportArgs, source: Source, eval_set: EvalSet | None,
-                    calibration: list[Feeds]) -> tuple[Reference, str]:
-    """Run PyTorch once on real and random inputs; real = eval rows > calibration rows > built-ins."""
+                    calibration: list[Feeds], extra: Sequence[Feeds] = ()) -> tuple[Reference, str]:
+    """Run PyTorch once on real and random inputs; real = eval rows > calibration rows > built-ins;
+    `extra` (--agreement-data) counts in the agreement budget only."""
     if eval_set is not None:
         real, what = eval_set.batches, f"{eval_set.rows} rows of {eval_set.source}"
     elif calibration:
@@ -668,7 +698,11 @@ def build_reference(args: ExportArgs, source: Source, eval_set: EvalSet | None,
     typical = max(2, lengths[len(lengths) // 2])  # median real length: the default target shapes
     ref = Reference(task, labels, real, noise, ref_real, [run(b) for b in noise], eval_set, metric, args,
                     info=source.info, pad=pad_id(source.tokenizer), width=min(128, source.info.max_length),
-                    shapes=args.targets or ((1, typical), (32, typical)), cpu=cpu_info())
+                    shapes=args.targets or ((1, typical), (32, typical)), cpu=cpu_info(),
+                    extra=list(extra), ref_extra=[run(b) for b in extra])
+    if extra:
+        what += (f"; agreement also on {sum(len(b['input_ids']) for b in extra)} unlabelled rows of "
+                 f"{args.agreement_data}")
     return ref, what + "; random inputs: 2 batches of random token ids with ragged masks"
 
 
@@ -1005,7 +1039,7 @@ def export(args: ExportArgs) -> ExportReport:
         with _terminate_cleanly():
             source = load_source(args.model_dir)
             eval_set, calibration = load_eval(args, source), load_calibration(args, source)
-            report = _build(args, source, eval_set, calibration, tmp)
+            report = _build(args, source, eval_set, calibration, tmp, load_agreement_texts(args, source))
             report.seconds = round(time.perf_counter() - start, 3)
             (tmp / "export-report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
             _move_into_place(tmp, args.out)
@@ -1051,10 +1085,10 @@ def _terminate_cleanly() -> Iterator[None]:
 
 
 def _build(args: ExportArgs, source: Source, eval_set: EvalSet | None, calibration: list[Feeds],
-           out: Path) -> ExportReport:
+           out: Path, extra: Sequence[Feeds] = ()) -> ExportReport:
     import onnxruntime as ort
 
-    ref, inputs_text = build_reference(args, source, eval_set, calibration)
+    ref, inputs_text = build_reference(args, source, eval_set, calibration, extra)
     report = ExportReport(
         model_dir=str(args.model_dir), task=source.info.task.name, labels=list(source.info.labels),
         opset=args.opset, input_names=source.input_names, output_names=list(source.info.task.output_names),
