@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from bertedge.runtime.data import Columns, load_text_classification, seeded_subset
+from bertedge.runtime.data import Columns, load_text_classification, seeded_indices, seeded_subset
 from bertedge.runtime.features import length_sorted_batches, load_tokenizer, pad_batch, pad_id
 from bertedge.runtime.meta import read_model_meta
 from bertedge.runtime.sessions import make_session
@@ -65,11 +65,9 @@ def heldout_texts(texts: Sequence[str], used: set[int], rows: int, seed: int = 1
 
 def used_rows(n: int, trained_rows: int, trained_seed: int, draws: int, draw_rows: int) -> set[int]:
     """Indices the fine-tune (`seeded_subset(..., trained_rows, trained_seed)`) and the draws took."""
-    used = set(range(n)) if trained_rows <= 0 or trained_rows >= n else \
-        set(random.Random(trained_seed).sample(range(n), trained_rows))
+    used = set(seeded_indices(n, trained_rows, trained_seed))
     for seed in range(draws):
-        if 0 < draw_rows < n:
-            used |= set(random.Random(seed).sample(range(n), draw_rows))
+        used |= set(seeded_indices(n, draw_rows, seed))
     return used
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import random
 import shutil
 import signal
 import tempfile
@@ -32,7 +31,13 @@ from bertedge.build import quantize as q
 from bertedge.build.families import FAMILIES, family
 from bertedge.errors import BertedgeError
 from bertedge.runtime.bundle import cpu_model_and_flags
-from bertedge.runtime.data import BadRows, Columns, load_text_classification, seeded_subset
+from bertedge.runtime.data import (
+    BadRows,
+    Columns,
+    load_text_classification,
+    seeded_indices,
+    seeded_subset,
+)
 from bertedge.runtime.features import (
     Features,
     length_sorted_batches,
@@ -337,7 +342,7 @@ def load_eval(args: ExportArgs, source: Source) -> EvalSet | None:
     task, info = source.info.task, source.info
     examples = task.load(args.eval_file, args.columns, list(info.labels) or None, BadRows.ERROR)
     if 0 < args.max_eval_rows < len(examples):
-        examples = examples.subset(sorted(random.Random(args.seed).sample(range(len(examples)), args.max_eval_rows)))
+        examples = examples.subset(seeded_indices(len(examples), args.max_eval_rows, args.seed))
     features = task.encode(source.tokenizer, examples, info.max_length, source.stride)
     batches, order = runtime_batches(features.encodings, pad_id(source.tokenizer), args.batch_size)
     return EvalSet(examples, features, batches, order, len(examples), str(args.eval_file))
@@ -391,7 +396,7 @@ def load_agreement_texts(args: ExportArgs, source: Source) -> list[Feeds]:
     examples = load_text_classification(args.agreement_data, args.columns, require_labels=False)
     same_file = args.calibration is not None and args.calibration.resolve() == args.agreement_data.resolve()
     if same_file and 0 < args.calibration_rows < len(examples):
-        drawn = set(random.Random(args.seed).sample(range(len(examples)), args.calibration_rows))
+        drawn = set(seeded_indices(len(examples), args.calibration_rows, args.seed))  # load_calibration's rows
         examples = examples.subset([i for i in range(len(examples)) if i not in drawn])
     elif same_file:
         raise BertedgeError(f"--agreement-data is the --calibration file and calibration uses all its "

@@ -302,8 +302,19 @@ def seeded_subset(examples: E, max_rows: int, seed: int) -> E:
     """A reproducible random subset of at most `max_rows` rows (0 keeps everything)."""
     if max_rows <= 0 or max_rows >= len(examples):
         return examples
-    indices = random.Random(seed).sample(range(len(examples)), max_rows)
-    return examples.subset(sorted(indices))
+    return examples.subset(seeded_indices(len(examples), max_rows, seed))
+
+
+def seeded_indices(n: int, max_rows: int, seed: int) -> list[int]:
+    """The sorted row indices `seeded_subset` keeps of `n` rows: what to leave out elsewhere
+    (e.g. calibration rows, or a fine-tune's training rows, from a held-out set).
+
+    >>> seeded_indices(5, 0, 1), len(seeded_indices(100, 10, 1))
+    ([0, 1, 2, 3, 4], 10)
+    """
+    if max_rows <= 0 or max_rows >= n:
+        return list(range(n))
+    return sorted(random.Random(seed).sample(range(n), max_rows))
 
 
 def seeded_split(examples: E, eval_fraction: float, seed: int) -> tuple[E, E]:
