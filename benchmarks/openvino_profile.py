@@ -2,8 +2,8 @@
 
     python benchmarks/openvino_profile.py runs/demo/export/model-int8-openvino.xml --batch 32 --seq 128
 
-Compiles the model the way the runtime does (`bertedge.runtime.sessions.OpenVINOSession`'s
-settings, plus PERF_COUNT), runs --runs calls on random token ids, and prints each (node type,
+Compiles the model with the runtime's settings (`bertedge.runtime.sessions.openvino_config`,
+plus PERF_COUNT), runs --runs calls on random token ids, and prints each (node type,
 kernel) pair's share of the summed node time. The matrix-multiply rate divides the weighted
 MatMuls' operations (2 x tokens x K x N each, from the weight shapes) by the FullyConnected
 nodes' time: how close the INT8 kernels run to the CPU's peak, i.e. what a recipe could still
@@ -17,6 +17,8 @@ import collections
 from pathlib import Path
 
 import numpy as np
+
+from bertedge.runtime.sessions import openvino_config
 
 
 def weighted_matmul_ops(model: object, batch: int, seq: int) -> float:
@@ -49,9 +51,7 @@ def main() -> None:
     args = p.parse_args()
     core = ov.Core()
     model = core.read_model(str(args.model))
-    compiled = core.compile_model(model, "CPU", {
-        "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32", "NUM_STREAMS": 1,
-        "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0, "INFERENCE_NUM_THREADS": args.threads, "PERF_COUNT": True})
+    compiled = core.compile_model(model, "CPU", {**openvino_config(args.threads), "PERF_COUNT": True})
     request = compiled.create_infer_request()
     rng = np.random.default_rng(0)
     ids = rng.integers(1000, 20000, (args.batch, args.seq)).astype(np.int64)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import random
 import sys
 import tempfile
 import time
@@ -60,7 +59,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def heldout_texts(texts: Sequence[str], used: set[int], rows: int, seed: int = 123) -> list[str]:
     """`rows` texts (seeded) whose indices are not in `used`."""
     free = [i for i in range(len(texts)) if i not in used]
-    return [texts[i] for i in sorted(random.Random(seed).sample(free, min(rows, len(free))))]
+    return [texts[free[i]] for i in seeded_indices(len(free), rows, seed)]
 
 
 def used_rows(n: int, trained_rows: int, trained_seed: int, draws: int, draw_rows: int) -> set[int]:

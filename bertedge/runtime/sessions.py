@@ -142,6 +142,21 @@ def openvino_version() -> str | None:
     return str(openvino.get_version()).split("-")[0]
 
 
+def openvino_config(threads: int | None) -> dict[str, Any]:
+    """The CPU plugin settings of every `OpenVINOSession` (benchmarks profile with the same).
+
+    Latency hint, one stream, fp32 for everything not quantized, `threads` inference threads
+    (None or 0: OpenVINO picks), and dynamic activation quantization off: the CPU plugin applies
+    it to INT8-weight MatMuls by batch size, so a text's probabilities moved by 3e-3 between alone
+    and in a batch.
+    """
+    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32",
+                              "NUM_STREAMS": 1, "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    return config
+
+
 class OpenVINOSession:
     """An OpenVINO CPU model behind the calls the runtime makes of an onnxruntime session.
 
@@ -159,16 +174,10 @@ class OpenVINOSession:
         except ImportError:
             raise BertedgeError(f"'{model.name}' runs on the OpenVINO engine, which is not installed",
                                 "pip install 'bertedge[openvino]' (or package an onnxruntime artifact)") from None
-        # Dynamic activation quantization off: the CPU plugin applies it to INT8-weight MatMuls by
-        # batch size, so a text's probabilities moved by 3e-3 between alone and in a batch.
-        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32",
-                                  "NUM_STREAMS": 1, "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0}
-        if threads:
-            config["INFERENCE_NUM_THREADS"] = int(threads)
         try:
             core = ov.Core()
             graph = core.read_model(str(model))
-            self.compiled = core.compile_model(graph, "CPU", config)
+            self.compiled = core.compile_model(graph, "CPU", openvino_config(threads))
         except Exception as e:  # OpenVINO raises RuntimeError subclasses with multi-line texts
             raise BertedgeError(f"OpenVINO cannot load '{model.name}' ({_first_line(e)})", fix) from None
         # Names from the model as read: a compiled output can carry extra internal tensor names
