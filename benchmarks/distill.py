@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from bertedge.build.bench.environment import cpu_facts
-from bertedge.build.bench.inputs import realistic_batch
-from bertedge.build.bench.report import append_history
+from bertedge.toolchain.bench.environment import cpu_facts
+from bertedge.toolchain.bench.inputs import realistic_batch
+from bertedge.toolchain.bench.report import append_history
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "sst2"
@@ -75,7 +75,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def run_distill(args: argparse.Namespace, student: Path) -> dict[str, Any]:
-    from bertedge.build.distill import DistillArgs, distill
+    from bertedge.toolchain.distill import DistillArgs, distill
     from bertedge.runtime.data import Columns
 
     if args.reuse and (student / "metrics.json").is_file():
@@ -95,7 +95,7 @@ def run_distill(args: argparse.Namespace, student: Path) -> dict[str, Any]:
 
 
 def run_export(args: argparse.Namespace, model_dir: Path, out: Path, reuse: bool = False) -> dict[str, Any]:
-    from bertedge.build.export import ExportArgs, export
+    from bertedge.toolchain.export import ExportArgs, export
     from bertedge.runtime.data import Columns
 
     if not ((args.reuse or reuse) and (out / "export-report.json").is_file()):
@@ -162,7 +162,7 @@ class Timed:
 
 def same_recipe_int8(export_dir: Path, dst: Path) -> Path:
     """The export's fused graph (else fp32) quantized dynamic per-channel, for a like-for-like timing."""
-    from bertedge.build.quantize import Int8Config, quantize
+    from bertedge.toolchain.quantize import Int8Config, quantize
 
     src = export_dir / "model-fused.onnx"
     quantize(src if src.is_file() else export_dir / "model.onnx", dst, Int8Config(per_channel=True))

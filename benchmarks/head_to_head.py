@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from bertedge.build.bench.inputs import realistic_batch
+from bertedge.toolchain.bench.inputs import realistic_batch
 from bertedge.runtime.data import Columns, TextExamples, load_text_classification, seeded_subset
 from bertedge.runtime.features import length_sorted_batches, load_tokenizer, pad_batch, pad_id
 from bertedge.runtime.meta import read_model_meta
@@ -155,7 +155,7 @@ def bertedge_recommended(model_dir: Path, export_dir: Path | None, work: Path, t
     """The artifact `bertedge export` recommends; exports now (gated on --data) without --export."""
     build_s = 0.0
     if export_dir is None:
-        from bertedge.build.export import ExportArgs, export
+        from bertedge.toolchain.export import ExportArgs, export
 
         export_dir, start = work / "bertedge-export", time.perf_counter()
         export(ExportArgs(model_dir, export_dir, eval_file=args.data, columns=columns,
@@ -333,7 +333,7 @@ def _openvino_inputs(args: argparse.Namespace, columns: Columns, tokenizer: Any,
 
 
 def main(argv: list[str]) -> dict[str, Any]:
-    from bertedge.build.export import cpu_info
+    from bertedge.toolchain.export import cpu_info
 
     args = parse(argv)
     say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from bertedge.build.bench.environment import cpu_facts
-from bertedge.build.bench.report import append_history
+from bertedge.toolchain.bench.environment import cpu_facts
+from bertedge.toolchain.bench.report import append_history
 from bertedge.runtime.predict import predict_stream
 from bertedge.runtime.predictor import LatencyRecorder, Predictor
 from bertedge.runtime.records import InputFormat, input_format_of, read_records, records_from_texts

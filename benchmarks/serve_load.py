@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from bertedge.build.bench.environment import cpu_facts
+from bertedge.toolchain.bench.environment import cpu_facts
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "sst2" / "dev.tsv"

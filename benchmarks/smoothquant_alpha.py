@@ -2,7 +2,7 @@
 
 Static INT8's changed answers depend on which calibration texts were drawn, so one export says
 little about a recipe. This script quantizes a text-classification export's fp32 graph with
-`bertedge.build.openvino_int8` (the export's own code) at each --alphas value for --draws
+`bertedge.toolchain.openvino_int8` (the export's own code) at each --alphas value for --draws
 calibration draws (draw k = export's seeded draw with --seed k), runs each through the runtime's
 OpenVINO session in predict's batching (length-sorted 32s), and counts answers that differ from
 the fp32 graph on onnxruntime:
@@ -80,7 +80,7 @@ def predict_answers(session: Any, batches: Sequence[tuple[list[int], Feeds]], ro
 
 
 def main(argv: list[str]) -> dict[str, Any]:
-    from bertedge.build import openvino_int8 as ov
+    from bertedge.toolchain import openvino_int8 as ov
 
     args = parse(argv)
     if ov.missing():

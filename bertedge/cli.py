@@ -164,8 +164,8 @@ def finetune(**opts: Any) -> None:
     \b
     Writes a Hugging Face model folder plus labels.json, bertedge.json, metrics.json, args.json.
     """
-    from bertedge.build.finetune import FinetuneArgs
-    from bertedge.build.finetune import finetune as run
+    from bertedge.toolchain.finetune import FinetuneArgs
+    from bertedge.toolchain.finetune import finetune as run
 
     args = FinetuneArgs(**recipe_from(opts), model=opts["model"], train=opts["train"], out=opts["out"],
                         task=opts["task"], label_names=tuple(csv_list(opts["label_names"])), stride=opts["stride"],
@@ -205,8 +205,8 @@ def distill(**opts: Any) -> None:
     teacher's soft targets and the gold labels. Writes a normal model folder (export it as usual);
     metrics.json compares teacher and student. No folder is written when the budget is missed.
     """
-    from bertedge.build.distill import DistillArgs
-    from bertedge.build.distill import distill as run
+    from bertedge.toolchain.distill import DistillArgs
+    from bertedge.toolchain.distill import distill as run
 
     args = DistillArgs(**recipe_from(opts), teacher=opts["teacher"], train=opts["train"], out=opts["out"],
                        unlabelled=opts["unlabelled"], layers=opts["layers"], max_accuracy_drop=opts["max_accuracy_drop"],
@@ -223,7 +223,7 @@ def distill(**opts: Any) -> None:
 @cli.command()
 def models() -> None:
     """List the base models that ship inside installed or installable packages."""
-    from bertedge.build.models import REGISTRY
+    from bertedge.toolchain.models import REGISTRY
 
     for m in REGISTRY:
         click.echo(f"{m.name:10s} {m.architecture:6s} {m.parameters_m:5.1f}M  {m.description}  "
@@ -296,7 +296,7 @@ def export_cmd(**opts: Any) -> None:
     """
     from rich.console import Console
 
-    from bertedge.build.export import (
+    from bertedge.toolchain.export import (
         ExportArgs,
         Optimization,
         Quantization,
@@ -572,8 +572,8 @@ def bench(**opts: Any) -> None:
     """
     from rich.console import Console
 
-    from bertedge.build.bench import BenchArgs, render
-    from bertedge.build.bench import bench as run
+    from bertedge.toolchain.bench import BenchArgs, render
+    from bertedge.toolchain.bench import bench as run
 
     model: Path = opts["model_or_bundle"]
     args = BenchArgs(

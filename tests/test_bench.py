@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 
-from bertedge.build.bench import (
+from bertedge.toolchain.bench import (
     BenchArgs,
     BenchReport,
     backends,
@@ -21,10 +21,10 @@ from bertedge.build.bench import (
     render,
     time_calls,
 )
-from bertedge.build.bench.inputs import realistic_batch, resolve_source
-from bertedge.build.bench.results import BackendResult
-from bertedge.build.bench.spec import BUILTIN_SENTENCES, DEFAULT_DURATION_S, MIN_TIMED_RUNS
-from bertedge.build.bench.stage import select_backends, thread_and_provider_warnings
+from bertedge.toolchain.bench.inputs import realistic_batch, resolve_source
+from bertedge.toolchain.bench.results import BackendResult
+from bertedge.toolchain.bench.spec import BUILTIN_SENTENCES, DEFAULT_DURATION_S, MIN_TIMED_RUNS
+from bertedge.toolchain.bench.stage import select_backends, thread_and_provider_warnings
 from bertedge.cli import cli
 from bertedge.errors import BertedgeError
 from bertedge.runtime.features import load_tokenizer
@@ -36,7 +36,7 @@ HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 @pytest.fixture(scope="module")
 def export_dir(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A bertedge export (fp32, fused, dynamic INT8) of the tiny BERT."""
-    from bertedge.build.export import ExportArgs, export
+    from bertedge.toolchain.export import ExportArgs, export
 
     out = tmp_path_factory.mktemp("bench_export") / "export"
     export(ExportArgs(tiny_bert, out))
@@ -300,8 +300,8 @@ def test_ner_bench_reports_entity_f1_per_backend(tmp_path: Path) -> None:
     """NER --data is read by the task record; every backend gets the task's own metric."""
     from tiny import make_tiny_model
 
-    from bertedge.build.bench import BenchArgs, bench
-    from bertedge.build.export import ExportArgs, export
+    from bertedge.toolchain.bench import BenchArgs, bench
+    from bertedge.toolchain.export import ExportArgs, export
 
     model = make_tiny_model(tmp_path / "m", task="ner", labels=("O", "B-PER", "I-PER", "B-LOC", "I-LOC"))
     conll = tmp_path / "dev.txt"

@@ -26,7 +26,7 @@ ROWS = sentiment_rows(120, seed=3)
 @pytest.fixture(scope="module")
 def bundle(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real pipeline on the tiny BERT: export (fp32 only) -> package."""
-    from bertedge.build.export import ExportArgs, Optimization, Quantization, export
+    from bertedge.toolchain.export import ExportArgs, Optimization, Quantization, export
     from bertedge.runtime.bundle import PackageArgs, package
 
     root = tmp_path_factory.mktemp("ray_bundle")

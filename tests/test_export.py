@@ -16,8 +16,8 @@ import transformers
 from click.testing import CliRunner
 from tiny import make_tiny_model, sentiment_rows, write_csv, write_jsonl
 
-from bertedge.build import quantize as q
-from bertedge.build.export import (
+from bertedge.toolchain import quantize as q
+from bertedge.toolchain.export import (
     ExportArgs,
     ExportReport,
     Optimization,
@@ -353,7 +353,7 @@ def test_int8_candidate_that_cannot_load_is_recorded_and_skipped(
 SIGTERM_SCRIPT = """
 import sys
 from pathlib import Path
-from bertedge.build.export import ExportArgs, export
+from bertedge.toolchain.export import ExportArgs, export
 export(ExportArgs(Path(sys.argv[1]), Path(sys.argv[2]), search_all=True, min_agreement=0.5))
 """
 
@@ -382,7 +382,7 @@ def test_unwritable_out_parent_fails_before_work(tiny_bert: Path, tmp_path: Path
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
-    from bertedge.build import export as export_module
+    from bertedge.toolchain import export as export_module
 
     monkeypatch.setattr(export_module, "load_source", lambda *a: pytest.fail("work started"))
     with pytest.raises(BertedgeError, match="cannot write next to --out"):  # root cannot write /sys either
@@ -399,7 +399,7 @@ def test_unwritable_out_parent_fails_before_work(tiny_bert: Path, tmp_path: Path
 
 def test_agreement_is_a_budget_with_and_without_eval() -> None:
     """An artifact within the metric budget still fails when it keeps too few of fp32's answers."""
-    from bertedge.build.export import ArtifactReport, Reference
+    from bertedge.toolchain.export import ArtifactReport, Reference
 
     ref = Reference.__new__(Reference)
     ref.args = ExportArgs(Path("m"), Path("o"))  # defaults: drop <= 0.5 points, agreement >= 0.995
@@ -439,7 +439,7 @@ def test_per_token_rewrite_is_batch_invariant(bert_export: tuple[Path, ExportRep
     """Plain dynamic INT8 answers a row differently in another batch; the per-token rewrite does not."""
     out = bert_export[0]
     unfused = tmp_path / "unfused.onnx"
-    from bertedge.build.export import fuse_without_attention
+    from bertedge.toolchain.export import fuse_without_attention
     from bertedge.runtime.meta import read_model_meta
 
     fuse_without_attention(read_model_meta(out), out / "model.onnx", unfused)
@@ -488,7 +488,7 @@ def test_bundle_answers_a_text_the_same_in_any_batch(bert_export: tuple[Path, Ex
 
 
 def test_targets_are_timed_and_parsed(tiny_bert: Path, tmp_path: Path) -> None:
-    from bertedge.build.export import parse_targets
+    from bertedge.toolchain.export import parse_targets
 
     assert parse_targets("") == () and parse_targets("1x8, 4X16") == ((1, 8), (4, 16))
     with pytest.raises(BertedgeError, match="BATCHxSEQUENCE"):
@@ -502,7 +502,7 @@ def test_targets_are_timed_and_parsed(tiny_bert: Path, tmp_path: Path) -> None:
 def test_the_passers_are_timed_again_side_by_side(tiny_bert: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Each artifact is first timed when built; the recommendation compares interleaved re-timings."""
-    from bertedge.build import export as export_module
+    from bertedge.toolchain import export as export_module
 
     calls: list[tuple[int, int]] = []
 

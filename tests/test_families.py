@@ -2,7 +2,7 @@
 
 Each family's tiny model is built from its own config class with the tokenizer kind its real
 checkpoints ship (WordPiece, byte-level BPE, SentencePiece Unigram), and the facts recorded in
-`bertedge.build.families` (graph inputs, fused operators, INT8, position limits) are checked
+`bertedge.toolchain.families` (graph inputs, fused operators, INT8, position limits) are checked
 against what the pinned torch / transformers / onnxruntime actually do.
 """
 
@@ -26,10 +26,10 @@ from tiny import (
     write_jsonl,
 )
 
-from bertedge.build import families as fam
-from bertedge.build.export import SUPPORTED_MODEL_TYPES, ExportArgs, ExportReport, export
-from bertedge.build.finetune import FinetuneArgs, _layer_depth, finetune
-from bertedge.build.models import REGISTRY
+from bertedge.toolchain import families as fam
+from bertedge.toolchain.export import SUPPORTED_MODEL_TYPES, ExportArgs, ExportReport, export
+from bertedge.toolchain.finetune import FinetuneArgs, _layer_depth, finetune
+from bertedge.toolchain.models import REGISTRY
 from bertedge.errors import BertedgeError
 from bertedge.runtime.bundle import PackageArgs, package
 from bertedge.runtime.features import load_tokenizer
@@ -119,7 +119,7 @@ def test_training_feeds_token_types_only_where_the_graph_takes_them(arch: str, f
     """XLM-R QA windows past the first carry type id 1 (tokenizers), which its one-row table cannot index."""
     from transformers import AutoModelForQuestionAnswering
 
-    from bertedge.build.finetune import _Trainer
+    from bertedge.toolchain.finetune import _Trainer
     from bertedge.runtime.tasks import QA
 
     model = AutoModelForQuestionAnswering.from_pretrained(make_family_model(tmp_path, arch, task="qa"))
@@ -138,7 +138,7 @@ def test_finetune_refuses_unsupported_family_before_training(tmp_path: Path, mon
     def no_training(*a: Any, **k: Any) -> None:
         raise AssertionError("training started")
 
-    monkeypatch.setattr("bertedge.build.finetune._Trainer.fit", no_training)
+    monkeypatch.setattr("bertedge.toolchain.finetune._Trainer.fit", no_training)
     blocked = tuple(dataclasses.replace(f, exportable=False, blocker="the tracer cannot follow its attention")
                     if f.model_type == "mpnet" else f for f in fam.FAMILIES)
     monkeypatch.setattr(fam, "FAMILIES", blocked)

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 from tiny import sentiment_rows, write_csv, write_jsonl
 
-from bertedge.build.finetune import FinetuneArgs, _layer_depth, _param_groups, finetune
+from bertedge.toolchain.finetune import FinetuneArgs, _layer_depth, _param_groups, finetune
 from bertedge.cli import cli
 from bertedge.errors import BertedgeError
 from bertedge.runtime.data import BadRows, Columns, load_text_classification
@@ -175,7 +175,7 @@ def test_unwritable_out_fails_before_training(tiny_bert: Path, sentiment_csv: tu
                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     train, _ = sentiment_csv
     (tmp_path / "a-file").write_text("x")
-    import bertedge.build.finetune as ft
+    import bertedge.toolchain.finetune as ft
 
     monkeypatch.setattr(ft, "_load_data", lambda *a: pytest.fail("training data read before the check"))
     with pytest.raises(BertedgeError, match="not a writable folder"):

@@ -36,7 +36,7 @@ LIMITS = ServeConfig(max_texts=8, max_chars=300, max_wait_ms=1)
 
 @pytest.fixture(scope="module")
 def export_dir(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from bertedge.build.export import ExportArgs, Optimization, Quantization, export
+    from bertedge.toolchain.export import ExportArgs, Optimization, Quantization, export
 
     out = tmp_path_factory.mktemp("fuzz") / "export"
     export(ExportArgs(tiny_bert, out, optimization=Optimization.NONE, quantize=Quantization.NONE))
@@ -160,7 +160,7 @@ def qa_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     """A tiny QA bundle behind the app: long questions and odd contexts are the risky inputs."""
     from tiny import make_tiny_model
 
-    from bertedge.build.export import ExportArgs, Optimization, Quantization, export
+    from bertedge.toolchain.export import ExportArgs, Optimization, Quantization, export
 
     base = tmp_path_factory.mktemp("fuzz-qa")
     model = make_tiny_model(base / "model", task="qa", labels=("start", "end"))

@@ -48,7 +48,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_bundle(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from bertedge.build.export import ExportArgs, Optimization, Quantization, export
+    from bertedge.toolchain.export import ExportArgs, Optimization, Quantization, export
     from bertedge.runtime.bundle import PackageArgs, package
 
     base = tmp_path_factory.mktemp("install")

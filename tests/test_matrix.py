@@ -46,7 +46,7 @@ TASKS = tuple(GOOD)
 
 def task_bundle(root: Path, task: str) -> Path:
     """A bundle of a tiny random `task` model through the real export (fp32) and package; cached in root."""
-    from bertedge.build.export import ExportArgs, Optimization, Quantization, export
+    from bertedge.toolchain.export import ExportArgs, Optimization, Quantization, export
     from bertedge.runtime.bundle import PackageArgs, package
 
     bundle = root / f"bundle-{task}"

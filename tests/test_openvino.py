@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 from tiny import make_tiny_model, sentiment_rows, write_csv
 
-from bertedge.build.export import ExportArgs, Optimization, export
+from bertedge.toolchain.export import ExportArgs, Optimization, export
 from bertedge.cli import cli
 from bertedge.errors import BertedgeError
 from bertedge.runtime import Predictor
@@ -117,7 +117,7 @@ def test_openvino_off_and_without_calibration(tmp_path: Path) -> None:
 
 
 def test_bench_times_the_openvino_backend(ov_export: tuple[Path, Path], tmp_path: Path) -> None:
-    from bertedge.build.bench import BenchArgs, bench
+    from bertedge.toolchain.bench import BenchArgs, bench
 
     out, dev = ov_export
     report = bench(BenchArgs(out, backends=("onnx", "int8-openvino"), batch_sizes=(1, 4), seq_lens=(16,), runs=3,
@@ -131,7 +131,7 @@ def test_bench_times_the_openvino_backend(ov_export: tuple[Path, Path], tmp_path
 
 def test_the_ladder_keeps_attention_then_ffn_output_projections_then_sensitive_nodes(
         ov_export: tuple[Path, Path]) -> None:
-    from bertedge.build import openvino_int8 as ov
+    from bertedge.toolchain import openvino_int8 as ov
 
     src = ov_export[0] / "model.onnx"
     groups = ov.fp32_groups(src)
@@ -197,7 +197,7 @@ def test_openvino_int8_for_token_and_span_tasks(task: str, tmp_path: Path) -> No
 
 def test_weights_only_recipe_runs_close_to_fp32_and_batch_invariant(ov_export: tuple[Path, Path],
                                                                      tmp_path: Path) -> None:
-    from bertedge.build import openvino_int8 as ov
+    from bertedge.toolchain import openvino_int8 as ov
 
     src = ov_export[0] / "model.onnx"
     ov.quantize(src, tmp_path / "w.xml", [], ov.Recipe(weights_only=True))

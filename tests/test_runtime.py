@@ -37,7 +37,7 @@ TEXTS = ["a good film", "the plot was awful and very boring", "great", "the acti
 @pytest.fixture(scope="session")
 def exported(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real `bertedge export` of the tiny BERT (fp32, fused, INT8, validated)."""
-    from bertedge.build.export import ExportArgs, export
+    from bertedge.toolchain.export import ExportArgs, export
 
     out = tmp_path_factory.getbasetemp() / "real-export-bert"
     export(ExportArgs(model_dir=tiny_bert, out=out))

@@ -37,7 +37,7 @@ LIMITS = ServeConfig(max_texts=8, max_chars=500, max_wait_ms=2)
 @pytest.fixture(scope="module")
 def bundle(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny BERT through the real pipeline: `export` (fp32 only) then `package`."""
-    from bertedge.build.export import ExportArgs, Optimization, Quantization, export
+    from bertedge.toolchain.export import ExportArgs, Optimization, Quantization, export
 
     base = tmp_path_factory.mktemp("serve")
     export(ExportArgs(tiny_bert, base / "export", optimization=Optimization.NONE, quantize=Quantization.NONE))
@@ -124,7 +124,7 @@ def task_predictors(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Predi
     """Tiny QA and NER bundles through the real pipeline, loaded."""
     from tiny import make_tiny_model
 
-    from bertedge.build.export import ExportArgs, Optimization, Quantization, export
+    from bertedge.toolchain.export import ExportArgs, Optimization, Quantization, export
 
     base, loaded = tmp_path_factory.mktemp("tasks"), {}
     for task, labels in (("qa", ("start", "end")), ("ner", ("O", "B-PER", "I-PER", "B-LOC", "I-LOC"))):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from tiny import make_tokenizer
 
-from bertedge.build.finetune import FinetuneArgs, finetune
+from bertedge.toolchain.finetune import FinetuneArgs, finetune
 from bertedge.errors import BertedgeError
 from bertedge.runtime.features import load_tokenizer
 from bertedge.runtime.tasks import NER, QA, DecodeOptions, QaExamples, ner, qa

@@ -11,7 +11,7 @@ Everything under `bertedge.runtime` imports only the stdlib, numpy, onnxruntime 
     predictor  `Predictor`: bundle -> tokenizer + session + the task's decoder
     predict    the `bertedge predict` command's local engine
 
-The build side (`bertedge.build`: finetune, export, quantize, bench) imports from here, never
+The build side (`bertedge.toolchain`: finetune, export, quantize, bench) imports from here, never
 the other way round. The edges (`bertedge.edges`: serve, ray) are thin transport on `Predictor`.
 """
 

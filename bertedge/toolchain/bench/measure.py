@@ -12,17 +12,17 @@ from typing import Any
 
 import numpy as np
 
-from bertedge.build.bench.backends import LOADERS, Loaded
-from bertedge.build.bench.environment import gpu_memory_mb
-from bertedge.build.bench.inputs import DataSet, Source
-from bertedge.build.bench.results import (
+from bertedge.toolchain.bench.backends import LOADERS, Loaded
+from bertedge.toolchain.bench.environment import gpu_memory_mb
+from bertedge.toolchain.bench.inputs import DataSet, Source
+from bertedge.toolchain.bench.results import (
     Accuracy,
     BackendResult,
     ShapeResult,
     latency_stats,
     time_calls,
 )
-from bertedge.build.bench.spec import Backend, BenchArgs, Feeds
+from bertedge.toolchain.bench.spec import Backend, BenchArgs, Feeds
 from bertedge.runtime.data import Columns
 from bertedge.runtime.features import load_tokenizer, pad_id
 from bertedge.runtime.tasks import Task, get_task

@@ -11,19 +11,19 @@ from typing import Any
 
 import numpy as np
 
-from bertedge.build.bench.coldstart import cold_start_spec, measure_cold_start
-from bertedge.build.bench.environment import environment, usable_cores
-from bertedge.build.bench.inputs import (
+from bertedge.toolchain.bench.coldstart import cold_start_spec, measure_cold_start
+from bertedge.toolchain.bench.environment import environment, usable_cores
+from bertedge.toolchain.bench.inputs import (
     DataSet,
     Source,
     realistic_batch,
     resolve_source,
     tokenize_dataset,
 )
-from bertedge.build.bench.measure import TaskData, bench_backend, load_task_data
-from bertedge.build.bench.report import write_outputs
-from bertedge.build.bench.results import BackendResult, BenchReport
-from bertedge.build.bench.spec import (
+from bertedge.toolchain.bench.measure import TaskData, bench_backend, load_task_data
+from bertedge.toolchain.bench.report import write_outputs
+from bertedge.toolchain.bench.results import BackendResult, BenchReport
+from bertedge.toolchain.bench.spec import (
     BACKEND_BY_NAME,
     BACKENDS,
     BUILTIN_SENTENCES,

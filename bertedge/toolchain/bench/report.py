@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from bertedge.build.bench.results import BenchReport
+from bertedge.toolchain.bench.results import BenchReport
 
 # ----------------------------------------------------------------------------- output
 

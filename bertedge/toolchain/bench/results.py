@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from bertedge.build.bench.spec import MIN_TIMED_RUNS, Call
+from bertedge.toolchain.bench.spec import MIN_TIMED_RUNS, Call
 
 # ----------------------------------------------------------------------------- statistics
 

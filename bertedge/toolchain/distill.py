@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bertedge.build.finetune import (
+from bertedge.toolchain.finetune import (
     FinetuneArgs,
     FinetuneResult,
     TrainingRecipe,

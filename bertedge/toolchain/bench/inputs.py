@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from bertedge.build.bench.spec import Backend, Feeds
+from bertedge.toolchain.bench.spec import Backend, Feeds
 from bertedge.errors import BertedgeError
 from bertedge.runtime.data import TextExamples
 from bertedge.runtime.features import pad_batch, pad_id

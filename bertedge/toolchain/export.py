@@ -4,7 +4,7 @@ Every artifact is checked against PyTorch before the export folder appears, in t
 runtime builds (length-sorted groups of `batch_size`, padded to their longest): max |output
 difference| on real and random inputs, agreement with PyTorch's answers, the task metric on
 `--eval` data, and batch invariance (a text alone, among 31 others, padded). INT8 candidates
-(`bertedge.build.quantize`) must meet the metric and agreement budgets and stay batch-invariant;
+(`bertedge.toolchain.quantize`) must meet the metric and agreement budgets and stay batch-invariant;
 every validated artifact is timed at the target shapes and the fastest passer is recommended.
 The folder is built next to `--out` and moved into place only when everything succeeded.
 """
@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from bertedge.build import quantize as q
-from bertedge.build.families import FAMILIES, family
+from bertedge.toolchain import quantize as q
+from bertedge.toolchain.families import FAMILIES, family
 from bertedge.errors import BertedgeError
 from bertedge.runtime.bundle import cpu_model_and_flags
 from bertedge.runtime.data import (
@@ -53,7 +53,7 @@ Feeds = dict[str, np.ndarray]
 Outputs = dict[str, np.ndarray]
 Run = Callable[[Feeds], Outputs]
 
-# config model_type -> onnxruntime optimizer type, for every family in bertedge.build.families
+# config model_type -> onnxruntime optimizer type, for every family in bertedge.toolchain.families
 SUPPORTED_MODEL_TYPES = {f.model_type: f.optimizer_type for f in FAMILIES if f.exportable}
 ARTIFACT_FILES = {"fp32": "model.onnx", "fused": "model-fused.onnx", "int8": "model-int8.onnx",
                   "int8-static": "model-int8-static.onnx", "int8-openvino": "model-int8-openvino.xml",
@@ -1148,9 +1148,9 @@ def _add_int8(args: ExportArgs, ref: Reference, out: Path, best_fp: str, calibra
 
 def _add_openvino(args: ExportArgs, ref: Reference, out: Path, calibration: list[Feeds],
                   report: ExportReport) -> None:
-    """NNCF's static INT8 run by OpenVINO (`bertedge.build.openvino_int8`): validated and timed through
+    """NNCF's static INT8 run by OpenVINO (`bertedge.toolchain.openvino_int8`): validated and timed through
     the runtime's OpenVINO session like any artifact; recommended when it is the fastest passer."""
-    from bertedge.build import openvino_int8 as ov
+    from bertedge.toolchain import openvino_int8 as ov
 
     if args.openvino == "off" or args.quantize is Quantization.NONE:
         return

@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from bertedge.build.bench.inputs import Source
-from bertedge.build.bench.spec import (
+from bertedge.toolchain.bench.inputs import Source
+from bertedge.toolchain.bench.spec import (
     CPU,
     CUDA,
     TENSORRT,

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from bertedge import __version__
-from bertedge.build.families import check_exportable, family
-from bertedge.build.models import resolve_model
+from bertedge.toolchain.families import check_exportable, family
+from bertedge.toolchain.models import resolve_model
 from bertedge.errors import BertedgeError
 from bertedge.runtime.data import BadRows, Columns, seeded_subset
 from bertedge.runtime.features import Features, load_tokenizer, pad_batch, pad_id, run_windows

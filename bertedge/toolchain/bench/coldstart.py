@@ -1,6 +1,6 @@
 """Cold start and peak RSS, measured in a fresh process per backend that imports only what it needs.
 
-The child runs `python -m bertedge.build.bench _cold-start SPEC` (see `__main__.py`)."""
+The child runs `python -m bertedge.toolchain.bench _cold-start SPEC` (see `__main__.py`)."""
 
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from bertedge.build.bench.backends import provider_list
-from bertedge.build.bench.environment import gpu_memory_mb
-from bertedge.build.bench.inputs import Source
-from bertedge.build.bench.results import ColdStart
-from bertedge.build.bench.spec import Backend
+from bertedge.toolchain.bench.backends import provider_list
+from bertedge.toolchain.bench.environment import gpu_memory_mb
+from bertedge.toolchain.bench.inputs import Source
+from bertedge.toolchain.bench.results import ColdStart
+from bertedge.toolchain.bench.spec import Backend
 from bertedge.runtime.tasks import get_task
 
 # ----------------------------------------------------------------------------- cold start
@@ -58,7 +58,7 @@ def _cold_start_once(spec: dict[str, Any]) -> dict[str, Any]:
     package_root = str(Path(__file__).resolve().parents[3])  # the folder holding bertedge/
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     spawned = time.time()
-    proc = subprocess.run([sys.executable, "-m", "bertedge.build.bench", "_cold-start", json.dumps(spec)],
+    proc = subprocess.run([sys.executable, "-m", "bertedge.toolchain.bench", "_cold-start", json.dumps(spec)],
                           capture_output=True, text=True, env=env, timeout=600)
     if proc.returncode != 0:
         raise RuntimeError(f"cold-start process failed: {proc.stderr.strip().splitlines()[-1:]}")
@@ -118,9 +118,9 @@ def _cold_start_child(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str]) -> int:
-    """Hidden entry for the cold-start child: `python -m bertedge.build.bench _cold-start SPEC_JSON`."""
+    """Hidden entry for the cold-start child: `python -m bertedge.toolchain.bench _cold-start SPEC_JSON`."""
     if len(argv) != 2 or argv[0] != "_cold-start":
-        print("usage: python -m bertedge.build.bench _cold-start SPEC_JSON (internal; use `bertedge bench`)", file=sys.stderr)
+        print("usage: python -m bertedge.toolchain.bench _cold-start SPEC_JSON (internal; use `bertedge bench`)", file=sys.stderr)
         return 2
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -4,7 +4,7 @@ A benchmark is a slimmed copy of the hot loop: every backend gets the same reali
 inputs (real sentences cut to exactly the requested length), a warm-up, then timed runs with
 `time.perf_counter()`. Backends are data (`spec.BACKENDS`): how to load them and which file they
 read. Cold start and peak RSS are measured in a fresh process per backend that imports only
-what that backend needs (`python -m bertedge.build.bench _cold-start SPEC`), as a user meets them.
+what that backend needs (`python -m bertedge.toolchain.bench _cold-start SPEC`), as a user meets them.
 
     spec         constants, backends as data, BenchArgs
     inputs       the source folder and realistic token inputs
@@ -20,16 +20,16 @@ Keep the module-level imports light (stdlib, numpy, torch-free bertedge modules)
 cold-start child imports this package before it starts the clock on its own imports.
 """
 
-from bertedge.build.bench.report import render
-from bertedge.build.bench.results import (
+from bertedge.toolchain.bench.report import render
+from bertedge.toolchain.bench.results import (
            BackendResult,
            BenchReport,
            LatencyStats,
            latency_stats,
            time_calls,
 )
-from bertedge.build.bench.spec import BACKEND_BY_NAME, BACKENDS, Backend, BenchArgs
-from bertedge.build.bench.stage import bench
+from bertedge.toolchain.bench.spec import BACKEND_BY_NAME, BACKENDS, Backend, BenchArgs
+from bertedge.toolchain.bench.stage import bench
 
 __all__ = ["BACKENDS", "BACKEND_BY_NAME", "Backend", "BackendResult", "BenchArgs", "BenchReport",
            "LatencyStats", "bench", "latency_stats", "render", "time_calls"]
