@@ -18,6 +18,7 @@ from test_matrix import ray_local
 from tiny import sentiment_rows, write_csv, write_jsonl
 
 from bertedge.errors import BertedgeError
+from bertedge.runtime.options import RuntimeOptions
 
 __all__ = ["ray_local"]  # the shared session fixture, imported for pytest
 ROWS = sentiment_rows(120, seed=3)
@@ -80,13 +81,16 @@ def test_import_wall() -> None:
 def test_bad_options_are_listed_together(tmp_path: Path) -> None:
     from bertedge.edges.ray import DistributedArgs
 
+    (tmp_path / "out.parquet").write_bytes(b"old")
     with pytest.raises(BertedgeError) as e:
         DistributedArgs(bundle=tmp_path / "nope", inputs=[str(tmp_path / "*.jsonl")],
-                        output=tmp_path / "out.parquet", actors=0, aggregation="bogus", top_k=0)
+                        output=tmp_path / "out.parquet", actors=0, threads_per_actor=0)
     message = str(e.value)
     assert "--actors must be at least 1" in message and "does not exist" in message
-    assert "unknown NER aggregation 'bogus'" in message and "--top-k must be at least 1" in message
-    assert "matches no" in message
+    assert "--threads-per-actor must be at least 1" in message and "matches no" in message
+    assert "out.parquet' exists (pass --overwrite" in message
+    with pytest.raises(BertedgeError, match="--top-k must be at least 1.*--aggregation must be one of"):
+        RuntimeOptions(aggregation="bogus", top_k=0)  # the runtime's own options check themselves
 
 
 def test_mixed_formats_match_local_engine(bundle: Path, inputs: Path, ray_local: Any,
@@ -98,7 +102,7 @@ def test_mixed_formats_match_local_engine(bundle: Path, inputs: Path, ray_local:
 
     out = tmp_path / "preds.parquet"
     report = predict_dataset(DistributedArgs(bundle=bundle, inputs=[str(inputs)], output=out,
-                                             actors=2, batch_size=8, progress=False))
+                                             actors=2, runtime=RuntimeOptions(batch_size=8), progress=False))
     files = sorted(str(p.resolve()) for p in inputs.iterdir())
     assert report.rows_in == 51 + 40 + 31 == report.rows_ok + report.rows_error
     assert report.rows_error == 4 and report.files == 3
@@ -171,7 +175,7 @@ def test_killed_actor_is_retried_and_output_complete(bundle: Path, ray_local: An
     monkeypatch.setenv(FAULT_MARKER_ENV, str(marker))
     out = tmp_path / "preds.jsonl"
     report = predict_dataset(DistributedArgs(bundle=bundle, inputs=[str(path)], output=out, actors=2,
-                                             batch_size=8, progress=False,
+                                             runtime=RuntimeOptions(batch_size=8), progress=False,
                                              transport=BundleTransport.SHIP))  # restart re-fetches it
     assert not marker.exists()  # an actor really died
     got = read_jsonl(out)

@@ -1,7 +1,9 @@
 """Input records: formats, suffixes, line reading, decoding, pairs and ids.
 
 `bertedge predict` (local) and `--engine ray` both parse their input here, so the two engines
-turn every input line into the same item or the same error record. Stdlib only.
+turn every input line into the same item or the same error record: text, CSV, TSV and JSONL
+files (UTF-8, or UTF-16 with its byte-order mark) with the stdlib, Parquet with pyarrow (imported
+only when a Parquet input is read). What counts as text at all is `bertedge.runtime.text.has_text`.
 """
 
 from __future__ import annotations
@@ -10,11 +12,13 @@ import codecs
 import csv
 import enum
 import json
+import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, NamedTuple, TypeVar
 
 from bertedge.errors import BertedgeError
+from bertedge.runtime.text import has_text
 
 T = TypeVar("T")
 Pair = tuple[str, str | None]  # (text, text_pair or None)
@@ -61,9 +65,9 @@ def as_pair(item: Item) -> Pair | str:
     for name, value in (("text", text), ("text_pair", pair)):
         if value is not None and (problem := unicode_problem(value)):
             return f"{name} {problem}"
-    if not text.strip():
+    if not has_text(text):
         return "empty text"
-    if pair is not None and not pair.strip():
+    if pair is not None and not has_text(pair):
         return "empty text_pair"
     return text, pair
 
@@ -91,18 +95,19 @@ class InputFormat(str, enum.Enum):
     CSV = "csv"  # header row; --text-column (and --pair-column)
     TSV = "tsv"
     JSONL = "jsonl"  # one JSON object (or string) per line
-
+    PARQUET = "parquet"  # a text column (and a pair column); needs pyarrow
 
 
 SUFFIX_FORMATS = {".txt": InputFormat.TXT, ".text": InputFormat.TXT, ".csv": InputFormat.CSV,
                   ".tsv": InputFormat.TSV, ".jsonl": InputFormat.JSONL, ".ndjson": InputFormat.JSONL,
-                  ".json": InputFormat.JSONL}
+                  ".json": InputFormat.JSONL, ".parquet": InputFormat.PARQUET, ".pq": InputFormat.PARQUET}
+UTF16_BOMS = {b"\xff\xfe": "utf-16-le", b"\xfe\xff": "utf-16-be"}
 
 
 class InputRecord(NamedTuple):
     """One input line: an item to predict, or the problem that stops it (never both)."""
 
-    line: int  # 1-based physical line number (argument number for command-line texts)
+    line: int  # 1-based physical line number (command-line texts: argument number; Parquet: row number)
     item: Pair | None
     error: str | None = None
     truncated: bool = False  # the line was cut at the reader's byte limit
@@ -111,8 +116,9 @@ class InputRecord(NamedTuple):
 
 class Line(NamedTuple):
     number: int
-    text: str | None  # None when the line is not valid UTF-8
+    text: str | None  # None when the line is not valid in the file's encoding
     cut: bool  # longer than the byte limit; only its start was kept
+    encoding: str = "UTF-8"  # the file's encoding, for the error message of an undecodable line
 
 
 def input_format_of(path: Path | None) -> InputFormat:
@@ -125,19 +131,27 @@ def input_format_of(path: Path | None) -> InputFormat:
 
 
 def read_lines(stream: IO[bytes], max_line_bytes: int = 1 << 20) -> Iterator[Line]:
-    """Physical lines decoded as UTF-8, one at a time; a longer line keeps only its start.
+    """Physical lines decoded as UTF-8 (UTF-16 after its byte-order mark), one at a time; a
+    longer line keeps only its start. Reads pipes and devices too: nothing is seeked.
 
     >>> import io
-    >>> [tuple(x) for x in read_lines(io.BytesIO(b"ok\\n\\xff\\nabcdef"), max_line_bytes=4)]
+    >>> [tuple(x)[:3] for x in read_lines(io.BytesIO(b"ok\\n\\xff\\nabcdef"), max_line_bytes=4)]
     [(1, 'ok', False), (2, None, False), (3, 'abcd', True)]
+    >>> [x.text for x in read_lines(io.BytesIO("é\\r\\nb".encode("utf-16")))]
+    ['é', 'b']
     """
+    head = stream.read(2)
+    if head in UTF16_BOMS:
+        yield from utf16_lines(stream, UTF16_BOMS[head], max_line_bytes)
+        return
+    source = Prefixed(head, stream)
     number = 0
     while True:
-        raw = stream.readline(max_line_bytes)
+        raw = source.readline(max_line_bytes)
         if not raw:
             return
         number += 1
-        cut = len(raw) == max_line_bytes and not raw.endswith(b"\n") and skip_rest(stream, max_line_bytes)
+        cut = len(raw) == max_line_bytes and not raw.endswith(b"\n") and skip_rest(source, max_line_bytes)
         try:  # a cut can split a multi-byte character: the incremental decoder drops that tail
             text = codecs.getincrementaldecoder("utf-8")().decode(raw, final=not cut)
         except UnicodeDecodeError:
@@ -147,7 +161,63 @@ def read_lines(stream: IO[bytes], max_line_bytes: int = 1 << 20) -> Iterator[Lin
         yield Line(number, text.removeprefix("\ufeff") if number == 1 else text, cut)
 
 
-def skip_rest(stream: IO[bytes], max_line_bytes: int) -> bool:
+class Prefixed:
+    """A byte stream with the bytes already read from its start (the BOM sniff) put back."""
+
+    def __init__(self, head: bytes, stream: IO[bytes]) -> None:
+        self.head, self.stream = head, stream
+
+    def readline(self, limit: int) -> bytes:
+        if not self.head:
+            return self.stream.readline(limit)
+        end = min(self.head.find(b"\n") + 1 or len(self.head), limit)
+        line, self.head = self.head[:end], self.head[end:]
+        if not line.endswith(b"\n") and len(line) < limit and not self.head:
+            line += self.stream.readline(limit - len(line))
+        return line
+
+
+def utf16_lines(stream: IO[bytes], codec: str, max_line_bytes: int) -> Iterator[Line]:
+    """Lines of a UTF-16 stream (past its BOM), each decoded on its own: a bad line is one error."""
+    for number, (raw, cut) in enumerate(utf16_raw_lines(stream, "\n".encode(codec), max_line_bytes), 1):
+        try:
+            text: str | None = codecs.getincrementaldecoder(codec)().decode(raw, final=not cut).rstrip("\r")
+        except UnicodeDecodeError:
+            text = None
+        yield Line(number, text, cut, "UTF-16")
+
+
+def utf16_raw_lines(stream: IO[bytes], newline: bytes, limit: int) -> Iterator[tuple[bytes, bool]]:
+    """(bytes, cut) per line, split at newline code units (even offsets) only."""
+    line, cut, odd = b"", False, b""
+    while True:
+        chunk = stream.read(1 << 16)
+        data = odd + chunk
+        even = len(data) - len(data) % 2 if chunk else len(data)
+        data, odd = data[:even], data[even:]
+        start, at = 0, data.find(newline)
+        while at >= 0:
+            if at % 2 == 0:
+                yield append_cut(line, cut, data[start:at], limit)
+                line, cut, start = b"", False, at + 2
+            at = data.find(newline, at + 1)
+        line, cut = append_cut(line, cut, data[start:], limit)
+        if not chunk:
+            if line or cut:
+                yield line, cut
+            return
+
+
+def append_cut(line: bytes, cut: bool, piece: bytes, limit: int) -> tuple[bytes, bool]:
+    """line + piece, kept to `limit` bytes (an even number), and whether anything was dropped."""
+    if cut:
+        return line, True
+    if len(line) + len(piece) <= limit:
+        return line + piece, False
+    return (line + piece)[: limit - limit % 2], True
+
+
+def skip_rest(stream: Prefixed, max_line_bytes: int) -> bool:
     """Read past the rest of a line in bounded steps; whether anything but its newline was left."""
     more = False
     while True:
@@ -166,8 +236,10 @@ def read_records(stream: IO[bytes], fmt: InputFormat, text_columns: Sequence[str
     their line number; an over-long plain-text line is cut and marked truncated. The text comes
     from the first of `text_columns` present (CSV header / JSONL keys), the pair likewise from
     `pair_columns` (JSONL default: "text_pair"), and the record's id from `id_column` when the
-    input has it (JSON values unchanged, CSV cells as text).
+    input has it (JSON values unchanged, CSV cells as text). Parquet rows count as lines.
     """
+    if fmt is InputFormat.PARQUET:
+        return parquet_records(stream, text_columns, pair_columns, id_column)
     lines = read_lines(stream, max_line_bytes)
     if fmt is InputFormat.TXT:
         return (text_record(line) for line in lines)
@@ -180,8 +252,8 @@ def read_records(stream: IO[bytes], fmt: InputFormat, text_columns: Sequence[str
 
 def line_problem(line: Line) -> str | None:
     if line.text is None:
-        return "not valid UTF-8"
-    if not line.text.strip():
+        return f"not valid {line.encoding}"
+    if not has_text(line.text):
         return "empty line"
     return None
 
@@ -279,7 +351,7 @@ def csv_records(lines: Iterator[Line], delimiter: str, text_columns: Sequence[st
     text_at, pair_at, id_at = 0, None, None
     for first in source:
         if first.text is None or first.cut:
-            yield InputRecord(first.number, None, "not valid UTF-8" if first.text is None
+            yield InputRecord(first.number, None, f"not valid {first.encoding}" if first.text is None
                               else f"line is longer than {max_line_bytes} bytes")
             continue
         row, last = csv_row(first, source, delimiter, max_line_bytes)
@@ -299,7 +371,7 @@ def csv_records(lines: Iterator[Line], delimiter: str, text_columns: Sequence[st
 def csv_record(number: int, row: list[str], width: int, text_at: int, pair_at: int | None,
                id_at: int | None) -> InputRecord:
     id_ = row[id_at] if id_at is not None and id_at < len(row) else None
-    if not any(cell.strip() for cell in row):
+    if not any(has_text(cell) for cell in row):
         return InputRecord(number, None, "empty line")
     if len(row) <= max(text_at, pair_at if pair_at is not None else -1):
         return InputRecord(number, None, f"row has {len(row)} fields, header has {width}", id=id_)
@@ -334,3 +406,114 @@ def records_from_texts(texts: Sequence[str]) -> Iterator[InputRecord]:
                else InputRecord(number, checked))
 
 
+
+
+# ----------------------------------------------------------------------------- Parquet
+
+
+def parquet_file(stream: IO[bytes]) -> Any:
+    """A `pyarrow.parquet.ParquetFile` over the stream (a pipe is read into memory first)."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise BertedgeError("reading Parquet needs pyarrow", "pip install 'bertedge[ray]'") from None
+    source: Any = stream if stream.seekable() else pa.BufferReader(stream.read())
+    try:
+        return pq.ParquetFile(source)
+    except (pa.ArrowException, OSError) as e:
+        raise BertedgeError(f"not a valid Parquet file ({e})", "check the file, or give it its real suffix") from None
+
+
+def parquet_records(stream: IO[bytes], text_columns: Sequence[str], pair_columns: Sequence[str],
+                    id_column: str | None, batch_rows: int = 4096) -> Iterator[InputRecord]:
+    """One record per Parquet row (numbered from 1), read `batch_rows` rows at a time."""
+    file = parquet_file(stream)
+    names = list(file.schema_arrow.names)
+    text_at, pair_at = column_indices(names, text_columns, pair_columns)
+    wanted = [names[text_at], *([names[pair_at]] if pair_at is not None else []),
+              *([id_column] if id_column in names else [])]
+    number = 0
+    for batch in file.iter_batches(batch_size=batch_rows, columns=list(dict.fromkeys(wanted))):
+        texts = batch.column(names[text_at]).to_pylist()
+        pairs = batch.column(names[pair_at]).to_pylist() if pair_at is not None else [None] * len(texts)
+        ids = batch.column(id_column).to_pylist() if id_column in names else [None] * len(texts)
+        for text, pair, id_ in zip(texts, pairs, ids, strict=True):
+            number += 1
+            values = [utf8(text), utf8(pair)]
+            checked = as_pair(tuple(values)) if not any(isinstance(v, bytes) for v in values) else "not valid UTF-8"
+            yield (InputRecord(number, None, checked, id=id_) if isinstance(checked, str)
+                   else InputRecord(number, checked, id=id_))
+
+
+def utf8(value: Any) -> Any:
+    """A binary cell as text; bytes that are not UTF-8 stay bytes.
+
+    >>> utf8(b"caf\\xc3\\xa9"), utf8(b"\\xff"), utf8(3)
+    ('café', b'\\xff', 3)
+    """
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return value
+    return value
+
+
+# ----------------------------------------------------------------------------- sniffing
+
+
+def input_columns(stream: IO[bytes], fmt: InputFormat, max_line_bytes: int = 1 << 20) -> list[str]:
+    """Column (field) names of an input: its CSV header, Parquet schema or first JSON object.
+
+    >>> import io
+    >>> input_columns(io.BytesIO(b'\\n{"id": 1, "text": "a"}\\n'), InputFormat.JSONL)
+    ['id', 'text']
+    """
+    if fmt is InputFormat.PARQUET:
+        return list(parquet_file(stream).schema_arrow.names)
+    for line in read_lines(stream, max_line_bytes):
+        if fmt is InputFormat.TXT:
+            return []
+        if fmt in (InputFormat.CSV, InputFormat.TSV):
+            delimiter = "\t" if fmt is InputFormat.TSV else ","
+            return [c.strip() for c in next(csv.reader([line.text or ""], delimiter=delimiter), [])]
+        if line.text and has_text(line.text):
+            try:
+                value = json.loads(line.text)
+            except (json.JSONDecodeError, RecursionError):
+                continue
+            return list(value) if isinstance(value, dict) else []
+    return []
+
+
+def integer_ids(stream: IO[bytes], fmt: InputFormat, column: str, max_line_bytes: int = 1 << 20) -> bool:
+    """Whether an input's ids are integers: its Parquet column type, or its first JSON record's id
+    (CSV and text ids are text)."""
+    if fmt is InputFormat.PARQUET:
+        import pyarrow as pa
+
+        schema = parquet_file(stream).schema_arrow
+        return bool(pa.types.is_integer(schema.field(column).type))
+    if fmt is not InputFormat.JSONL:
+        return False
+    for record in read_records(stream, InputFormat.JSONL, ("\0",), (), max_line_bytes, column):
+        if record.id is not None:
+            return isinstance(record.id, int) and not isinstance(record.id, bool)
+    return False
+
+
+def input_problem(path: Path) -> str | None:
+    """What stops a path from being read as one input file, or None. Regular files, FIFOs (a
+    shell's `<(...)`) and character devices (/dev/stdin; /dev/null gives no rows) are readable.
+
+    >>> input_problem(Path(".")), input_problem(Path("/dev/null"))
+    ("input '.' is a folder, not a file (--engine ray reads folders)", None)
+    """
+    if path.is_dir():
+        return f"input '{path}' is a folder, not a file (--engine ray reads folders)"
+    if not path.exists():
+        return f"input file '{path}' does not exist"
+    if not os.access(path, os.R_OK):
+        return f"input file '{path}' is not readable (permission denied)"
+    return None
