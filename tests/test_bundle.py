@@ -43,11 +43,14 @@ def hand_export(model_dir: Path, out: Path, arch: str, max_length: int = 32) -> 
     meta = {"task": "classification", "labels": LABELS, "max_length": max_length, "model_type": arch}
     (out / "bertedge.json").write_text(json.dumps(meta))
     quant = {"method": "dynamic", "per_channel": False}
+    sums = {n: hashlib.sha256((out / n).read_bytes()).hexdigest() for n in ("model.onnx", "model-int8.onnx")}
     report = {"model_dir": str(model_dir), "opset": 17, "recommended": "fp32", "artifacts": [
         {"name": "fp32", "file": "model.onnx", "precision": "fp32", "quantization": None,
-         "validated": True, "passed": True, "label_agreement": 1.0, "metric": {"accuracy": 0.9}},
+         "validated": True, "passed": True, "label_agreement": 1.0, "metric": {"accuracy": 0.9},
+         "sha256": {"model.onnx": sums["model.onnx"]}},
         {"name": "int8", "file": "model-int8.onnx", "precision": "int8", "quantization": quant,
-         "validated": True, "passed": False, "label_agreement": 0.7, "metric": {"accuracy": 0.6}},
+         "validated": True, "passed": False, "label_agreement": 0.7, "metric": {"accuracy": 0.6},
+         "sha256": {"model-int8.onnx": sums["model-int8.onnx"]}},
     ]}
     (out / "export-report.json").write_text(json.dumps(report))
     return out
@@ -84,7 +87,13 @@ def test_manifest_lists_everything_predict_needs(bert_bundle: Path, bert_export:
     assert prov["artifact"]["label_agreement"] == 1.0 and prov["artifact"]["metric"] == {"accuracy": 0.9}
     assert prov["recommended"] == "fp32" and prov["forced"] is False
     assert prov["export"]["opset"] == 17
-    assert (bert_bundle / "model.onnx").read_bytes() == (bert_export / "model.onnx").read_bytes()
+    exported = (bert_export / "model.onnx").read_bytes()  # the graph as validated, labels appended
+    assert (bert_bundle / "model.onnx").read_bytes().startswith(exported)
+    import onnx
+
+    shipped, original = onnx.load(bert_bundle / "model.onnx"), onnx.load(bert_export / "model.onnx")
+    assert {p.key: p.value for p in shipped.metadata_props}["bertedge.labels"] == json.dumps(LABELS)
+    assert shipped.graph == original.graph
 
 
 def test_distilbert_bundle_has_no_token_type_ids(tiny_distilbert: Path, tmp_path: Path) -> None:
@@ -166,12 +175,12 @@ def test_unwritable_out_is_one_clean_error_before_writing(bert_export: Path, tmp
         locked.mkdir(mode=0o555)
         out = locked / "bundle"
     for dest in (out, out.with_name(out.name + ".tar.gz")):
-        with pytest.raises(BertedgeError, match="cannot write the bundle into") as e:
+        with pytest.raises(BertedgeError, match="cannot write the bundle") as e:
             package(PackageArgs(bert_export, dest))
         assert "\n" not in str(e.value) and not dest.exists()
     file_parent = tmp_path / "a-file"
     file_parent.write_text("x")
-    with pytest.raises(BertedgeError, match="cannot write the bundle into"):
+    with pytest.raises(BertedgeError, match="cannot write the bundle"):
         package(PackageArgs(bert_export, file_parent / "bundle"))
 
 
@@ -284,10 +293,13 @@ def test_tampered_manifest_is_refused_when_pinned(bert_bundle: Path, tmp_path: P
     with open_bundle(bert_bundle) as b:
         digest = b.digest
     bundle = damaged(bert_bundle, tmp_path)
-    write_manifest(bundle, {"labels": ["negative", "POSITIVE"]})  # a renamed label: schema-valid
-    assert Predictor(bundle).labels == ("negative", "POSITIVE")  # unpinned, nothing can tell
+    write_manifest(bundle, {"created": "1999-01-01T00:00:00+00:00"})  # schema-valid, fits the graph
+    assert Predictor(bundle).labels == ("negative", "positive")  # unpinned, nothing can tell
     with pytest.raises(BertedgeError, match="another or a modified bundle"):
         Predictor(bundle, expect_digest=digest)
+    write_manifest(bundle, {"labels": ["negative", "POSITIVE"]})  # a renamed label: the model file says
+    with pytest.raises(BertedgeError, match="the model file carries the labels"):
+        Predictor(bundle)
     archive = package(PackageArgs(Path(json.loads((bert_bundle / "manifest.json").read_text())
                                        ["provenance"]["export_dir"]), tmp_path / "b.zip"))
     with open_bundle(archive.root, expect_digest=archive.digest):  # archives are pinned the same way
@@ -312,16 +324,16 @@ def test_cli_prints_the_digest_and_predict_checks_it(bert_export: Path, tmp_path
     ({"labels": None}, "labels must be a non-empty list"),
     ({"labels": []}, "labels must be a non-empty list"),
     ({"labels": ["a", "a"]}, "labels repeat 'a'"),
-    ({"labels": ["a", 1]}, "labels must all be strings"),
-    ({"max_length": 0}, r"max_length 0 is outside 1\.\.128"),
-    ({"max_length": 129}, r"max_length 129 is outside 1\.\.128 \(the model has 128 positions\)"),
+    ({"labels": ["a", 1]}, "labels must all be non-empty strings"),
+    ({"max_length": 0}, r"max_length 0 is outside 8\.\.128"),
+    ({"max_length": 129}, r"max_length 129 is outside 8\.\.128 \(the model has 128 positions\)"),
     ({"max_length": "32"}, "max_length must be an integer"),
-    ({"max_positions": 0}, "max_positions must be a positive integer"),
+    ({"max_positions": 0}, r"max_positions must be an integer in 8\.\.1048576 \(got 0\)"),
     ({"stride": "x"}, "stride must be a positive integer or absent"),
     ({"files": ["model.onnx", "tokenizer.json"]}, "files must be an object"),
     ({"task": "qa"}, "task 'qa' needs graph output"),
     ({"task": None}, "unknown task None"),
-    ({"format_version": "1"}, "format_version must be a positive integer"),
+    ({"format_version": "1"}, r"format_version must be an integer in 1\.\.1"),
     ({"provenance": 1}, "provenance must be an object or null"),  # found by test_fuzz_bundle
     ({"quantization": "int8"}, "quantization must be an object or null"),
 ])
@@ -353,11 +365,11 @@ def test_every_manifest_problem_in_one_error(bert_bundle: Path, tmp_path: Path) 
 
 
 def test_archive_caps(bert_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from bertedge.runtime import bundle as bundle_module
+    from bertedge.runtime import archive as archive_module
 
     archive = package(PackageArgs(bert_export, tmp_path / "b.tar.gz")).root
     size = sum(m.size for m in tarfile.open(archive).getmembers())
-    monkeypatch.setattr(bundle_module, "MAX_ARCHIVE_BYTES", size - 1)
+    monkeypatch.setattr(archive_module, "MAX_ARCHIVE_BYTES", size - 1)
     with pytest.raises(BertedgeError, match=f"at most 16 members and {size - 1} bytes"):
         Predictor(archive)
     monkeypatch.undo()
@@ -371,21 +383,25 @@ def test_archive_caps(bert_export: Path, tmp_path: Path, monkeypatch: pytest.Mon
 
 def test_archive_that_lies_about_sizes_is_stopped_while_writing(tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    from bertedge.runtime import bundle as bundle_module
+    from bertedge.runtime import archive as archive_module
 
     archive = tmp_path / "lies.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
+        listing = json.dumps({"files": {"model.onnx": {}}}).encode()
+        head = tarfile.TarInfo("manifest.json")
+        head.size = len(listing)
+        tar.addfile(head, io.BytesIO(listing))
         info = tarfile.TarInfo("model.onnx")
         info.size = 4096
         tar.addfile(info, io.BytesIO(b"x" * 4096))
-    monkeypatch.setattr(bundle_module, "check_archive_index", lambda *a: None)  # as if the index lied
-    monkeypatch.setattr(bundle_module, "MAX_ARCHIVE_BYTES", 1000)
+    monkeypatch.setattr(archive_module, "check_archive_index", lambda *a: None)  # as if the index lied
+    monkeypatch.setattr(archive_module, "MAX_ARCHIVE_BYTES", 1000)
     with pytest.raises(BertedgeError, match="expands past 1000 bytes"):
         Predictor(archive)
 
 
 def test_graph_outputs_read_without_a_session_match_onnxruntime(bert_bundle: Path, tmp_path: Path) -> None:
-    from bertedge.runtime.bundle import graph_output_shapes
+    from bertedge.runtime.graphinfo import graph_output_shapes
     from bertedge.runtime.sessions import make_session
 
     session = make_session(bert_bundle / "model.onnx", optimize=False)
