@@ -89,6 +89,43 @@ def columns_from(text_column: str, text_pair_column: str | None, label_column: s
                    label=tuple(csv_list(label_column)))
 
 
+THREADS_HELP = "Intra-op threads per session (0 = the engine's default: one per usable CPU)."
+
+
+def runtime_options(fn: F) -> F:
+    """The `RuntimeOptions` group predict and serve share: one meaning per option, --threads 0 included."""
+    options = [
+        click.option("--threads", default=0, show_default=True, help=THREADS_HELP),
+        click.option("--providers", default="cpu", show_default=True,
+                     help="cpu, auto (CUDA when available), cuda, or comma-separated onnxruntime provider names."),
+        click.option("--batch-size", type=int, default=None,
+                     help="Items per inference run [predict: 32; serve: 8 on CPU, the whole batch on GPU]."),
+        click.option("--aggregation", type=click.Choice(["simple", "first", "max", "average"]), default="first",
+                     show_default=True, help="NER: how sub-word predictions become words and entities."),
+        click.option("--top-k", default=1, show_default=True, help="QA: answer spans returned per question (best first)."),
+        click.option("--expect-digest", default=None,
+                     help="Refuse any bundle but the one with this digest (printed by `bertedge package`)."),
+    ]
+
+    def apply(f: F) -> F:
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return apply(fn)
+
+
+def runtime_from(opts: dict[str, Any], **defaults: Any) -> Any:
+    """`RuntimeOptions` from the options `runtime_options` added (checked there, listed in one error)."""
+    from bertedge.runtime.options import RuntimeOptions
+
+    given = {"threads": opts["threads"], "providers": opts["providers"], "aggregation": opts["aggregation"],
+             "top_k": opts["top_k"], "expect_digest": opts["expect_digest"]}
+    if opts["batch_size"] is not None:
+        given["batch_size"] = opts["batch_size"]
+    return RuntimeOptions(**{**defaults, **given})
+
+
 def recipe_options(epochs: float, layer_lr_decay: float) -> Callable[[F], F]:
     """The training-recipe options `finetune` and `distill` share (`TrainingRecipe`), with each verb's defaults."""
     options = [
@@ -381,20 +418,14 @@ def package(export_dir: Path, out: Path, artifact: str | None, archive: str | No
               help="CSV column / JSONL field with the text; comma-separated alternatives, the first present wins.")
 @click.option("--text-pair-column", default=None, help="Column / field with the second text of a pair (JSONL default: text_pair).")
 @click.option("--output", type=click.Choice(["jsonl", "table"]), default="jsonl", show_default=True,
-              help="stdout format: one JSON object per input line, or a table.")
-@click.option("--batch-size", default=32, show_default=True, help="Items per inference batch.")
-@click.option("--threads", default=0, show_default=True, help="onnxruntime intra-op threads (0 = one per core).")
-@click.option("--providers", default="cpu", show_default=True,
-              help="cpu, auto (CUDA when available), cuda, or comma-separated onnxruntime provider names.")
+              help="Output format: one JSON object per input line, or a table.")
+@runtime_options
 @click.option("--quiet", "-q", is_flag=True, help="No summary / latency report on stderr.")
-@click.option("--aggregation", type=click.Choice(["simple", "first", "max", "average"]), default="first",
-              show_default=True, help="NER: how sub-word predictions become words and entities.")
-@click.option("--top-k", default=1, show_default=True, help="QA: answer spans returned per question (best first).")
-@click.option("--expect-digest", default=None, help="Refuse any bundle but the one with this digest (printed by `bertedge package`; local engine).")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: stream stdin/--input to stdout; ray: Ray Data actors, --input file/folder/glob to --out.")
 @click.option("--out", "out", type=click.Path(path_type=Path), default=None,
-              help="[ray] Output: a .parquet / .jsonl file (in input order) or a folder of part files.")
+              help="Write predictions here instead of stdout, complete or not at all (ray: a .parquet / "
+                   ".jsonl file in input order, or a folder of part files).")
 @click.option("--errors", "errors_out", type=click.Path(path_type=Path), default=None,
               help="[ray] Error rows as JSONL (default: OUT.errors.jsonl).")
 @click.option("--id-column", default=None, help="[ray] Id column kept in the output (default: 'id' if present, else the row number).")
@@ -417,40 +448,64 @@ def predict(**opts: Any) -> None:
       bertedge predict runs/bundle --engine ray --input 'data/*.parquet' --out preds.parquet
     \b
     Every input line gives exactly one output line, in order; an empty or non-UTF-8 line
-    gives {"line": N, "error": ...} instead of stopping the run. With --engine ray, such rows
+    gives {"line": N, "error": ...} instead of stopping the run. A row whose inference fails
+    gets an error record too, and the run then exits non-zero. With --engine ray, such rows
     go to OUT.errors.jsonl and rows in = predicted + errors is checked at the end.
     """
     if opts["engine"] == "ray":
         predict_ray(opts)
         return
-    ray_only = [f"--{k.replace('_', '-')}" for k in ("out", "errors_out", "id_column", "address", "actors")
+    ray_only = [f"--{k.replace('_', '-')}" for k in ("errors_out", "id_column", "address", "actors")
                 if opts[k] is not None]
     if ray_only:
         raise click.UsageError(f"{', '.join(ray_only)}: for --engine ray only")
-    import os
     import sys
 
-    from bertedge.runtime.predict import PredictArgs, run_predict
+    from bertedge.runtime.predict import PredictArgs
 
     args = PredictArgs(
         bundle=opts["bundle"], texts=list(opts["texts"]), input=opts["input_"], format=opts["format_"],
         text_columns=tuple(csv_list(opts["text_column"])), pair_columns=tuple(csv_list(opts["text_pair_column"])),
-        output=opts["output"], batch_size=opts["batch_size"], threads=opts["threads"] or None,
-        providers=opts["providers"], report=not opts["quiet"], aggregation=opts["aggregation"],
-        top_k=opts["top_k"], expect_digest=opts["expect_digest"],
-    )
-    if sys.stdout is None:  # started with stdout closed (`>&-`): Python leaves sys.stdout unset
+        output=opts["output"], out=opts["out"], runtime=runtime_from(opts), report=not opts["quiet"])
+    if sys.stdout is None and args.out is None:  # started with stdout closed (`>&-`): no sys.stdout
         raise BertedgeError("stdout is closed, so predictions have nowhere to go",
-                            "redirect it instead: > predictions.jsonl")
+                            "redirect it instead: > predictions.jsonl, or pass --out FILE")
+    summary = run_local(args)
+    if summary.failed:
+        raise BertedgeError(f"{summary.failed} row(s) could not be predicted (inference failed); every "
+                            "row has its output line, those rows an error record",
+                            "see the error records for the engine's message")
+
+
+def run_local(args: Any) -> Any:
+    """`run_predict` on the real stdout: a closed pipe (`| head`) or a full disk ends it in one line."""
+    import sys
+
+    from bertedge.runtime.predict import StdoutError, run_predict
+
     try:
-        run_predict(args, sys.stdout, sys.stderr)
+        return run_predict(args, sys.stdout, sys.stderr)
     except BrokenPipeError:  # `| head` closed the pipe: stop quietly, like other Unix tools
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        quiet_stdout()
         sys.exit(1)
+    except StdoutError:  # e.g. > /dev/full: the exit's own flush must not fail a second time
+        quiet_stdout()
+        raise
+
+
+def quiet_stdout() -> None:
+    """Point file descriptor 1 at /dev/null, so what is still buffered flushes without an error."""
+    import os
+    import sys
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # not a real file (e.g. click's test runner)
+        pass
 
 
 def predict_ray(opts: dict[str, Any]) -> None:
-    """`predict --engine ray`: options -> DistributedArgs -> predict_dataset -> summary on stderr."""
+    """`predict --engine ray`: options -> DistributedArgs (with the RuntimeOptions) -> summary on stderr."""
     from bertedge.edges.ray import BundleTransport, DistributedArgs, predict_dataset
 
     if opts["texts"]:
@@ -466,9 +521,7 @@ def predict_ray(opts: dict[str, Any]) -> None:
         bundle=opts["bundle"], inputs=[str(opts["input_"])], output=opts["out"], errors=opts["errors_out"],
         text_columns=tuple(csv_list(opts["text_column"])), pair_columns=tuple(csv_list(opts["text_pair_column"])),
         id_column=opts["id_column"], address=opts["address"], actors=opts["actors"],
-        threads_per_actor=opts["threads_per_actor"], batch_size=opts["batch_size"],
-        providers=opts["providers"], progress=not opts["quiet"], aggregation=opts["aggregation"],
-        top_k=opts["top_k"],
+        threads_per_actor=opts["threads_per_actor"], runtime=runtime_from(opts), progress=not opts["quiet"],
         transport=BundleTransport.AUTO if ship is None else BundleTransport.SHIP if ship else BundleTransport.PATH,
     ))
     click.echo(report.format(), err=True)
@@ -494,13 +547,7 @@ def predict_ray(opts: dict[str, Any]) -> None:
               help="Most texts waiting for a batch; beyond it requests get 503 with Retry-After.")
 @click.option("--request-timeout", default=30.0, show_default=True,
               help="Seconds a request may wait for its prediction before a 504 (0 = no deadline).")
-@click.option("--expect-digest", default=None,
-              help="Refuse to serve any bundle but the one with this digest (printed by `bertedge package`).")
-@click.option("--run-batch-size", default=0, show_default=True,
-              help="Texts per onnxruntime run inside a batch, length-sorted (0 = auto: 8 on CPU, all on GPU).")
-@click.option("--threads", default=0, show_default=True, help="onnxruntime intra-op threads (0 = one per core).")
-@click.option("--providers", default="cpu", show_default=True,
-              help="cpu, auto (CUDA when available), cuda, or comma-separated onnxruntime provider names.")
+@runtime_options
 @click.option("--max-texts", default=64, show_default=True, help="Most texts in one request.")
 @click.option("--max-chars", default=20_000, show_default=True, help="Most characters in one text (or text_pair).")
 @click.option("--graceful-timeout", default=30, show_default=True,
@@ -527,12 +574,10 @@ def serve(**opts: Any) -> None:
                             "pip install 'bertedge[serve]'") from None
 
     config = ServeConfig(max_batch_size=opts["max_batch_size"], max_wait_ms=opts["max_wait_ms"],
-                         max_batch_tokens=opts["max_batch_tokens"] or None,
-                         run_batch_size=opts["run_batch_size"] or None, max_texts=opts["max_texts"],
-                         max_chars=opts["max_chars"], threads=opts["threads"] or None,
-                         providers=opts["providers"], max_queue=opts["max_queue"],
-                         request_timeout_s=opts["request_timeout"], expect_digest=opts["expect_digest"],
-                         workers=opts["workers"], spin=opts["spin"])
+                         max_batch_tokens=opts["max_batch_tokens"] or None, run_batch_size=opts["batch_size"],
+                         max_texts=opts["max_texts"], max_chars=opts["max_chars"], max_queue=opts["max_queue"],
+                         request_timeout_s=opts["request_timeout"], workers=opts["workers"],
+                         runtime=runtime_from(opts, spin=opts["spin"]))
     run(ServeArgs(bundle=opts["bundle"], host=opts["host"], port=opts["port"], config=config,
                   log_level=opts["log_level"], access_log=opts["access_log"],
                   graceful_timeout_s=opts["graceful_timeout"]))
@@ -544,7 +589,7 @@ def serve(**opts: Any) -> None:
               "tensorrt (default: every one the folder has, GPU ones when their provider works).")
 @click.option("--batch-sizes", default="1,8,32", show_default=True, help="Sequences per call.")
 @click.option("--seq-lens", default=None, help="Tokens per sequence [default: 16,64,128,256 up to the model's limit].")
-@click.option("--threads", default=0, show_default=True, help="Intra-op threads for every backend (0 = all usable cores).")
+@click.option("--threads", default=0, show_default=True, help=THREADS_HELP)
 @click.option("--duration", default=0.0, help="Seconds of timed runs per shape [default: 2 when --runs is not given].")
 @click.option("--runs", default=0, help="Fixed number of timed runs per shape instead of --duration.")
 @click.option("--warmup", default=3, show_default=True, help="Untimed runs per shape first.")

@@ -24,10 +24,19 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from bertedge.cli import cli
-from bertedge.edges.serve import ApiError, Batcher, Metrics, ServeConfig, create_app
+from bertedge.edges.serve import (
+    Batcher,
+    Failed,
+    Metrics,
+    NotAccepting,
+    Refused,
+    ServeConfig,
+    create_app,
+)
 from bertedge.errors import BertedgeError
 from bertedge.runtime import Predictor
 from bertedge.runtime.bundle import PackageArgs, package
+from bertedge.runtime.options import RuntimeOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["good", "bad", "film", "plot", "acting", "boring", "superb", "dull", "paris", "story"]
@@ -87,7 +96,8 @@ def test_health_ready_model_docs(client: TestClient, predictor: Predictor) -> No
     info = client.get("/v1/model").json()
     assert info["task"] == "classification" and info["labels"] == ["negative", "positive"]
     assert info["max_length"] == predictor.max_length and info["precision"] == "fp32"
-    assert info["checksums"]["model.onnx"] == predictor.manifest["files"]["model.onnx"]["sha256"]
+    assert info["checksums"]["model.onnx"] == predictor.model_files()["model.onnx"]
+    assert info["model_files"] == predictor.model_files() and info["output_schema"]["label"] == "string"
     assert info["limits"]["max_texts"] == 8 and info["limits"]["max_chars"] == 500
     schema = client.get("/openapi.json").json()
     assert set(schema["paths"]) >= {"/v1/predict", "/v1/model", "/healthz", "/readyz", "/metrics"}
@@ -103,9 +113,7 @@ def test_predict_shapes_match_predictor(client: TestClient, predictor: Predictor
                               "boring"])
     assert_same(body["predictions"], want)
     assert body["truncated"] == 0 and body["model"]["task"] == "classification"
-    from bertedge.runtime.bundle import manifest_digest
-
-    assert body["model"]["digest"] == manifest_digest(predictor.manifest)  # which bundle answered
+    assert body["model"]["digest"] == predictor.digest  # which bundle answered
     assert client.get("/v1/model").json()["digest"] == body["model"]["digest"]
     one = client.post("/v1/predict", json={"texts": "a good film"}).json()
     assert_same(one["predictions"], want[:1])
@@ -171,7 +179,7 @@ def test_an_over_long_qa_question_fails_alone_in_a_shared_batch(task_predictors:
 
     first, bad, last = asyncio.run(main())
     assert first[0]["answer"] == last[0]["answer"] == qa.predict([good])[0]["answer"]
-    assert isinstance(bad, ApiError) and 400 <= bad.status < 500, bad
+    assert isinstance(bad, Refused), bad
 
 
 BAD_INPUTS = [  # (body, status, field named, limit named)
@@ -189,7 +197,7 @@ BAD_INPUTS = [  # (body, status, field named, limit named)
     (b'{"texts": ["ok", "' + b"x" * 501 + b'"]}', 422, "texts[1]", 500),
     (b'{"texts": [["ok", "' + b"x" * 501 + b'"]]}', 422, "texts[0].text_pair", 500),
     (b'{"texts": ["ok", "   "]}', 422, "texts[1]", None),
-    (b'{"text": "a"}', 422, "texts", None),
+    (b'{"txt": "a"}', 422, "texts", None),
     (b'["a"]', 422, "body", None),
     (b'{"texts": "' + b"x" * 200_000 + b'"}', 413, "body", LIMITS.body_limit),
 ]
@@ -250,16 +258,35 @@ def test_corrupt_bundle_fails_start_up(bundle: Path, tmp_path: Path) -> None:
 
 class FakePredictor:
     """Echoes each text as its label and records every call; 'boom' is a bad input, 'crash' a
-    non-BertedgeError failure (e.g. a tokenizers exception on an over-long QA question)."""
+    non-BertedgeError failure (e.g. a tokenizers exception on an over-long QA question).
 
-    manifest = {"task": "classification", "precision": "fp32", "files": {}}
+    It implements exactly `PredictorLike`: the server uses nothing else."""
+
+    task_name, labels, max_length, digest = "classification", ("a", "b"), 128, "0" * 64
+    providers = ["CPUExecutionProvider"]
+    example_item = ("an example", None)
 
     def __init__(self, delay_s: float = 0.0) -> None:
         self.calls: list[tuple[int, int | None]] = []
         self.delay_s = delay_s
 
-    def predict(self, items: Sequence[tuple[str, str | None]],
-                batch_size: int | None = None) -> list[dict[str, Any]]:
+    def check(self, item: tuple[str, str | None]) -> tuple[str, str | None] | str:
+        return item
+
+    def count_tokens(self, items: Sequence[tuple[str, str | None]]) -> list[int]:
+        return [len(t.split()) + len((p or "").split()) + 3 for t, p in items]
+
+    def model_files(self) -> dict[str, str]:
+        return {"model.onnx": "f" * 64}
+
+    def describe(self) -> dict[str, Any]:
+        return {"task": self.task_name, "precision": "fp32"}
+
+    def output_schema(self) -> dict[str, Any]:
+        return {"label": "string", "pair": "string"}
+
+    def predict_isolated(self, items: Sequence[tuple[str, str | None]],
+                         batch_size: int | None = None) -> list[dict[str, Any]]:
         self.calls.append((len(items), batch_size))
         time.sleep(self.delay_s)
         if any(t == "boom" for t, _ in items):
@@ -344,7 +371,7 @@ def test_batch_size_one_is_one_call_per_request() -> None:
 def test_a_bad_request_fails_alone() -> None:
     results, fake, metrics = run_batcher([["a"], ["boom"], ["c"]], max_batch_size=8)
     assert results[0][0]["label"] == "a" and results[2][0]["label"] == "c"
-    assert isinstance(results[1], ApiError) and results[1].status == 422
+    assert isinstance(results[1], Refused)
     assert [n for n, _ in fake.calls] == [3, 1, 1, 1]  # the coalesced call failed, then one each
     assert metrics.queue_depth._value.get() == 0
 
@@ -352,7 +379,7 @@ def test_a_bad_request_fails_alone() -> None:
 def test_a_crashing_item_fails_alone_with_a_500() -> None:
     results, fake, metrics = run_batcher([["a"], ["crash"], ["c", "d"]], max_batch_size=8)
     assert results[0][0]["label"] == "a" and [r["label"] for r in results[2]] == ["c", "d"]
-    assert isinstance(results[1], ApiError) and results[1].status == 500
+    assert isinstance(results[1], Failed)
     assert "RuntimeError" in results[1].message
     assert [n for n, _ in fake.calls] == [4, 1, 1, 2]
 
@@ -395,7 +422,7 @@ def test_closed_batcher_refuses_and_drains() -> None:
         await asyncio.sleep(0)
         await batcher.close()
         assert [q.result()[0]["label"] for q in queued] == ["a", "b", "c"]
-        with pytest.raises(ApiError, match="not accepting"):
+        with pytest.raises(NotAccepting, match="not accepting"):
             await batcher.submit([("d", None)])
 
     asyncio.run(main())
@@ -505,11 +532,8 @@ def test_max_batch_tokens_keeps_a_long_text_from_padding_short_ones() -> None:
     assert run(64) == [1, 1, 3]  # "a" + long would be 2 x 43 > 64: the long text runs alone
 
 
-def test_token_counter_counts_what_the_predictor_runs(predictor: Predictor) -> None:
-    from bertedge.edges.serve import token_counter
-
-    count = token_counter(predictor)
-    short, long = count([("a good film", None), ("good " * 500, None)])
+def test_count_tokens_counts_what_the_predictor_runs(predictor: Predictor) -> None:
+    short, long = predictor.count_tokens([("a good film", None), ("good " * 500, None)])
     assert short == len(predictor.tokenizer.encode("a good film").ids) == 5  # [CLS] a good film [SEP]
     assert long == predictor.max_length  # truncated as the runtime truncates it
 
@@ -536,6 +560,7 @@ def test_served_sessions_do_not_spin(bundle: Path) -> None:
     from bertedge.runtime.sessions import session_options
 
     key = "session.intra_op.allow_spinning"
+    assert ServeConfig().runtime.spin is False
     assert session_options(2, spin=False).get_session_config_entry(key) == "0"
     app = create_app(bundle, ServeConfig())
     with TestClient(app):
@@ -548,10 +573,10 @@ def test_serve_refuses_a_bundle_with_another_digest(bundle: Path) -> None:
 
     with open_bundle(bundle) as b:
         digest = b.digest
-    with TestClient(create_app(bundle, ServeConfig(expect_digest=digest))) as client:
+    with TestClient(create_app(bundle, ServeConfig(runtime=RuntimeOptions(expect_digest=digest)))) as client:
         assert client.get("/readyz").status_code == 200
     with pytest.raises(BertedgeError, match="not the expected"), \
-            TestClient(create_app(bundle, ServeConfig(expect_digest="a" * 64))):
+            TestClient(create_app(bundle, ServeConfig(runtime=RuntimeOptions(expect_digest="a" * 64)))):
         pass
     result = CliRunner().invoke(cli, ["serve", str(bundle), "--expect-digest", "a" * 64])
     assert result.exit_code != 0 and "not the expected" in result.output
@@ -626,17 +651,21 @@ def test_graceful_shutdown_finishes_in_flight_requests() -> None:
         httpx.get(f"{url}/healthz", timeout=2)
 
 
-class BrokenManifest(dict):  # type: ignore[type-arg]
-    """A manifest whose reads fail: an unexpected server bug on GET /v1/model."""
+class BrokenDescribe(FakePredictor):
+    """A predictor whose description fails: an unexpected server bug on GET /v1/model."""
 
-    def get(self, *args: Any) -> Any:
-        raise RuntimeError("a bug")
+    broken = False
+
+    def describe(self) -> dict[str, Any]:
+        if self.broken:
+            raise RuntimeError("a bug")
+        return super().describe()
 
 
 def test_keep_alive_after_a_500() -> None:
     import http.client
 
-    fake = FakePredictor()
+    fake = BrokenDescribe()
     with live_server(create_app(fake, ServeConfig(max_wait_ms=1))) as (url, _):
         conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=10)
 
@@ -652,7 +681,7 @@ def test_keep_alive_after_a_500() -> None:
         failed = post("crash")  # the predictor fails for this request: a 500, connection kept
         assert failed.status == 500 and failed.getheader("connection") != "close"
         assert post("fine again").status == 200 and conn.sock is sock  # the same connection
-        fake.manifest = BrokenManifest(fake.manifest)  # type: ignore[assignment]
+        fake.broken = True
         conn.request("GET", "/v1/model")
         broken = conn.getresponse()
         broken.read()  # an unexpected error: uvicorn will close, and the answer says so

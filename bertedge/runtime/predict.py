@@ -1,4 +1,8 @@
-"""`bertedge predict` (local engine): stream input records through a `Predictor` to stdout."""
+"""`bertedge predict` (local engine): stream input records through a `Predictor` to stdout or --out.
+
+Every input row gives exactly one output line: its prediction, or an error record (an empty
+or undecodable line, an item the model refuses, or a row whose inference failed).
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,15 @@ from pathlib import Path
 from typing import IO, TextIO
 
 from bertedge.errors import BertedgeError
-from bertedge.runtime.predictor import LatencyRecorder, LatencyReport, Predictor, Result
+from bertedge.runtime.options import RuntimeOptions
+from bertedge.runtime.outputs import atomic_output
+from bertedge.runtime.predictor import (
+    INFERENCE_FAILED,
+    LatencyRecorder,
+    LatencyReport,
+    Predictor,
+    Result,
+)
 from bertedge.runtime.records import (
     InputFormat,
     InputRecord,
@@ -29,7 +41,6 @@ class OutputFormat(str, enum.Enum):
 
     JSONL = "jsonl"
     TABLE = "table"
-
 
 
 def predict_stream(predictor: Predictor, records: Iterable[InputRecord], window: int = 256,
@@ -64,18 +75,14 @@ class PredictArgs:
 
     bundle: Path  # bundle folder or archive
     texts: list[str] = field(default_factory=list)  # texts given as arguments (then no file is read)
-    input: Path | None = None  # input file; None or '-' reads stdin
+    input: Path | None = None  # input file, pipe or device; None or '-' reads stdin
     format: InputFormat | None = None  # input format; None: from the file suffix (stdin: txt)
     text_columns: tuple[str, ...] = ("text", "sentence", "content")  # first present holds the text
     pair_columns: tuple[str, ...] = ()  # first present holds the pair's second text (JSONL: text_pair)
-    output: OutputFormat = OutputFormat.JSONL  # stdout format
-    batch_size: int = 32  # items per inference batch
-    threads: int | None = None  # onnxruntime intra-op threads
-    providers: str | None = None  # cpu (default), auto, cuda, or a comma list of provider names
+    output: OutputFormat = OutputFormat.JSONL  # output format
+    out: Path | None = None  # write the predictions to this file (atomically) instead of stdout
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)  # threads, providers, batch size, ...
     report: bool = True  # print the summary and latency report to stderr
-    aggregation: str = "first"  # NER: simple, first, max or average (see bertedge.runtime.tasks.ner.Aggregation)
-    top_k: int = 1  # QA: answer spans per question
-    expect_digest: str | None = None  # refuse any bundle but this one (the digest `package` printed)
     max_line_bytes: int = 1 << 20  # longer input lines are cut (txt) or rejected (csv / jsonl)
 
     def __post_init__(self) -> None:
@@ -84,19 +91,31 @@ class PredictArgs:
         if self.format is not None:
             self.format = InputFormat(self.format)
         self.input = None if self.input is None or str(self.input) == "-" else Path(self.input)
+        self.out = None if self.out is None else Path(self.out)
         problems = []
-        if self.batch_size < 1:
-            problems.append(f"--batch-size must be at least 1 (got {self.batch_size})")
-        if self.threads is not None and self.threads < 0:
-            problems.append(f"--threads must be 0 or more (got {self.threads})")
         if self.texts and self.input is not None:
             problems.append("texts were given both as arguments and with --input")
-        if self.top_k < 1:
-            problems.append(f"--top-k must be at least 1 (got {self.top_k})")
-        if isinstance(self.input, Path) and not self.input.is_file():
-            problems.append(f"input file '{self.input}' does not exist")
+        if isinstance(self.input, Path):
+            problems += input_problems(self.input)
         if problems:
             raise BertedgeError("; ".join(problems), "see `bertedge predict --help`")
+
+
+def input_problems(path: Path) -> list[str]:
+    """What stops `path` from being read as input: missing, or a folder (pipes and devices are fine).
+
+    >>> input_problems(Path("/dev/null")), input_problems(Path("/"))
+    ([], ["input '/' is a folder; pass a file (--engine ray reads folders)"])
+    """
+    if path.is_dir():
+        return [f"input '{path}' is a folder; pass a file (--engine ray reads folders)"]
+    if not path.exists():
+        return [f"input file '{path}' does not exist"]
+    return []
+
+
+class StdoutError(BertedgeError):
+    """The predictions could not be written to stdout (a full disk, /dev/full, an I/O error)."""
 
 
 @dataclass(frozen=True)
@@ -104,42 +123,43 @@ class PredictSummary:
     """What a predict run did, for the closing summary."""
 
     items: int
-    errors: int
+    errors: int  # error records written (input problems and failed inference)
     truncated: int
     latency: LatencyReport
+    failed: int = 0  # rows whose inference failed (their error records are among `errors`)
 
     def format(self, max_length: int) -> str:
+        none = " (no input rows)" if not self.items and not self.errors else ""
         lines = [f"{self.items} predicted, {self.errors} error record(s), "
-                 f"{self.truncated} truncated to {max_length} tokens"]
+                 f"{self.truncated} truncated to {max_length} tokens{none}"]
         return "\n".join([*lines, self.latency.format()])
 
 
 def run_predict(args: PredictArgs, stdout: TextIO, stderr: TextIO,
                 stdin: IO[bytes] | None = None) -> PredictSummary:
-    """Load the bundle, stream predictions to stdout, then the summary and latency to stderr."""
-    predictor = Predictor(args.bundle, providers=args.providers, threads=args.threads,
-                          batch_size=args.batch_size, aggregation=args.aggregation, top_k=args.top_k,
-                          expect_digest=args.expect_digest)
-    with input_stream(args, stdin, stderr) as stream:
-        if args.texts:
-            records: Iterable[InputRecord] = records_from_texts(args.texts)
-        else:
-            fmt = args.format or input_format_of(args.input if isinstance(args.input, Path) else None)
-            text_columns, pair_columns = predictor.task.columns(args.text_columns, args.pair_columns)
-            records = read_records(stream, fmt, text_columns, pair_columns, args.max_line_bytes)
-        timings = LatencyRecorder()
-        counts = {"items": 0, "errors": 0, "truncated": 0}
-        if args.output is OutputFormat.TABLE:
-            stdout.write(f"{'line':>6}  {'label':<16} {'score':>6}  text\n")
-        for n, (record, result) in enumerate(predict_stream(predictor, records, 8 * args.batch_size,
-                                                            timings), start=1):
-            counts["errors" if "error" in result else "items"] += 1
-            counts["truncated"] += bool(result.get("truncated"))
-            stdout.write(format_result(record, result, args.output))
-            if n % (8 * args.batch_size) == 0:
-                stdout.flush()  # downstream readers of a pipe see each window as it is done
-    stdout.flush()
-    summary = PredictSummary(**counts, latency=timings.report())
+    """Load the bundle, stream predictions to stdout (or --out), then the summary and latency to stderr.
+
+    Every input row gives one output line, a prediction or an error record; a row whose
+    inference fails is an error record too, counted in `PredictSummary.failed`.
+
+    Raises:
+        BertedgeError: the bundle or the input cannot be read, or --out cannot be written.
+        StdoutError: stdout cannot take the predictions (BrokenPipeError passes through).
+    """
+    predictor = Predictor(args.bundle, args.runtime)
+    if args.out is None:
+        try:
+            summary = write_predictions(predictor, args, stdout, stderr, stdin)
+            stdout.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise StdoutError(f"cannot write the predictions to stdout ({e.strerror or type(e).__name__})",
+                              "redirect stdout to a place with room, or pass --out FILE") from None
+    else:
+        with atomic_output(args.out, folder=False, what="the predictions") as tmp, \
+                tmp.open("w", encoding="utf-8") as f:
+            summary = write_predictions(predictor, args, f, stderr, stdin)
     if args.report:
         if summary.truncated:
             stderr.write(f"warning: {summary.truncated} input(s) were longer than "
@@ -148,11 +168,42 @@ def run_predict(args: PredictArgs, stdout: TextIO, stderr: TextIO,
     return summary
 
 
+def write_predictions(predictor: Predictor, args: PredictArgs, sink: TextIO, stderr: TextIO,
+                      stdin: IO[bytes] | None) -> PredictSummary:
+    """Stream every input record through the predictor into `sink`, one line each."""
+    window = 8 * args.runtime.batch_size
+    with input_stream(args, stdin, stderr) as stream:
+        if args.texts:
+            records: Iterable[InputRecord] = records_from_texts(args.texts)
+        else:
+            fmt = args.format or input_format_of(args.input if isinstance(args.input, Path) else None)
+            text_columns, pair_columns = predictor.task.columns(args.text_columns, args.pair_columns)
+            records = read_records(stream, fmt, text_columns, pair_columns, args.max_line_bytes)
+        timings = LatencyRecorder()
+        counts = {"items": 0, "errors": 0, "truncated": 0, "failed": 0}
+        if args.output is OutputFormat.TABLE:
+            sink.write(f"{'line':>6}  {'label':<16} {'score':>6}  text\n")
+        for n, (record, result) in enumerate(predict_stream(predictor, records, window, timings), start=1):
+            error = result.get("error")
+            counts["errors" if error is not None else "items"] += 1
+            counts["failed"] += str(error).startswith(INFERENCE_FAILED) if error is not None else 0
+            counts["truncated"] += bool(result.get("truncated"))
+            sink.write(format_result(record, result, args.output))
+            if n % window == 0:
+                sink.flush()  # downstream readers of a pipe see each window as it is done
+    return PredictSummary(**counts, latency=timings.report())
+
+
 @contextlib.contextmanager
 def input_stream(args: PredictArgs, stdin: IO[bytes] | None, stderr: TextIO) -> Iterator[IO[bytes]]:
-    """The bytes to read: the --input file, or stdin (neither is touched for argument texts)."""
+    """The bytes to read: the --input file (or pipe, or device), or stdin (neither for argument texts)."""
     if isinstance(args.input, Path):
-        with args.input.open("rb") as f:
+        try:
+            f = args.input.open("rb")
+        except OSError as e:
+            raise BertedgeError(f"cannot read input '{args.input}' ({e.strerror or type(e).__name__})",
+                                "pass a readable file, or '-' for stdin") from None
+        with f:
             yield f
     elif args.texts:
         yield io.BytesIO()

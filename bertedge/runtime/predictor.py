@@ -4,9 +4,12 @@ Dependency wall: this module and everything it imports use only the stdlib, nump
 onnxruntime and tokenizers (`tests/test_runtime.py` checks that torch and transformers stay
 out of `sys.modules`). The HTTP server and the Ray agents reuse `Predictor` as is.
 
-    >>> p = Predictor("runs/bundle", providers="auto", threads=2)  # doctest: +SKIP
+    >>> p = Predictor("runs/bundle", RuntimeOptions(providers="auto", threads=2))  # doctest: +SKIP
     >>> p.predict(["a gripping film", ("is it good?", "it is great")])  # doctest: +SKIP
     [{'label': 'positive', 'score': 0.98, 'probabilities': {...}}, ...]
+
+A batch whose inference fails is retried row by row; only the rows that still fail get an
+error record ({"error": "inference failed (...)"}), so one bad row never loses a whole run.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import numpy as np
 from tokenizers import Encoding
 
 from bertedge.errors import BertedgeError
-from bertedge.runtime.bundle import isa_warning, open_bundle
+from bertedge.runtime.bundle import isa_warning, manifest_digest, model_files, open_bundle
 from bertedge.runtime.features import (
     Features,
     length_sorted_batches,
@@ -33,13 +36,18 @@ from bertedge.runtime.features import (
     pad_id,
 )
 from bertedge.runtime.meta import check_max_length, meta_from_manifest
+from bertedge.runtime.options import RuntimeOptions
 from bertedge.runtime.records import Item, Pair, as_pair
 from bertedge.runtime.sessions import ONNXRUNTIME, feed_plan, make_session, resolve_providers
 from bertedge.runtime.tasks import DecodeOptions, Result
+from bertedge.runtime.text import has_text
 
 # A text longer than this many characters per allowed token is cut before tokenizing, so one
 # giant input cannot stall a batch; such a text is far past max_length tokens anyway.
 CHARS_PER_TOKEN_CAP = 64
+# How an error record of a row whose inference failed begins (serve answers it with a 500,
+# an input problem with a 422).
+INFERENCE_FAILED = "inference failed"
 
 
 # ----------------------------------------------------------------------------- latency
@@ -142,48 +150,49 @@ class Predictor:
     OpenVINO with `bertedge[openvino]`) + the task's encoder and decoder. Thread-safe.
 
     Everything task-specific (item checks, windows, decoding, the result schema) comes from the
-    bundle's `Task` record; the predictor only batches and runs the graph.
+    bundle's `Task` record; the predictor only batches and runs the graph. The edges (serve,
+    Ray) use it through the members their `PredictorLike` protocols list: `check`,
+    `count_tokens`, `predict_isolated`, `example_item`, `providers`, `model_files`, `digest`,
+    `describe`, `output_schema`, `labels`, `task_name`, `max_length`.
 
     Args:
         bundle: bundle folder or .tar.gz / .zip archive (checked against its manifest at load).
-        providers: None or "cpu"; "auto" (CUDA when available, else CPU); "cuda"; or an explicit
-            list of onnxruntime provider names. An unavailable explicit provider fails fast.
-        threads: onnxruntime intra-op threads (None: one per physical core).
-        batch_size: items per inference batch.
-        aggregation: NER: how sub-words become words (simple, first, max, average).
-        top_k: QA: how many answer spans to return (the best is always "answer").
-        max_answer_tokens: QA: the longest answer considered.
-        expect_digest: refuse any bundle but the one with this digest (printed by `bertedge package`).
-        spin: let idle onnxruntime threads busy-wait between runs (off in `bertedge serve`).
+        options: how it runs (threads, providers, batch size, NER aggregation, QA top-k, the
+            expected digest, spinning); default `RuntimeOptions()`.
+        providers, threads, batch_size, aggregation, top_k, expect_digest: shorthands that
+            replace the field of `options` of the same name (None: keep it).
 
     Raises:
         BertedgeError: the bundle is missing, corrupt or truncated, its max length exceeds the
             model's positions, an option is invalid, or a provider is unavailable.
     """
 
-    def __init__(self, bundle: str | Path, providers: str | Sequence[str] | None = None,
-                 threads: int | None = None, batch_size: int = 32, aggregation: str = "first",
-                 top_k: int = 1, max_answer_tokens: int = 30, expect_digest: str | None = None,
-                 spin: bool = True) -> None:
-        if batch_size < 1:
-            raise BertedgeError(f"batch size must be at least 1, got {batch_size}", "use --batch-size 32")
-        self.options = DecodeOptions(aggregation=aggregation, top_k=top_k,  # type: ignore[arg-type]
-                                     max_answer_tokens=max_answer_tokens)
-        requested = resolve_providers(providers)
-        with open_bundle(bundle, expect_digest=expect_digest) as opened:
+    def __init__(self, bundle: str | Path, options: RuntimeOptions | None = None, *,
+                 providers: str | None = None, threads: int | None = None, batch_size: int | None = None,
+                 aggregation: str | None = None, top_k: int | None = None,
+                 expect_digest: str | None = None) -> None:
+        shorthands = {"providers": providers, "threads": threads, "batch_size": batch_size,
+                      "aggregation": aggregation, "top_k": top_k, "expect_digest": expect_digest}
+        self.runtime = (options or RuntimeOptions()).replace(
+            **{k: v for k, v in shorthands.items() if v is not None})
+        self.options = DecodeOptions(aggregation=self.runtime.aggregation,  # type: ignore[arg-type]
+                                     top_k=self.runtime.top_k, max_answer_tokens=self.runtime.max_answer_tokens)
+        requested = resolve_providers(self.runtime.providers)
+        with open_bundle(bundle, expect_digest=self.runtime.expect_digest) as opened:
             self.manifest: dict[str, Any] = opened.manifest
             self.meta = meta_from_manifest(self.manifest)
             if (isa := isa_warning(self.manifest)) is not None:
                 warnings.warn(isa, RuntimeWarning, stacklevel=2)
             check_max_length(self.meta.max_length, self.meta.max_positions, f"the manifest of bundle '{bundle}'")
             self.engine = str(self.manifest.get("engine") or ONNXRUNTIME)
-            self.session = make_session(opened.model_path, requested, threads, spin=spin, engine=self.engine)
+            self.session = make_session(opened.model_path, requested, self.runtime.session_threads,
+                                        spin=self.runtime.spin, engine=self.engine)
             self.tokenizer = load_tokenizer(opened.tokenizer_path)
         self.task = self.meta.task
         self.max_length = self.meta.max_length
         self.task.setup_tokenizer(self.tokenizer, self.max_length, self.meta.stride)
         self.labels: tuple[str, ...] = self.meta.labels
-        self.batch_size = batch_size
+        self.batch_size = self.runtime.batch_size
         self.pad_id = pad_id(self.tokenizer)
         self.feeds = feed_plan(self.session)
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -193,28 +202,84 @@ class Predictor:
                                 f"(has {', '.join(self.output_names)}) for task '{self.task.name}'",
                                 "package a model exported by `bertedge export`")
 
+    # ------------------------------------------------------------------------- what it runs
+
     @property
     def providers(self) -> list[str]:
         """The execution providers the session actually uses."""
         return list(self.session.get_providers())
 
+    @property
+    def task_name(self) -> str:
+        """The task's name: classification, ner or qa."""
+        return self.task.name
+
+    @property
+    def example_item(self) -> Pair:
+        """An item every model of this task accepts (warm-up, probes)."""
+        return self.task.example_item
+
+    @property
+    def digest(self) -> str:
+        """The bundle's digest (what `bertedge package` printed; `expect_digest` pins it)."""
+        return manifest_digest(self.manifest)
+
+    def model_files(self) -> dict[str, str]:
+        """The model's files in the bundle, graph first, name -> SHA-256 (any engine)."""
+        files = self._files()
+        return {name: str(files.get(name, {}).get("sha256")) for name in model_files(self.engine)}
+
     def describe(self) -> dict[str, Any]:
-        """What this predictor runs: task, labels, limits, precision, providers."""
+        """What this predictor runs: task, labels, limits, precision, engine, providers, checksums."""
         keys = ("task", "labels", "max_length", "model_type", "precision", "quantization",
-                "bertedge_version")
+                "bertedge_version", "format_version", "created")
+        provenance = self.manifest.get("provenance")
         return {**{k: self.manifest.get(k) for k in keys}, "engine": self.engine, "providers": self.providers,
-                "inputs": list(self.feeds)}
+                "inputs": list(self.feeds), "digest": self.digest,
+                "checksums": {name: f.get("sha256") for name, f in self._files().items()},
+                "files": self._files(),
+                "artifact": provenance.get("artifact") if isinstance(provenance, dict) else None}
+
+    def _files(self) -> dict[str, dict[str, Any]]:
+        files = self.manifest.get("files")
+        return files if isinstance(files, dict) else {}
 
     def output_schema(self) -> dict[str, Any]:
         """The fields of a result (pyarrow-free; see `bertedge.runtime.tasks.Schema`), "truncated" included."""
         return {**self.task.output_schema(self.labels, self.options), "truncated": "bool"}
 
+    # ------------------------------------------------------------------------- items
+
     def check(self, item: Item) -> Pair | str:
-        """An item as (text, pair), or what is wrong with it for this model."""
+        """An item as (text, pair), or what is wrong with it for this model.
+
+        A text of only whitespace, control or zero-width characters is empty, like a blank one.
+        """
         checked = as_pair(item)
         if isinstance(checked, str):
             return checked
+        text, pair = checked
+        if not has_text(text):
+            return "empty text"
+        if pair is not None and not has_text(pair):
+            return "empty text_pair"
         return self.task.check_item(checked) or checked
+
+    def count_tokens(self, items: Sequence[Pair]) -> list[int]:
+        """Tokens per checked item as the predictor pads it: its (first) window, at most max_length.
+
+        A long QA context runs as several windows; they count as one (the padded length is what
+        one long text costs the short texts it is batched with).
+        """
+        cap = self.max_length * CHARS_PER_TOKEN_CAP
+        cut = [t[:cap] if p is None else (t[:cap], p[:cap]) for t, p in items]
+        try:
+            encodings = self.tokenizer.encode_batch(cut)
+        except Exception:  # e.g. a QA question longer than a window: it will fail alone later
+            return [self.max_length] * len(items)
+        return [min(len(e.ids), self.max_length) for e in encodings]
+
+    # ------------------------------------------------------------------------- predicting
 
     def predict(self, items: Iterable[Item], batch_size: int | None = None,
                 timings: LatencyRecorder | None = None) -> list[Result]:
@@ -231,7 +296,8 @@ class Predictor:
             plus "truncated": True when the item was longer than max_length tokens.
 
         Raises:
-            BertedgeError: one error listing every bad item (nothing is predicted then).
+            BertedgeError: one error listing every bad item, or every item whose inference
+                failed (nothing is returned then).
         """
         items = list(items)
         checked = [self.check(item) for item in items]
@@ -243,7 +309,8 @@ class Predictor:
 
     def predict_isolated(self, items: Iterable[Item], batch_size: int | None = None,
                          timings: LatencyRecorder | None = None) -> list[Result]:
-        """Like `predict`, but a bad item gives {"error": why} in its place and never fails the others."""
+        """Like `predict`, but a bad item, or one whose inference fails, gives {"error": why} in
+        its place and never fails the others."""
         checked = [self.check(item) for item in items]
         good = [i for i, c in enumerate(checked) if not isinstance(c, str)]
         results: list[Result] = [{"error": c} if isinstance(c, str) else {} for c in checked]
@@ -260,48 +327,70 @@ class Predictor:
                                 "pass non-empty texts; QA takes (question, context) pairs or "
                                 "{'question', 'context'} dicts, NER one text")
 
-    def _predict_pairs(self, pairs: list[Pair], batch_size: int | None,
-                       timings: LatencyRecorder | None) -> list[Result]:
-        """Checked pairs -> results; an item the tokenizer refuses gets {"error"} alone."""
-        if not pairs:
-            return []
-        started = time.perf_counter()
+    def _encode_each(self, pairs: list[Pair]) -> tuple[Features, list[int], dict[int, str]]:
+        """Windows of the items the tokenizer takes, their indices, and why it refused the others."""
         try:
-            windows, good = self.encode_windows(pairs), list(range(len(pairs)))
-            failed: dict[int, str] = {}
+            return self.encode_windows(pairs), list(range(len(pairs))), {}
         except BertedgeError:  # find the item(s) at fault; the others are still predicted
-            failed = {}
+            failed: dict[int, str] = {}
             for i, pair in enumerate(pairs):
                 try:
                     self.encode_windows([pair])
                 except BertedgeError as e:
                     failed[i] = f"{e.problem} -- {e.fix}" if e.fix else e.problem
             good = [i for i in range(len(pairs)) if i not in failed]
-            if not good:
-                return [{"error": failed[i]} for i in range(len(pairs))]
-            windows = self.encode_windows([pairs[i] for i in good])
+            windows = self.encode_windows([pairs[i] for i in good]) if good else Features([], [], None, [])
+            return windows, good, failed
+
+    def _predict_pairs(self, pairs: list[Pair], batch_size: int | None,
+                       timings: LatencyRecorder | None) -> list[Result]:
+        """Checked pairs -> results; an item the tokenizer refuses or whose inference fails gets
+        {"error"} alone."""
+        if not pairs:
+            return []
+        started = time.perf_counter()
+        windows, good, failed = self._encode_each(pairs)
         tokenize_s = time.perf_counter() - started
         lengths = [len(e.ids) for e in windows.encodings]
         outputs: list[dict[str, np.ndarray]] = [{} for _ in lengths]
-        batches = list(length_sorted_batches(lengths, batch_size or self.batch_size))
-        inference_s = []
+        batches = list(length_sorted_batches(lengths, batch_size or self.batch_size)) if lengths else []
+        inference_s: list[float] = []
+        broken: dict[int, str] = {}  # window -> why its inference failed
         for index in batches:
             t0 = time.perf_counter()
-            raw = self.run_encodings([windows.encodings[i] for i in index])
+            for i, raw in self._run_contained(windows.encodings, index, broken):
+                outputs[i] = {k: v[: lengths[i]] if self.task.per_token_outputs else v for k, v in raw.items()}
             inference_s.append(time.perf_counter() - t0)
-            for row, i in enumerate(index):
-                outputs[i] = {k: v[row, : lengths[i]] if self.task.per_token_outputs else v[row] for k, v in raw.items()}
+        lost = {windows.example_index[w] for w in broken}  # positions in `good`
+        for position in lost:
+            failed[good[position]] = broken[min(w for w in broken if windows.example_index[w] == position)]
         t1 = time.perf_counter()
-        decoded = self.task.decode([pairs[i] for i in good], windows, outputs, self.labels, self.options)
+        kept = [p for p in range(len(good)) if p not in lost]
+        decoded = self.task.decode([pairs[good[p]] for p in kept], _subset(windows, kept),
+                                   [outputs[w] for w in range(len(lengths)) if windows.example_index[w] not in lost],
+                                   self.labels, self.options) if kept else []
         decode_s = time.perf_counter() - t1
         if timings is not None:
             for index, seconds in zip(batches, inference_s, strict=True):
                 share = len(index) / len(lengths)
                 timings.add(len(index), tokenize_s * share, seconds, decode_s * share)
         results: list[Result] = [{"error": failed[i]} if i in failed else {} for i in range(len(pairs))]
-        for i, result, cut in zip(good, decoded, windows.truncated, strict=True):
-            results[i] = {**result, "truncated": True} if cut else result
+        for p, result in zip(kept, decoded, strict=True):
+            results[good[p]] = {**result, "truncated": True} if windows.truncated[p] else result
         return results
+
+    def _run_contained(self, encodings: Sequence[Encoding], index: list[int],
+                       broken: dict[int, str]) -> list[tuple[int, dict[str, np.ndarray]]]:
+        """(window, its outputs) for one batch; when the batch fails, each window is run alone
+        and the ones that still fail go into `broken` with why."""
+        try:
+            raw = self.run_encodings([encodings[i] for i in index])
+            return [(i, {k: v[row] for k, v in raw.items()}) for row, i in enumerate(index)]
+        except Exception as e:  # onnxruntime / OpenVINO raise untyped errors
+            if len(index) == 1:
+                broken[index[0]] = f"{INFERENCE_FAILED} ({type(e).__name__}: {_first_line(e)})"
+                return []
+        return [got for i in index for got in self._run_contained(encodings, [i], broken)]
 
     def encode_windows(self, pairs: list[Pair]) -> Features:
         """Tokenize checked items into model windows (QA: several per long context).
@@ -326,3 +415,27 @@ class Predictor:
         """Raw graph outputs, by name, for already-tokenized items (reused by serve / Ray)."""
         outputs = self.session.run(self.output_names, self.features(encodings))
         return dict(zip(self.output_names, outputs, strict=True))
+
+
+def _subset(features: Features, kept: list[int]) -> Features:
+    """The windows of the items at positions `kept`, renumbered 0..len(kept)-1.
+
+    >>> f = _subset(Features(["a", "b", "c"], [0, 1, 1], None, [False, True]), [1])
+    >>> f.encodings, f.example_index, f.truncated
+    (['b', 'c'], [0, 0], [True])
+    """
+    if len(kept) == len(features.truncated):
+        return features
+    new = {old: n for n, old in enumerate(kept)}
+    windows = [w for w, item in enumerate(features.example_index) if item in new]
+    return Features([features.encodings[w] for w in windows], [new[features.example_index[w]] for w in windows],
+                    None, [features.truncated[p] for p in kept])
+
+
+def _first_line(e: BaseException) -> str:
+    """An exception's message cut to its first line and 200 characters (engines write pages).
+
+    >>> _first_line(RuntimeError("[ONNXRuntimeError] : 2 : bad\\nstack..."))
+    '[ONNXRuntimeError] : 2 : bad'
+    """
+    return (str(e).strip().splitlines() or [""])[0][:200]
