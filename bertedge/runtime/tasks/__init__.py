@@ -7,8 +7,10 @@ windows (`Features`) and loss targets, how window outputs become predictions and
 are scored (`load` -> `encode` -> run the windows -> `predict` -> `score`). The runtime: what
 an item must look like (`check_item`), which input columns it reads by default, how items
 become windows (`encode_items`), how outputs become results (`decode`, with `DecodeOptions`),
-an example item for probes and warm-up, and the result's schema. No code outside the task
-modules asks a task its name to decide what to do.
+an example item for probes and warm-up, and the result's schema. Cascades: how confident an
+answer is (`margin`, one number in [0, 1] per batch row; rows below a stage's delta escalate
+to the next stage) and which tokens that margin looks at (`margin_tokens`). No code outside
+the task modules asks a task its name to decide what to do.
 
 Each task lives in its own module (`classification`, `ner`, `qa`), which ends with its record.
 This package sits on the numpy side of the dependency wall: the runtime imports it, so it must
@@ -24,11 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
 
 from bertedge.errors import BertedgeError
 from bertedge.runtime.data import BadRows, Columns
 from bertedge.runtime.features import Features
+from bertedge.runtime.metrics import softmax
 from bertedge.runtime.records import Pair
 
 WindowOutputs = list[dict[str, np.ndarray]]  # one {output name: array} per window, padding removed
@@ -36,6 +39,29 @@ Result = dict[str, Any]  # one item's prediction, as `bertedge predict` prints i
 # A result schema without pyarrow: field -> "string" | "int64" | "float64" | "bool", a dict
 # (a struct of named fields) or a one-element list (a list of that type).
 Schema = dict[str, Any]
+Arrays = dict[str, np.ndarray]  # a padded batch: feeds by tokenizer name, or outputs by graph name
+# The feed (beside input_ids, attention_mask, token_type_ids) that marks, per token, whether it
+# counts toward the confidence margin: 1 for the tokens the task decodes, 0 for specials, the
+# question of a QA window and padding. The graph never reads it.
+MARGIN_MASK = "margin_mask"
+
+
+def top_two_margin(logits: np.ndarray) -> np.ndarray:
+    """Top-1 minus top-2 softmax probability along the last axis, in float64 (1.0 for one class).
+
+    >>> top_two_margin(np.array([[0.0, 0.0], [0.0, 20.0]])).round(6).tolist()
+    [0.0, 1.0]
+    """
+    probs = softmax(np.asarray(logits, dtype=np.float64), axis=-1)
+    if probs.shape[-1] < 2:
+        return np.ones(probs.shape[:-1])
+    top = np.partition(probs, -2, axis=-1)
+    return top[..., -1] - top[..., -2]
+
+
+def scored_mask(feeds: Arrays) -> np.ndarray:
+    """The tokens a margin looks at: MARGIN_MASK when the feeds carry it, else every real token."""
+    return np.asarray(feeds.get(MARGIN_MASK, feeds["attention_mask"])) != 0
 
 
 class Aggregation(str, Enum):
@@ -96,6 +122,9 @@ class Task:
     output_schema: Callable[[Sequence[str], DecodeOptions], Schema]  # (labels, options) -> fields
     # --- examples, whatever the task
     texts: Callable[[Any], list[str]]  # the examples' raw text (bench fills its timed inputs with it)
+    # --- cascades: how to tell a confident answer (rows with margin < delta escalate)
+    margin: Callable[[Arrays, Arrays], np.ndarray]  # (outputs, feeds) -> one margin in [0, 1] per row
+    margin_tokens: Callable[[Encoding], list[int]]  # per token: 1 if it counts toward the margin
     check_train: Callable[[Any], None] = lambda examples: None  # refuse untrainable data (one class...)
 
     def columns(self, text_columns: tuple[str, ...], pair_columns: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -108,6 +137,14 @@ class Task:
         if self.input_columns is None or pair_columns:
             return text_columns, pair_columns
         return (*self.input_columns[0], *text_columns), self.input_columns[1]
+
+    def margin_mask(self, encodings: Sequence[Encoding], width: int) -> np.ndarray:
+        """The MARGIN_MASK feed for a batch padded to `width` tokens (int64, 0 on padding)."""
+        mask = np.zeros((len(encodings), width), dtype=np.int64)
+        for row, enc in enumerate(encodings):
+            tokens = self.margin_tokens(enc)
+            mask[row, :len(tokens)] = tokens
+        return mask
 
 
 # The task modules build their records from the names above, so they are imported last.
@@ -139,5 +176,6 @@ def task_for_architecture(architecture: str) -> Task:
     )
 
 
-__all__ = ["CLASSIFICATION", "NER", "QA", "TASKS", "Aggregation", "DecodeOptions", "QaExamples", "Result",
-           "Schema", "Task", "WindowOutputs", "decode_classification", "get_task", "task_for_architecture"]
+__all__ = ["CLASSIFICATION", "MARGIN_MASK", "NER", "QA", "TASKS", "Aggregation", "Arrays", "DecodeOptions",
+           "QaExamples", "Result", "Schema", "Task", "WindowOutputs", "decode_classification", "get_task",
+           "scored_mask", "task_for_architecture", "top_two_margin"]

@@ -24,7 +24,15 @@ from bertedge.runtime.data import (
 from bertedge.runtime.features import Features
 from bertedge.runtime.metrics import classification_metrics, softmax
 from bertedge.runtime.records import Pair
-from bertedge.runtime.tasks import DecodeOptions, Result, Schema, Task, WindowOutputs
+from bertedge.runtime.tasks import (
+    Arrays,
+    DecodeOptions,
+    Result,
+    Schema,
+    Task,
+    WindowOutputs,
+    top_two_margin,
+)
 
 # --- training and evaluation ------------------------------------------------------------------
 
@@ -105,6 +113,15 @@ def _decode(pairs: list[Pair], features: Features, outputs: WindowOutputs, label
     return decode_classification(np.stack([o["logits"] for o in outputs]), list(labels))
 
 
+def label_margin(outputs: Arrays, feeds: Arrays) -> np.ndarray:
+    """Per row: the top-1 minus top-2 class probability (the feeds are not needed).
+
+    >>> label_margin({"logits": np.array([[0.0, 0.0], [2.0, 0.0]])}, {}).round(4).tolist()
+    [0.0, 0.7616]
+    """
+    return top_two_margin(outputs["logits"])
+
+
 def _schema(labels: Sequence[str], options: DecodeOptions) -> Schema:
     return {"label": "string", "score": "float64", "probabilities": {lab: "float64" for lab in labels}}
 
@@ -126,5 +143,7 @@ CLASSIFICATION: Task = Task(
     example_item=("a short example text", None),
     output_schema=_schema,
     texts=lambda ex: list(ex.texts),
+    margin=label_margin,
+    margin_tokens=lambda enc: [1] * len(enc.ids),  # unused: the margin reads the logits alone
     check_train=check_trainable,
 )

@@ -22,7 +22,17 @@ from bertedge.runtime.data import BadRows, Columns, read_text, seeded_split
 from bertedge.runtime.features import IGNORE, Features
 from bertedge.runtime.metrics import softmax
 from bertedge.runtime.records import Pair
-from bertedge.runtime.tasks import Aggregation, DecodeOptions, Result, Schema, Task, WindowOutputs
+from bertedge.runtime.tasks import (
+    Aggregation,
+    Arrays,
+    DecodeOptions,
+    Result,
+    Schema,
+    Task,
+    WindowOutputs,
+    scored_mask,
+    top_two_margin,
+)
 from bertedge.runtime.tasks.classification import truncate_at
 
 __all__ = ["Aggregation", "NER", "NerExamples", "read_ner"]  # Aggregation: re-exported for callers of ner.*
@@ -398,6 +408,23 @@ def _decode(pairs: list[Pair], features: Features, outputs: WindowOutputs, label
     return results
 
 
+def token_margin(outputs: Arrays, feeds: Arrays) -> np.ndarray:
+    """Per row: the smallest top-1 minus top-2 tag probability over the row's scored tokens
+    (MARGIN_MASK: the words' sub-tokens, no specials; without it, every real token). One unsure
+    token escalates the text; a row with no scored token has margin 1.
+
+    >>> logits = np.array([[[9.0, 0.0], [0.0, 0.0], [9.0, 0.0]]])  # token 1 is a coin flip
+    >>> token_margin({"logits": logits}, {"attention_mask": np.array([[1, 1, 1]])}).round(4).tolist()
+    [0.0]
+    >>> token_margin({"logits": logits}, {"attention_mask": np.array([[1, 1, 1]]),
+    ...                                   "margin_mask": np.array([[1, 0, 1]])}).round(4).tolist()
+    [0.9998]
+    """
+    gaps = top_two_margin(outputs["logits"])
+    mask = scored_mask(feeds)[:, :gaps.shape[1]]
+    return np.where(mask, gaps, 1.0).min(axis=1, initial=1.0)
+
+
 def is_punctuation(ch: str) -> bool:
     return unicodedata.category(ch).startswith("P")
 
@@ -448,4 +475,6 @@ NER: Task = Task(
     example_item=("John Smith lives in Paris .", None),
     output_schema=_schema,
     texts=lambda ex: [" ".join(words) for words in ex.words],
+    margin=token_margin,
+    margin_tokens=lambda enc: [0 if w is None else 1 for w in enc.word_ids],  # specials: no word
 )

@@ -22,8 +22,17 @@ from tokenizers import Encoding, Tokenizer
 from bertedge.errors import BertedgeError
 from bertedge.runtime.data import BadRows, Columns, read_text
 from bertedge.runtime.features import Features
+from bertedge.runtime.metrics import softmax
 from bertedge.runtime.records import Pair
-from bertedge.runtime.tasks import DecodeOptions, Result, Schema, Task, WindowOutputs
+from bertedge.runtime.tasks import (
+    MARGIN_MASK,
+    Arrays,
+    DecodeOptions,
+    Result,
+    Schema,
+    Task,
+    WindowOutputs,
+)
 
 
 @dataclass
@@ -192,6 +201,44 @@ def best_spans(windows: Sequence[tuple[Encoding, np.ndarray, np.ndarray]], conte
     probs /= probs.sum()
     return [{"text": context[a:b], "start": int(a), "end": int(b), "score": float(p), "window": int(w)}
             for ((a, b), (_, w)), p in zip(ranked[:top_k], probs[:top_k])]
+
+
+def span_margin(outputs: Arrays, feeds: Arrays, max_answer_tokens: int = 30) -> np.ndarray:
+    """Per row (one window): the best span's score minus the runner-up's, a span's score being
+    P(start) x P(end) with both softmaxes taken over the window's context tokens (MARGIN_MASK;
+    without it, the real tokens of the second sequence) and spans as `best_spans` allows them:
+    start <= end, at most `max_answer_tokens` long. Unlike `best_spans` this neither merges
+    spans across windows nor renormalises over the top candidates: a window's margin depends on
+    that window alone. A window with one possible span has that span's score as its margin; one
+    with no context token has margin 1 (it answers nothing, whatever the stage).
+
+    >>> out = {"start_logits": np.array([[0.0, 9.0, 0.0]]), "end_logits": np.array([[0.0, 0.0, 9.0]])}
+    >>> span_margin(out, {"margin_mask": np.array([[0, 1, 1]])}).round(4).tolist()  # (1, 2) leads
+    [0.9996]
+    >>> out["end_logits"] = np.array([[0.0, 9.0, 9.0]])  # (1, 1) and (1, 2) tie
+    >>> span_margin(out, {"margin_mask": np.array([[0, 1, 1]])}).round(4).tolist()
+    [0.0]
+    """
+    start = np.asarray(outputs["start_logits"], dtype=np.float64)
+    end = np.asarray(outputs["end_logits"], dtype=np.float64)
+    context = _context_mask(feeds)[:, :start.shape[1]]
+    margins = np.ones(len(start))
+    for row in range(len(start)):
+        pos = np.flatnonzero(context[row])
+        if len(pos):
+            length = pos[None, :] - pos[:, None] + 1  # end - start + 1, starts down the rows
+            allowed = (length >= 1) & (length <= max_answer_tokens)
+            scores = np.where(allowed, np.outer(softmax(start[row, pos]), softmax(end[row, pos])), 0.0).ravel()
+            top = np.partition(scores, -2)[-2:] if scores.size > 1 else np.array([0.0, scores[0]])
+            margins[row] = top[1] - top[0]
+    return margins
+
+
+def _context_mask(feeds: Arrays) -> np.ndarray:
+    if MARGIN_MASK in feeds:
+        return np.asarray(feeds[MARGIN_MASK]) != 0
+    mask = np.asarray(feeds["attention_mask"]) != 0
+    return mask & (np.asarray(feeds["token_type_ids"]) == 1) if "token_type_ids" in feeds else mask
 
 
 # --- the official SQuAD v1.1 evaluation ------------------------------------------------------
@@ -384,4 +431,6 @@ QA: Task = Task(
     example_item=("What is this?", "This is an example context."),
     output_schema=_schema,
     texts=lambda ex: [e.context for e in ex.items],
+    margin=span_margin,
+    margin_tokens=lambda enc: [1 if s == 1 else 0 for s in enc.sequence_ids],  # the context only
 )
