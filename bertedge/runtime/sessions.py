@@ -10,6 +10,7 @@ Torch-free.
 
 from __future__ import annotations
 
+import importlib.metadata
 import threading
 import warnings
 from collections.abc import Sequence
@@ -35,6 +36,12 @@ ONNX_INT_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
 ONNXRUNTIME, OPENVINO = "onnxruntime", "openvino"
 ENGINES = (ONNXRUNTIME, OPENVINO)
 OV_TYPES = {"i64": "tensor(int64)", "i32": "tensor(int32)", "f32": "tensor(float)", "f16": "tensor(float16)"}
+# The GPU build replaces the CPU one (pyproject's [gpu] extra pins the same version: the newest
+# onnxruntime-gpu on the index). Both wheels ship the `onnxruntime` module, so the fix removes both
+# before installing one: installed side by side, whichever wrote its files last is the one imported.
+ORT_GPU = "onnxruntime-gpu==1.31.1"
+GPU_INSTALL = f"pip uninstall -y onnxruntime onnxruntime-gpu && pip install {ORT_GPU}"
+DEBUG_INFO = "python -c 'import onnxruntime; onnxruntime.print_debug_info()'"
 
 
 # ----------------------------------------------------------------------------- providers
@@ -55,16 +62,56 @@ def resolve_providers(requested: str | Sequence[str] | None,
     parts = [requested] if isinstance(requested, str) else list(requested or ["cpu"])
     names = [n.strip() for part in parts for n in part.split(",") if n.strip()]
     if [n.lower() for n in names] == ["auto"]:
-        return [CUDA, CPU] if CUDA in available else [CPU]
+        if CUDA in available:
+            return [CUDA, CPU]
+        if shadowed_gpu_build():
+            warnings.warn(f"providers 'auto' runs on the CPU: {_build_text()}; to use CUDA, "
+                          f"{GPU_INSTALL}", RuntimeWarning, stacklevel=2)
+        return [CPU]
     wanted = [PROVIDER_ALIASES.get(n.lower(), n) for n in names] or [CPU]
     missing = [p for p in wanted if p not in available]
     if missing:
-        gpu_hint = " (install onnxruntime-gpu for CUDA)" if CUDA in missing else ""
+        cuda_fix = (f"for CUDA, install onnxruntime's GPU build in place of the CPU one: {GPU_INSTALL}; "
+                    if CUDA in missing else "")
         raise BertedgeError(
             f"execution provider {', '.join(missing)} is not available in this onnxruntime "
-            f"(available: {', '.join(available)})",
-            f"use --providers cpu or auto{gpu_hint}")
+            f"({_build_text()}; available: {', '.join(available)})",
+            f"{cuda_fix}or use --providers cpu or auto")
     return list(dict.fromkeys([*wanted, CPU]))
+
+
+def shadowed_gpu_build() -> str | None:
+    """The version of an installed `onnxruntime-gpu` whose module the CPU build overwrote, if any.
+
+    Both wheels install the `onnxruntime` folder: `pip install 'bertedge[gpu]'` alone leaves both
+    distributions listed and imports whichever wrote its files last.
+    """
+    if getattr(ort, "package_name", "onnxruntime") == "onnxruntime-gpu":
+        return None
+    try:
+        return importlib.metadata.version("onnxruntime-gpu")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _build_text() -> str:
+    """Which onnxruntime is imported, for messages about a provider it lacks."""
+    name = getattr(ort, "package_name", "onnxruntime")
+    text = f"{name} {ort.__version__}" + (", the CPU build" if name == "onnxruntime" else "")
+    gpu = shadowed_gpu_build()
+    return text + (f"; onnxruntime-gpu {gpu} is installed too, but the CPU build's files replaced "
+                   "its module" if gpu else "")
+
+
+def _fallback_fix(lost: Sequence[str]) -> str:
+    """What to check when a session silently dropped the providers in `lost`."""
+    if CUDA not in lost:
+        return f"check that provider's libraries ({DEBUG_INFO} lists what onnxruntime finds)"
+    if CUDA not in ort.get_available_providers():
+        return f"this onnxruntime has no CUDA provider ({_build_text()}); to use CUDA, {GPU_INSTALL}"
+    cuda = getattr(ort, "cuda_version", "") or "?"
+    return (f"{getattr(ort, 'package_name', 'onnxruntime')} {ort.__version__} needs an NVIDIA driver and the CUDA {cuda} and "
+            f"cuDNN libraries it was built for on the library path ({DEBUG_INFO} lists what it finds)")
 
 
 def session_options(threads: int | None, optimize: bool = True, spin: bool = True) -> ort.SessionOptions:
@@ -117,7 +164,7 @@ def make_session(model: Path, providers: Sequence[Any] = (CPU,), threads: int | 
     lost = [p for p in names if p not in session.get_providers()]
     if lost:
         warnings.warn(f"onnxruntime could not use {', '.join(lost)} and fell back to "
-                      f"{', '.join(session.get_providers())}; check the CUDA / cuDNN install",
+                      f"{', '.join(session.get_providers())}: {_fallback_fix(lost)}",
                       RuntimeWarning, stacklevel=3)
     return session
 
