@@ -25,6 +25,7 @@ import onnxruntime as ort
 
 from bertedge.toolchain.bench.environment import cpu_facts
 from bertedge.toolchain.bench.report import append_history
+from bertedge.runtime.options import RuntimeOptions
 from bertedge.runtime.predict import predict_stream
 from bertedge.runtime.predictor import LatencyRecorder, Predictor
 from bertedge.runtime.records import InputFormat, input_format_of, read_records, records_from_texts
@@ -42,7 +43,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--text-column", default="text,sentence,content",
                    help="CSV/TSV column or JSONL field with the text (first present wins)")
     p.add_argument("--synthetic", type=int, default=2000, help="synthetic texts when no --input")
-    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = per core)")
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = the engine's default: one per usable CPU)")
     p.add_argument("--providers", default="cpu", help="cpu, auto, cuda or provider names")
     p.add_argument("--batch-size", type=int, default=32, help="batch size of the throughput run")
     p.add_argument("--warmup", type=int, default=20, help="untimed calls before each timed loop")
@@ -100,11 +101,12 @@ def throughput(predictor: Predictor, args: argparse.Namespace) -> dict[str, Any]
 
 def main() -> None:
     args = parse_args()
-    predictor = Predictor(args.bundle, providers=args.providers, threads=args.threads or None,
-                          batch_size=args.batch_size)
+    predictor = Predictor(args.bundle, RuntimeOptions(providers=args.providers, threads=args.threads,
+                                                      batch_size=args.batch_size))
+    facts = predictor.describe()
     settings = {
         "bundle": str(args.bundle), "input": str(args.input or f"synthetic x{args.synthetic}"),
-        "precision": predictor.manifest.get("precision"), "model_type": predictor.manifest.get("model_type"),
+        "precision": facts["precision"], "model_type": facts["model_type"],
         "providers": predictor.providers, "threads": args.threads, "batch_size": args.batch_size,
         "warmup": args.warmup, "runs": args.runs, "seed": args.seed, "onnxruntime": ort.__version__,
         "cpu": cpu_facts(), "python": platform.python_version(),

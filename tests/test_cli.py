@@ -71,3 +71,19 @@ def test_help_documents_every_verb() -> None:
     for verb in ("finetune", "export", "bench", "package", "predict", "serve", "models"):
         assert verb in out
     assert "minilm" in invoke("models")
+
+
+def test_runtime_options_are_one_group_with_one_meaning() -> None:
+    """predict and serve take the same runtime options; --threads 0 reads the same in bench too."""
+    import re
+
+    from bertedge.cli import THREADS_HELP
+
+    def options(verb: str) -> set[str]:
+        return set(re.findall(r"^\s+(--[a-z-]+)", invoke(verb, "--help"), re.MULTILINE))
+
+    group = {"--threads", "--providers", "--batch-size", "--aggregation", "--top-k", "--expect-digest"}
+    assert group <= options("predict") and group <= options("serve")
+    assert "--run-batch-size" not in options("serve")
+    for verb in ("predict", "serve", "bench"):
+        assert " ".join(THREADS_HELP.split()[:6]) in " ".join(invoke(verb, "--help").split()), verb

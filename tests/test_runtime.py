@@ -24,6 +24,7 @@ from test_bundle import LABELS, hand_export
 from bertedge.cli import cli
 from bertedge.errors import BertedgeError
 from bertedge.runtime.bundle import PackageArgs, package
+from bertedge.runtime.options import RuntimeOptions
 from bertedge.runtime.predict import predict_stream
 from bertedge.runtime.predictor import LatencyRecorder, Predictor
 from bertedge.runtime.records import InputFormat, read_lines, read_records
@@ -53,7 +54,7 @@ def bundle(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def predictor(bundle: Path) -> Predictor:
-    return Predictor(bundle, threads=1)
+    return Predictor(bundle, RuntimeOptions(threads=1))
 
 
 def torch_probabilities(model_dir: Path, items: list, max_length: int) -> np.ndarray:  # type: ignore[type-arg]
@@ -145,13 +146,31 @@ def test_truncation_is_flagged(predictor: Predictor) -> None:
     assert time.perf_counter() - t0 < 2
 
 
+def test_options_and_their_shorthands(bundle: Path) -> None:
+    p = Predictor(bundle, RuntimeOptions(threads=1, batch_size=8, top_k=3), batch_size=2)
+    assert (p.runtime.threads, p.runtime.batch_size, p.runtime.top_k, p.batch_size) == (1, 2, 3, 2)
+    assert p.runtime.session_threads == 1 and RuntimeOptions().session_threads is None  # 0: engine default
+    with pytest.raises(BertedgeError, match="--batch-size must be at least 1"):
+        Predictor(bundle, RuntimeOptions(), batch_size=0)
+
+
+def test_predictor_facts_for_the_edges(predictor: Predictor) -> None:
+    files = predictor.model_files()
+    assert list(files) == ["model.onnx"] and len(files["model.onnx"]) == 64
+    assert predictor.describe()["checksums"]["model.onnx"] == files["model.onnx"]
+    assert predictor.task_name == "classification" and predictor.digest == predictor.describe()["digest"]
+    assert predictor.check(predictor.example_item) == predictor.example_item
+    short, long = predictor.count_tokens([("a good film", None), ("good " * 500, None)])
+    assert short == 5 and long == predictor.max_length
+
+
 def test_bad_items_fail_once_listing_all(predictor: Predictor) -> None:
     with pytest.raises(BertedgeError, match=r"2 bad input\(s\): item 1: empty text; item 3: a int"):
         predictor.predict(["ok", "  ", "fine", 3])  # type: ignore[list-item]
 
 
 def test_concurrent_calls_give_the_same_answers(bundle: Path) -> None:
-    p = Predictor(bundle, threads=1)
+    p = Predictor(bundle, RuntimeOptions(threads=1))
     work = [TEXTS[i:] + TEXTS[:i] for i in range(len(TEXTS))]
     expected = [p.predict(w) for w in work]
     timings = LatencyRecorder()
@@ -191,8 +210,8 @@ def test_providers_resolution() -> None:
 @pytest.mark.skipif(CUDA in ort.get_available_providers(), reason="CUDA is available here")
 def test_explicit_cuda_fails_fast_and_auto_uses_cpu(bundle: Path) -> None:
     with pytest.raises(BertedgeError, match="not available"):
-        Predictor(bundle, providers="cuda")
-    assert Predictor(bundle, providers="auto").providers == [CPU]
+        Predictor(bundle, RuntimeOptions(providers="cuda"))
+    assert Predictor(bundle, RuntimeOptions(providers="auto")).providers == [CPU]
 
 
 def test_silent_fallback_warns(bundle: Path) -> None:
@@ -203,7 +222,7 @@ def test_silent_fallback_warns(bundle: Path) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(CUDA not in ort.get_available_providers(), reason="needs onnxruntime-gpu")
 def test_cuda_predictor(bundle: Path, predictor: Predictor) -> None:
-    p = Predictor(bundle, providers="cuda")
+    p = Predictor(bundle, RuntimeOptions(providers="cuda"))
     assert p.providers[0] == CUDA
     assert [r["label"] for r in p.predict(TEXTS)] == [r["label"] for r in predictor.predict(TEXTS)]
 
@@ -320,7 +339,7 @@ def test_100k_lines_stream_in_constant_memory(bundle: Path, tmp_path: Path) -> N
     assert peak < 1e6, f"reader peak {peak / 1e6:.1f} MB"
 
     # The whole pipeline holds at most one window of input and does not grow with the file.
-    p = Predictor(bundle, threads=1, batch_size=256)
+    p = Predictor(bundle, RuntimeOptions(threads=1, batch_size=256))
     p.predict(["warm up the onnxruntime arena"] * 256)
     before = rss_bytes()
     with path.open("rb") as f:
@@ -474,7 +493,7 @@ def qa_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_qa_question_longer_than_a_window_is_a_clean_per_item_error(qa_bundle: Path) -> None:
-    p = Predictor(qa_bundle, threads=1)
+    p = Predictor(qa_bundle, RuntimeOptions(threads=1))
     context = "john smith lives in paris and works at acme corp ."
     long_question = "who " * 40
     with pytest.raises(BertedgeError, match=r"item 1: the question .* tokens.*shorten the question to at most \d+ tokens"):
@@ -490,7 +509,7 @@ def test_qa_question_longer_than_a_window_is_a_clean_per_item_error(qa_bundle: P
 def test_predict_stream_isolates_bad_items_in_a_window(qa_bundle: Path) -> None:
     from bertedge.runtime.records import InputRecord
 
-    p = Predictor(qa_bundle, threads=1)
+    p = Predictor(qa_bundle, RuntimeOptions(threads=1))
     context = "john smith lives in paris ."
     recs = [InputRecord(1, ("where does john live ?", context)), InputRecord(2, ("who " * 40, context)),
             InputRecord(3, ("q", None)), InputRecord(4, ("who lives in paris ?", context), id=9)]

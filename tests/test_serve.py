@@ -55,7 +55,7 @@ def bundle(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def predictor(bundle: Path) -> Predictor:
-    return Predictor(bundle, threads=1)
+    return Predictor(bundle, RuntimeOptions(threads=1))
 
 
 @pytest.fixture
