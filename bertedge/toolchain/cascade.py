@@ -142,7 +142,7 @@ def calibrate(reference: Sequence[Any], margins: np.ndarray, first: Sequence[Any
     grid = delta_grid(margins, max_points)
     everyone = np.arange(n)
     curve = tuple(rows.point(everyone, margins, float(d)) for d in grid)
-    choose, confirm = _halves(n, gold, seed)
+    choose, confirm = split_halves(n, gold, seed)
     for d in grid:
         figures = rows.half(choose, margins, float(d), budgets)
         if figures.passed:
@@ -191,8 +191,14 @@ def _accuracy(predictions: Sequence[Any], gold: Sequence[Any]) -> float:
     return sum(_same(p, g) for p, g in zip(predictions, gold, strict=True)) / max(len(gold), 1)
 
 
-def _halves(n: int, gold: Sequence[Any] | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded choosing / confirming halves, split within the gold rows and within the others."""
+def split_halves(n: int, gold: Sequence[Any] | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The seeded (choosing, confirming) row indices `calibrate` uses: the rows with gold answers
+    and the others are each split in two, the choosing half taking the odd row out.
+
+    >>> choose, confirm = split_halves(5, [1, None, 0, None, None], seed=0)
+    >>> len(choose), len(confirm), sorted([*choose, *confirm])
+    (3, 2, [0, 1, 2, 3, 4])
+    """
     rng = np.random.default_rng(seed)
     labelled = np.array([gold is not None and g is not None for g in (gold or [None] * n)], dtype=bool)
     parts = [rng.permutation(np.flatnonzero(labelled == flag)) for flag in (True, False)]
