@@ -16,6 +16,8 @@ import transformers
 from click.testing import CliRunner
 from tiny import make_tiny_model, sentiment_rows, write_csv, write_jsonl
 
+from bertedge.cli import cli
+from bertedge.errors import BertedgeError
 from bertedge.toolchain import quantize as q
 from bertedge.toolchain.export import (
     ExportArgs,
@@ -26,8 +28,6 @@ from bertedge.toolchain.export import (
     export,
     max_abs_diff,
 )
-from bertedge.cli import cli
-from bertedge.errors import BertedgeError
 
 TEXTS = ["a good film", "the plot was very dull and the acting was poor", "superb", "boring movie"]
 INT8_ATOL = 1e-2  # tiny random models have logits ~1e-3; INT8 error stays well under this
@@ -79,11 +79,11 @@ def test_int8_agreement_and_report(tiny_bert: Path, bert_export: tuple[Path, Exp
     int8 = report.artifact("int8")
     assert int8 is not None and int8.passed and int8.quantization is not None
     assert int8.label_agreement >= 0.995 and int8.metric is not None
-    assert int8.metric["name"] == "accuracy" and float(int8.metric["drop_points"]) <= 0.5  # type: ignore[arg-type]
+    assert int8.metric.name == "accuracy" and int8.metric.drop_points <= 0.5
     # Every candidate is validated; only a batch-invariant one can pass the default gate.
-    assert [t["candidate"] for t in report.int8_search][:3] == [c.label() for c in q.candidates(q.Int8Config())]
+    assert [t.candidate for t in report.int8_search][:3] == [c.label() for c in q.candidates(q.Int8Config())]
     assert int8.quantization["batch_invariant"] and int8.batch_invariance is not None
-    assert int8.batch_invariance["passed"] and float(int8.batch_invariance["max_prob_diff"]) <= 1e-5  # type: ignore[arg-type]
+    assert int8.batch_invariance.passed and int8.batch_invariance.max_prob_diff <= 1e-5
     # Chosen by measurement: the recommended artifact is the passer with the lowest timed cost.
     passed = [a for a in report.artifacts if a.passed and a.cost_ms is not None]
     assert report.recommended == min(passed, key=lambda a: a.cost_ms or 0.0).name
@@ -145,10 +145,10 @@ def test_per_token_tasks_export_generically(task: str, tmp_path: Path) -> None:
     session = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"), providers=["CPUExecutionProvider"])
     assert all(o.shape[:2] == ["batch", "sequence"] for o in session.get_outputs())
     for a in report.artifacts:
-        assert a.validated and a.metric is not None and a.metric["name"] == "f1"
+        assert a.validated and a.metric is not None and a.metric.name == "f1"
     assert report.artifact("fused").passed  # type: ignore[union-attr]
     int8 = report.artifact("int8")
-    assert int8 is not None and int8.passed and int8.batch_invariance["passed"]  # type: ignore[index]
+    assert int8 is not None and int8.passed and int8.batch_invariance is not None and int8.batch_invariance.passed
     assert report.recommended in ("int8", "fused", "fp32")
 
 
@@ -158,14 +158,14 @@ def test_impossible_budget_tries_every_mitigation(tiny_bert: Path, sentiment_csv
     sensitivity search tried keeping the most error-prone nodes in fp32 (1, 2, 4, ... of them)."""
     report = export(ExportArgs(tiny_bert, tmp_path / "out", eval_file=sentiment_csv[1], max_accuracy_drop=-1,
                                max_fp32_nodes=2))
-    tried = [t["candidate"] for t in report.int8_search]
+    tried = [t.candidate for t in report.int8_search]
     ladder = q.distinct(q.candidates(q.Int8Config()), onnx.load(str(tmp_path / "out" / "model-fused.onnx")))
     assert tried[:3] == [c.label() for c in ladder]
     assert tried[3:] == ["dynamic per-channel ops=MatMul fp32-nodes=1 per-token",
                          "dynamic per-channel ops=MatMul fp32-nodes=2 per-token"]
-    ranked = [r["node"] for r in report.sensitivity]
-    assert report.int8_search[4]["fp32_nodes"] == ranked[:2]
-    assert abs(sum(float(str(r["share"])) for r in report.sensitivity) - 1.0) < 1e-6
+    ranked = [r.node for r in report.sensitivity]
+    assert report.int8_search[4].recipe["fp32_nodes"] == ranked[:2]
+    assert abs(sum(r.share for r in report.sensitivity) - 1.0) < 1e-6
     int8 = report.artifact("int8")
     assert int8 is not None and not int8.passed and "failed budget" in int8.notes
     assert report.recommended in ("fused", "fp32")
@@ -177,8 +177,8 @@ def test_sensitivity_probing_has_a_time_cap(tiny_bert: Path, sentiment_csv: tupl
     report = export(ExportArgs(tiny_bert, tmp_path / "out", eval_file=sentiment_csv[1], max_accuracy_drop=-1,
                                max_fp32_nodes=1, sensitivity_seconds=0.0, openvino="off"))
     assert len(report.sensitivity) == 1
-    total = int(str(report.sensitivity[0]["probed"]).split(" of ")[1])
-    assert report.sensitivity[0]["probed"] == f"1 of {total}" and total > 1
+    total = int(report.sensitivity[0].probed.split(" of ")[1])
+    assert report.sensitivity[0].probed == f"1 of {total}" and total > 1
     with pytest.raises(BertedgeError, match="--sensitivity-seconds"):
         ExportArgs(tiny_bert, tmp_path / "x", sensitivity_seconds=-1)
 
@@ -195,7 +195,7 @@ def test_search_all_keeps_fastest_passer(tiny_bert: Path, tmp_path: Path) -> Non
     report = export(ExportArgs(tiny_bert, tmp_path / "out", search_all=True, min_agreement=0.5,
                                batch_invariance=False, timing_rounds=0))
     assert len(report.int8_search) >= 4 and report.sensitivity  # --search-all runs the sensitivity search too
-    fastest = min(float(t["cost_ms"]) for t in report.int8_search if t["passed"])  # type: ignore[arg-type]
+    fastest = min(t.cost_ms or 0.0 for t in report.int8_search if t.passed)
     int8 = report.artifact("int8")
     assert int8 is not None and int8.cost_ms == fastest
     assert "agreement with PyTorch >= 0.5" in report.gate and "built-in" in report.validation_inputs
@@ -211,9 +211,9 @@ def test_static_qdq_with_calibration(tiny_bert: Path, sentiment_csv: tuple[Path,
     assert static.max_abs_diff_real < INT8_ATOL
     ops = {n.op_type for n in onnx.load(str(tmp_path / "out" / "model-int8-static.onnx")).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
-    assert static.batch_invariance is not None and static.batch_invariance["passed"]
+    assert static.batch_invariance is not None and static.batch_invariance.passed
     assert report.recommended in ("int8-static", "fp32") and "rows of" in report.validation_inputs
-    assert report.int8_search[0]["candidate"] == "static ops=MatMul minmax"  # passes the invariance gate
+    assert report.int8_search[0].candidate == "static ops=MatMul minmax"  # passes the invariance gate
 
 
 def test_agreement_also_counts_unlabelled_texts_but_not_the_calibration_rows(
@@ -343,8 +343,8 @@ def test_int8_candidate_that_cannot_load_is_recorded_and_skipped(
     monkeypatch.setattr(q, "quantize", broken_first)
     report = export(ExportArgs(tiny_bert, tmp_path / "out", eval_file=sentiment_csv[1]))
     first, second = report.int8_search[0], report.int8_search[1]
-    assert first["candidate"] == "dynamic" and "cannot load or run" in str(first["error"])
-    assert not first["passed"] and second["error"] is None
+    assert first.candidate == "dynamic" and "cannot load or run" in str(first.error)
+    assert not first.passed and second.error is None
     int8 = report.artifact("int8")
     assert int8 is not None and int8.passed and int8.quantization is not None and int8.quantization["per_channel"]
     assert not list((tmp_path / "out").glob("*candidate*"))
@@ -382,36 +382,36 @@ def test_unwritable_out_parent_fails_before_work(tiny_bert: Path, tmp_path: Path
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
-    from bertedge.toolchain import export as export_module
+    from bertedge.toolchain.export import stage
 
-    monkeypatch.setattr(export_module, "load_source", lambda *a: pytest.fail("work started"))
-    with pytest.raises(BertedgeError, match="cannot write next to --out"):  # root cannot write /sys either
+    monkeypatch.setattr(stage, "load_source", lambda *a: pytest.fail("work started"))
+    with pytest.raises(BertedgeError, match="cannot write the export"):  # root cannot write /sys either
         export(ExportArgs(tiny_bert, Path("/sys/bertedge-test/out")))
     if os.geteuid() != 0:  # root ignores file modes
         ro = tmp_path / "ro"
         ro.mkdir(mode=0o555)
-        with pytest.raises(BertedgeError, match="cannot write next to --out"):
+        with pytest.raises(BertedgeError, match="cannot write the export"):
             export(ExportArgs(tiny_bert, ro / "out"))
     runner = CliRunner()
     bad = runner.invoke(cli, ["export", str(tiny_bert), "--out", "/sys/bertedge-test/out"])
-    assert bad.exit_code != 0 and bad.output.count("\n") == 1 and "cannot write next to --out" in bad.output
+    assert bad.exit_code != 0 and bad.output.count("\n") == 1 and "cannot write the export" in bad.output
 
 
 def test_agreement_is_a_budget_with_and_without_eval() -> None:
     """An artifact within the metric budget still fails when it keeps too few of fp32's answers."""
-    from bertedge.toolchain.export import ArtifactReport, Reference
+    from bertedge.toolchain.export import ArtifactReport, BatchInvariance, Metric, Reference
 
     ref = Reference.__new__(Reference)
     ref.args = ExportArgs(Path("m"), Path("o"))  # defaults: drop <= 0.5 points, agreement >= 0.995
     report = ArtifactReport("int8", "f", "int8", "fused", label_agreement=0.99, answers_changed=9, answers_compared=900,
-                            metric={"name": "accuracy", "value": 0.9, "pytorch_value": 0.9, "drop_points": 0.0})
+                            metric=Metric("accuracy", 0.9, 0.9, 0.0))
     ok, why = ref._gate(report, lossy=True)
     assert not ok and "agreement 0.9900 < 0.995 (9 of 900 answers changed; the budget allows 4)" in why
     report.metric = None  # no --eval: the same budget
     assert not ref._gate(report, lossy=True)[0]
     report.label_agreement = 0.996
     assert ref._gate(report, lossy=True) == (True, "")
-    report.batch_invariance = {"passed": False, "max_prob_diff": 3e-4, "answers_changed": 1}
+    report.batch_invariance = BatchInvariance(8, 32, 64, max_prob_diff=3e-4, answers_changed=1, passed=False)
     ok, why = ref._gate(report, lossy=True)
     assert not ok and "not batch-invariant" in why
 
@@ -439,8 +439,8 @@ def test_per_token_rewrite_is_batch_invariant(bert_export: tuple[Path, ExportRep
     """Plain dynamic INT8 answers a row differently in another batch; the per-token rewrite does not."""
     out = bert_export[0]
     unfused = tmp_path / "unfused.onnx"
-    from bertedge.toolchain.export import fuse_without_attention
     from bertedge.runtime.meta import read_model_meta
+    from bertedge.toolchain.export import fuse_without_attention
 
     fuse_without_attention(read_model_meta(out), out / "model.onnx", unfused)
     plain, per_token = tmp_path / "plain.onnx", tmp_path / "per_token.onnx"
@@ -502,7 +502,7 @@ def test_targets_are_timed_and_parsed(tiny_bert: Path, tmp_path: Path) -> None:
 def test_the_passers_are_timed_again_side_by_side(tiny_bert: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Each artifact is first timed when built; the recommendation compares interleaved re-timings."""
-    from bertedge.toolchain import export as export_module
+    from bertedge.toolchain.export import gate
 
     calls: list[tuple[int, int]] = []
 
@@ -510,7 +510,7 @@ def test_the_passers_are_timed_again_side_by_side(tiny_bert: Path, tmp_path: Pat
         calls.append(feeds["input_ids"].shape)
         return float(len(calls))  # 1, 2, 3, ... in call order
 
-    monkeypatch.setattr(export_module, "time_run", fake_time_run)
+    monkeypatch.setattr(gate, "time_run", fake_time_run)
     report = export(ExportArgs(tiny_bert, tmp_path / "out", quantize=Quantization.NONE, targets=((1, 8), (4, 16)),
                                timing_rounds=2))
     assert [a.name for a in report.artifacts] == ["fp32", "fused"] and all(a.passed for a in report.artifacts)
@@ -539,3 +539,61 @@ def test_bundle_records_validated_isa_and_warns_without_vnni(bert_export: tuple[
     monkeypatch.setattr(bundle_module, "cpu_flags", lambda: {"avx2", "fma"})
     with pytest.warns(RuntimeWarning, match="validated on a CPU with VNNI"):
         Predictor(built.root)
+
+
+# ----------------------------------------------------------------------------- issue 24
+
+
+def test_report_records_the_sha256_of_every_artifact_file(bert_export: tuple[Path, ExportReport]) -> None:
+    """`package` can check that the files it ships are the ones export validated."""
+    import hashlib
+
+    out, report = bert_export
+    saved = json.loads((out / "export-report.json").read_text())
+    for a in saved["artifacts"]:
+        if a["file"]:
+            assert a["file"] in a["sha256"], a["name"]
+        for name, digest in a["sha256"].items():
+            assert digest == hashlib.sha256((out / name).read_bytes()).hexdigest(), name
+    assert saved["metadata_sha256"]["tokenizer.json"] == hashlib.sha256((out / "tokenizer.json").read_bytes()).hexdigest()
+    assert report.artifact("int8").sha256 == {"model-int8.onnx": hashlib.sha256(  # type: ignore[union-attr]
+        (out / "model-int8.onnx").read_bytes()).hexdigest()}
+
+
+@pytest.mark.parametrize("option", ["max_accuracy_drop", "min_agreement", "atol", "invariance_tol", "timing_seconds",
+                                    "sensitivity_seconds"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_or_infinite_float_options_are_refused(option: str, value: float) -> None:
+    flag = "--" + option.replace("_", "-")
+    with pytest.raises(BertedgeError, match=f"{flag} must be a finite number"):
+        ExportArgs(Path("m"), Path("o"), **{option: value})  # type: ignore[arg-type]
+
+
+def test_cli_refuses_nan_in_one_line(tiny_bert: Path, tmp_path: Path) -> None:
+    for flag in ("--max-accuracy-drop", "--atol"):
+        bad = CliRunner().invoke(cli, ["export", str(tiny_bert), "--out", str(tmp_path / "out"), flag, "nan"])
+        assert bad.exit_code != 0 and bad.output.count("\n") == 1 and f"{flag} must be a finite number" in bad.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_target_longer_than_the_position_table_is_refused_in_one_line(tiny_bert: Path, tmp_path: Path) -> None:
+    bad = CliRunner().invoke(cli, ["export", str(tiny_bert), "--out", str(tmp_path / "out"), "--target", "1x100000"])
+    assert bad.exit_code != 0 and bad.output.count("\n") == 1, bad.output
+    assert "--target 1x100000 is longer than the model's 128 positions" in bad.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tiny_bert: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from bertedge.toolchain.export import stage
+
+    def full(*args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(stage, "copy_metadata", full)
+    with pytest.raises(BertedgeError, match=r"cannot write the export .*\(No space left on device\)"):
+        export(ExportArgs(tiny_bert, tmp_path / "out", quantize=Quantization.NONE, optimization=Optimization.NONE,
+                          timing_seconds=0.05, timing_rounds=0))
+    assert list(tmp_path.iterdir()) == []  # no partial folder, no lock file

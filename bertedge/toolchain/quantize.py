@@ -1,8 +1,9 @@
 """INT8 quantization of an exported encoder: dynamic (per-tensor or per-token), static QDQ, the search.
 
-The search knows nothing about what "good enough" means: `export.py` passes a `check`
-callback that validates (and times) each candidate file and says whether it meets the budgets.
-Dynamic candidates (docs: /work/shared/PERF-NOTES.md): the plain recipe; per-channel weights;
+The search knows nothing about what "good enough" means: export (`bertedge.toolchain.export.int8`)
+passes a `check` callback that validates (and times) each candidate file and says whether it meets
+the budgets; the same search runs OpenVINO's NNCF recipes, given their `build` function.
+Dynamic candidates (each chosen by measurement on the user's --eval / --agreement-data): the plain recipe; per-channel weights;
 per-channel with per-token activations, the batch-invariant one; then, by measurement, the
 per-token recipe with the nodes that carry most of the output error kept in fp32
 (`sensitivity`). Static candidates: the recipe, per-channel + reduce_range, then ever larger
@@ -20,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from pathlib import Path
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 import onnx
@@ -108,7 +109,8 @@ class Int8Config:
 def candidates(base: Int8Config) -> list[Int8Config]:
     """The recipes to try from `base`, without duplicates; export validates and times them all.
 
-    Dynamic: the plain recipe, per-channel weights (3x fewer flips, same speed: PERF-NOTES), and
+    Dynamic: the plain recipe, per-channel weights (3x fewer flips at the same speed, measured on
+    the demo model), and
     per-channel with per-token activations on MatMul (the batch-invariant one). Sensitivity-
     guided fp32 nodes are added later, from measurement (`sensitivity`). Static: the recipe,
     per-channel + reduce_range, then ever larger node groups kept in fp32.
@@ -398,14 +400,24 @@ class Verdict(Protocol):
     cost_ms: float | None  # measured time at the target shapes; lower wins among passers
 
 
+class Recipe(Protocol):
+    """What the search needs from a recipe: `Int8Config`, or `openvino_int8.Recipe`."""
+
+    def label(self) -> str: ...
+
+    def to_dict(self) -> dict[str, object]: ...
+
+
 V = TypeVar("V", bound=Verdict)
+R = TypeVar("R", bound=Recipe)
+Build = Callable[[Path, Path, R, Sequence[Feeds]], None]  # (source graph, destination, recipe, calibration)
 
 
 @dataclass
-class Attempt(Generic[V]):
+class Attempt(Generic[R, V]):
     """One candidate tried: its recipe, how it validated (or why it could not be built)."""
 
-    config: Int8Config
+    config: R
     seconds: float
     verdict: V | None = None
     error: str | None = None
@@ -416,10 +428,10 @@ class Attempt(Generic[V]):
 
 
 @dataclass
-class SearchResult(Generic[V]):
+class SearchResult(Generic[R, V]):
     """Every attempt in order, and the index of the one whose file now sits at `dst`."""
 
-    attempts: list[Attempt[V]] = field(default_factory=list)
+    attempts: list[Attempt[R, V]] = field(default_factory=list)
     chosen: int | None = None  # None: no candidate could be built at all
 
     @property
@@ -427,19 +439,26 @@ class SearchResult(Generic[V]):
         return self.chosen is not None and self.attempts[self.chosen].passed
 
 
+def _quantize_onnx(src: Path, dst: Path, config: Any, calibration: Sequence[Feeds]) -> None:
+    quantize(src, dst, config, calibration)  # looked up at call time: tests replace `quantize`
+
+
 def search(
-    src: Path | Callable[[Int8Config], Path],
+    src: Path | Callable[[R], Path],
     dst: Path,
-    ladder: Sequence[Int8Config],
-    check: Callable[[Path, Int8Config], V],
+    ladder: Sequence[R],
+    check: Callable[[Path, R], V],
     calibration: Sequence[Feeds] = (),
     search_all: bool = False,
-    extend: Callable[[SearchResult[V]], Iterator[Int8Config]] | None = None,
-) -> SearchResult[V]:
-    """Quantize `src` with each recipe in `ladder` until one passes `check`; keep it at `dst`.
+    extend: Callable[[SearchResult[R, V]], Iterator[R]] | None = None,
+    build: Build[R] | None = None,
+) -> SearchResult[R, V]:
+    """Build `src` with each recipe in `ladder` until one passes `check`; keep it at `dst`.
 
-    `src` may be a function of the recipe (per-token recipes start from a graph whose
-    attention is left unfused, since QAttention takes a single activation scale).
+    `build` writes one candidate (default: `quantize`, onnxruntime INT8); an OpenVINO IR's
+    `.bin` travels with its `.xml`. `src` may be a function of the recipe (per-token recipes
+    start from a graph whose attention is left unfused, since QAttention takes a single
+    activation scale).
 
     With `search_all`, every recipe is tried and the fastest passer wins (by its verdict's
     measured cost; without timings, the highest label agreement). When none passes, the highest-agreement candidate is kept (marked failed by its
@@ -447,12 +466,14 @@ def search(
     `extend`, given the ladder's result, yields further recipes (cheapest first) that are tried
     until one passes.
     """
-    result: SearchResult[V] = SearchResult()
+    result: SearchResult[R, V] = SearchResult()
+    write: Build[R] = build or _quantize_onnx
 
-    def attempt(config: Int8Config) -> Attempt[V]:
+    def attempt(config: R) -> Attempt[R, V]:
         i = len(result.attempts)
         source = src(config) if callable(src) else src
-        tried = _try(source, dst.with_name(f"{dst.stem}.candidate{i}{dst.suffix}"), config, check, calibration)
+        tried = _try(source, dst.with_name(f"{dst.stem}.candidate{i}{dst.suffix}"), config, check, calibration,
+                     write)
         result.attempts.append(tried)
         if tried.verdict is not None and _better(tried, result):
             result.chosen = i
@@ -466,15 +487,37 @@ def search(
             break
     for i in range(len(result.attempts)):
         tmp = dst.with_name(f"{dst.stem}.candidate{i}{dst.suffix}")
-        if i == result.chosen:
-            shutil.move(tmp, dst)
-        else:
-            tmp.unlink(missing_ok=True)
+        for part, final in zip(_parts(tmp), _parts(dst), strict=True):
+            if i == result.chosen and part.exists():
+                shutil.move(part, final)
+            else:
+                part.unlink(missing_ok=True)
     return result
 
 
+def _parts(path: Path) -> list[Path]:
+    """A candidate's files: the graph, and an OpenVINO IR's weights beside its .xml.
+
+    >>> [p.name for p in _parts(Path("m.candidate0.xml"))]
+    ['m.candidate0.xml', 'm.candidate0.bin']
+    """
+    return [path, path.with_suffix(".bin")] if path.suffix == ".xml" else [path]
+
+
+@dataclass
+class NodeSensitivity:
+    """One node's share of the INT8 output error (a row of export-report.json's `sensitivity`)."""
+
+    node: str
+    error_with_node_fp32: float  # output error with this node alone left in fp32
+    probed: str = ""  # "12 of 75": how many nodes the time cap let the probing measure
+    error_all_int8: float = 0.0  # output error with every node quantized
+    gain: float = 0.0  # error_all_int8 - error_with_node_fp32
+    share: float = 0.0  # the gain over the sum of positive gains
+
+
 def sensitivity(src: Path, config: Int8Config, nodes: Sequence[str], error: Callable[[Path], float],
-                work: Path, seconds: float | None = None) -> list[dict[str, object]]:
+                work: Path, seconds: float | None = None) -> list[NodeSensitivity]:
     """Each node's share of the INT8 output error: quantize with only that node left in fp32.
 
     `error(path)` measures a quantized file against the reference (e.g. mean |logit difference|
@@ -490,20 +533,18 @@ def sensitivity(src: Path, config: Int8Config, nodes: Sequence[str], error: Call
     path = work / "sensitivity.onnx"
     quantize(src, path, config)
     full = error(path)
-    rows: list[dict[str, object]] = []
+    rows: list[NodeSensitivity] = []
     for node in reversed(list(nodes)):
         if rows and seconds is not None and time.perf_counter() - start > seconds:
             break
         quantize(src, path, replace(config, fp32_nodes=(node,)))
-        rows.append({"node": node, "error_with_node_fp32": error(path)})
-    for r in rows:
-        r["probed"] = f"{len(rows)} of {len(nodes)}"
+        rows.append(NodeSensitivity(node, error(path)))
     path.unlink(missing_ok=True)
-    gains = [full - float(r["error_with_node_fp32"]) for r in rows]  # type: ignore[arg-type]
-    total = sum(max(0.0, g) for g in gains) or 1.0
-    for r, gain in zip(rows, gains, strict=True):
-        r.update(error_all_int8=full, gain=gain, share=max(0.0, gain) / total)
-    return sorted(rows, key=lambda r: -float(r["gain"]))  # type: ignore[arg-type]
+    total = sum(max(0.0, full - r.error_with_node_fp32) for r in rows) or 1.0
+    for r in rows:
+        r.probed, r.error_all_int8, r.gain = f"{len(rows)} of {len(nodes)}", full, full - r.error_with_node_fp32
+        r.share = max(0.0, r.gain) / total
+    return sorted(rows, key=lambda r: -r.gain)
 
 
 def touched_nodes(model: onnx.ModelProto, config: Int8Config) -> list[str]:
@@ -512,23 +553,31 @@ def touched_nodes(model: onnx.ModelProto, config: Int8Config) -> list[str]:
     return [n.name for n in model.graph.node if n.name in touched]
 
 
-def _try(src: Path, path: Path, config: Int8Config, check: Callable[[Path, Int8Config], V],
-         calibration: Sequence[Feeds]) -> Attempt[V]:
+def _try(src: Path, path: Path, config: R, check: Callable[[Path, R], V], calibration: Sequence[Feeds],
+         build: Build[R]) -> Attempt[R, V]:
     start = time.perf_counter()
     try:
-        quantize(src, path, config, calibration)
-    except Exception as e:  # an onnxruntime quantizer failure ends this recipe, not the search
-        path.unlink(missing_ok=True)
-        return Attempt(config, time.perf_counter() - start, error=f"{type(e).__name__}: {e}")
+        build(src, path, config, calibration)
+    except Exception as e:  # a quantizer failure ends this recipe, not the search
+        for part in _parts(path):
+            part.unlink(missing_ok=True)
+        return Attempt(config, time.perf_counter() - start, error=f"{type(e).__name__}: {_first_line(e)}")
     try:
         verdict = check(path, config)
-    except Exception as e:  # it quantized, but onnxruntime cannot load or run the file: skip it
-        path.unlink(missing_ok=True)
-        return Attempt(config, time.perf_counter() - start, error=f"cannot load or run: {type(e).__name__}: {e}")
+    except Exception as e:  # it quantized, but the engine cannot load or run the file: skip it
+        for part in _parts(path):
+            part.unlink(missing_ok=True)
+        return Attempt(config, time.perf_counter() - start,
+                       error=f"cannot load or run: {type(e).__name__}: {_first_line(e)}")
     return Attempt(config, time.perf_counter() - start, verdict=verdict)
 
 
-def _better(attempt: Attempt[V], result: SearchResult[V]) -> bool:
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else "no message"
+
+
+def _better(attempt: Attempt[R, V], result: SearchResult[R, V]) -> bool:
     """Passing beats failing; among passers the faster (measured cost), else higher agreement;
     among failers the higher agreement; ties keep the earlier one."""
     if result.chosen is None:

@@ -1,0 +1,211 @@
+"""export-report.json as typed records, and its rendering as terminal tables.
+
+`ExportReport.to_dict()` is the file: one row per artifact (`ArtifactReport`), one row per INT8
+candidate of every ladder (`CandidateRow`, the onnxruntime and the OpenVINO ones alike), and the
+sensitivity table (`bertedge.toolchain.quantize.NodeSensitivity`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from bertedge.runtime.artifacts import ONNXRUNTIME, artifact_kind
+from bertedge.toolchain.quantize import NodeSensitivity
+
+
+@dataclass
+class Metric:
+    """The task's headline metric on --eval, for an artifact and for PyTorch."""
+
+    name: str  # "accuracy", "f1", ...
+    value: float  # the artifact's, 0..1
+    pytorch_value: float  # PyTorch's on the same rows
+    drop_points: float  # (PyTorch - artifact) x 100: what --max-accuracy-drop budgets
+
+
+@dataclass
+class BatchInvariance:
+    """The same text alone, in a batch of others, and padded: how far its answer moved."""
+
+    texts: int  # texts probed
+    batch: int  # size of the batch each was put in
+    padded_to: int  # width each was padded to
+    max_prob_diff: float  # worst |probability difference| against the text alone
+    answers_changed: int
+    passed: bool  # every difference within --invariance-tol and no answer changed
+
+
+@dataclass
+class ArtifactReport:
+    """One validated artifact, as written to export-report.json."""
+
+    name: str  # a key of bertedge.runtime.artifacts.ARTIFACT_KINDS
+    file: str  # its graph file in the export folder ("" once removed)
+    precision: str
+    optimization: str
+    engine: str = ONNXRUNTIME  # what runs it: onnxruntime, or openvino (`bertedge[openvino]`)
+    quantization: dict[str, object] | None = None  # the recipe (INT8 only)
+    size_mb: float = 0.0
+    max_abs_diff_real: float | None = None
+    max_abs_diff_random: float | None = None
+    label_agreement: float = 0.0
+    answers_changed: int | None = None  # of answers_compared: rows, real tokens (NER) or spans (QA)
+    answers_compared: int | None = None
+    metric: Metric | None = None
+    batch_invariance: BatchInvariance | None = None  # alone vs in a batch of 32 vs padded
+    timings_ms: dict[str, float] = field(default_factory=dict)  # "BxS" -> p50 ms at each target shape
+    cost_ms: float | None = None  # geometric mean of timings_ms: what "fastest" compares
+    validated_on: dict[str, object] = field(default_factory=dict)  # CPU and ISA flags of this check
+    sha256: dict[str, str] = field(default_factory=dict)  # file name -> SHA-256 of every file of the artifact
+    passed: bool = False
+    validated: bool = False
+    notes: str = ""
+    seconds: float = 0.0
+
+    @classmethod
+    def of_kind(cls, name: str, optimization: str = "none") -> ArtifactReport:
+        """An empty row for the artifact kind `name`: file, precision and engine from the table."""
+        kind = artifact_kind(name)
+        return cls(name=name, file=kind.graph, precision=kind.precision, optimization=optimization,
+                   engine=kind.engine)
+
+
+@dataclass
+class CandidateRow:
+    """One recipe an INT8 ladder tried (onnxruntime or OpenVINO): the agreement / speed curve."""
+
+    candidate: str  # the recipe's label
+    recipe: dict[str, object]  # the recipe's fields (flattened into the row in the JSON)
+    agreement: float | None = None  # None: it could not be built or run
+    answers_changed: int | None = None
+    metric: Metric | None = None
+    max_abs_diff_real: float | None = None
+    batch_invariance: BatchInvariance | None = None
+    timings_ms: dict[str, float] | None = None
+    cost_ms: float | None = None
+    notes: str = ""
+    passed: bool = False
+    error: str | None = None  # why it could not be built or run
+    seconds: float = 0.0
+
+    @classmethod
+    def of(cls, label: str, recipe: dict[str, object], verdict: ArtifactReport | None, error: str | None,
+           seconds: float) -> CandidateRow:
+        """The row for one attempt: its verdict's numbers, or the error that stopped it."""
+        if verdict is None:
+            return cls(label, recipe, error=error, seconds=round(seconds, 3))
+        return cls(label, recipe, verdict.label_agreement, verdict.answers_changed, verdict.metric,
+                   verdict.max_abs_diff_real, verdict.batch_invariance, verdict.timings_ms, verdict.cost_ms,
+                   verdict.notes, verdict.passed, error, round(seconds, 3))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON row: `candidate`, the recipe's fields, then the verdict's."""
+        d = asdict(self)
+        del d["recipe"]
+        return {"candidate": self.candidate, **self.recipe, **d}
+
+
+@dataclass
+class ExportReport:
+    """The export-report.json contents; `recommended` names the artifact to package."""
+
+    model_dir: str
+    task: str
+    labels: list[str]
+    opset: int
+    input_names: list[str]
+    output_names: list[str]
+    cpu: dict[str, object]
+    onnxruntime_version: str
+    gate: str = ""
+    validation_inputs: str = ""
+    artifacts: list[ArtifactReport] = field(default_factory=list)
+    int8_search: list[CandidateRow] = field(default_factory=list)
+    sensitivity: list[NodeSensitivity] = field(default_factory=list)  # per node: share of the INT8 error
+    targets: list[str] = field(default_factory=list)  # shapes every validated artifact was timed at
+    metadata_sha256: dict[str, str] = field(default_factory=dict)  # tokenizer / config files copied beside
+    recommended: str = ""
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def artifact(self, name: str) -> ArtifactReport | None:
+        """The artifact called `name`, if it was built."""
+        return next((a for a in self.artifacts if a.name == name), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document (candidate rows flattened)."""
+        d = asdict(self)
+        d["int8_search"] = [r.to_dict() for r in self.int8_search]
+        return d
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def render(report: ExportReport) -> list[Any]:
+    """Rich tables for the terminal: artifacts, the INT8 candidates tried, the sensitive nodes."""
+    from rich.table import Table
+
+    table = Table(title=f"bertedge export: {report.task} ({report.seconds:.1f} s)")
+    for col in ("artifact", "file", "MB", "max|Δ| real", "agreement", "metric", "batch-invariant",
+                f"p50 ms {'/'.join(report.targets)}", "passed", "notes"):
+        table.add_column(col, overflow="fold")
+    for a in report.artifacts:
+        mark = "[green]yes[/]" if a.passed else ("[yellow]not validated[/]" if not a.validated else "[red]no[/]")
+        star = " *" if a.name == report.recommended else ""
+        table.add_row(a.name + star, a.file, f"{a.size_mb:.2f}", _num(a.max_abs_diff_real),
+                      agreement_text(a.label_agreement, a.answers_changed), metric_text(a.metric),
+                      invariance_text(a.batch_invariance), timings_text(a.timings_ms), mark, a.notes)
+    tables: list[Any] = [table]
+    if report.int8_search:
+        search = Table(title="INT8 candidates (all validated; the fastest passer is kept)")
+        for col in ("candidate", "agreement", "metric", "batch-invariant", "p50 ms", "passed", "s"):
+            search.add_column(col, overflow="fold")
+        for t in report.int8_search:
+            search.add_row(t.candidate, agreement_text(t.agreement, t.answers_changed), metric_text(t.metric),
+                           invariance_text(t.batch_invariance), timings_text(t.timings_ms),
+                           "yes" if t.passed else ("error" if t.error else "no"), f"{t.seconds:.1f}")
+        tables.append(search)
+    if report.sensitivity:
+        nodes = Table(title="INT8 sensitivity: share of the output error per node (top 8)")
+        for col in ("node", "share", "error, node in fp32", "error, all INT8"):
+            nodes.add_column(col, overflow="fold")
+        for r in report.sensitivity[:8]:
+            nodes.add_row(r.node, f"{r.share:.3f}", f"{r.error_with_node_fp32:.2e}", f"{r.error_all_int8:.2e}")
+        tables.append(nodes)
+    return tables
+
+
+def agreement_text(agreement: float | None, changed: int | None) -> str:
+    """'0.9931 (6 changed)': the share, and how many answers that is.
+
+    >>> agreement_text(0.99312, 6), agreement_text(None, None)
+    ('0.9931 (6 changed)', '-')
+    """
+    if agreement is None:
+        return "-"
+    return f"{agreement:.4f}" + (f" ({changed} changed)" if changed is not None else "")
+
+
+def invariance_text(inv: BatchInvariance | None) -> str:
+    """'yes (3e-07)': whether the check passed, and the worst probability difference."""
+    return "-" if inv is None else f"{'yes' if inv.passed else 'no'} ({inv.max_prob_diff:.0e})"
+
+
+def timings_text(timings: dict[str, float] | None) -> str:
+    """'0.41 / 3.20': p50 milliseconds at each target shape."""
+    return " / ".join(f"{v:.2f}" for v in timings.values()) if timings else "-"
+
+
+def metric_text(m: Metric | None) -> str:
+    """'accuracy 0.9100 (Δ +0.20 pts)'.
+
+    >>> metric_text(Metric("accuracy", 0.91, 0.912, 0.2))
+    'accuracy 0.9100 (Δ +0.20 pts)'
+    """
+    return "-" if m is None else f"{m.name} {m.value:.4f} (Δ {m.drop_points:+.2f} pts)"
+
+
+def _num(x: float | None, fmt: str = ".2e") -> str:
+    return "-" if x is None else format(x, fmt)
