@@ -154,6 +154,17 @@ class CascadeStats:
                 "escalated_share": self.escalated / total if total else 0.0}
 
 
+def escalates(margins: np.ndarray, delta: float) -> np.ndarray:
+    """The escalation rule, here only: margin below delta, or NaN while delta > 0 (0 escalates
+    nothing, so a cascade at delta 0 answers exactly like its first stage).
+
+    >>> escalates(np.array([0.1, 0.5, np.nan]), 0.5).tolist(), escalates(np.array([np.nan]), 0.0).tolist()
+    ([True, False, True], [False])
+    """
+    margins = np.asarray(margins, dtype=np.float64)
+    return (margins < delta) | (np.isnan(margins) & (delta > 0))
+
+
 def graph_runner(session: Any, output_names: Sequence[str], plan: dict[str, tuple[str, type]]) -> Runner:
     """A stage's runner: tokenizer-named feeds -> its graph's inputs (`sessions.feed_plan`) ->
     outputs by name. Feeds the graph does not read (MARGIN_MASK) are left out."""
@@ -176,7 +187,7 @@ def run_cascade(batches: Sequence[Feeds], runners: Sequence[Runner], deltas: Seq
             ones from the left); MARGIN_MASK, when present, travels with its rows.
         runners: one per stage, first (fastest) to last.
         deltas: per stage but the last (a last value, if given, is ignored): a row whose margin
-            is below it (or NaN) goes on to the next stage. 0 escalates nothing.
+            is below it goes on to the next stage (`escalates`). 0 escalates nothing.
         margin: the task's margin, (outputs, feeds) -> one value per row.
         pad_id: the tokenizer's padding id (pooled input_ids are padded with it, the rest with 0).
         batch_size: the most rows in one pooled later-stage batch.
@@ -200,7 +211,7 @@ def run_cascade(batches: Sequence[Feeds], runners: Sequence[Runner], deltas: Seq
     margins = np.concatenate([_margins(margin, o, f, 1) for o, f in zip(outputs, batches, strict=True)]
                              or [np.zeros(0)])
     for k, delta in enumerate(deltas[:len(runners) - 1]):
-        up = [row for row, m in zip(rows, margins, strict=True) if not m >= delta]
+        up = [row for row, e in zip(rows, escalates(margins, delta), strict=True) if e]
         if groups is not None and up:
             items = {groups[b][r] for b, r in up}
             up = [(b, r) for b, r in rows if groups[b][r] in items]

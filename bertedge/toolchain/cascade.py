@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from bertedge.errors import BertedgeError
+from bertedge.runtime.cascade import escalates
 
 Metric = Callable[[Sequence[Any], Sequence[Any]], float]  # (predictions, gold) -> 0..1, higher is better
 
@@ -118,7 +119,7 @@ def calibrate(reference: Sequence[Any], margins: np.ndarray, first: Sequence[Any
 
     Args:
         reference: the reference's answer per row (labels, tag lists, answer strings...).
-        margins: stage 1's margin per row (the task's `margin`); NaN always escalates.
+        margins: stage 1's margin per row (the task's `margin`); the rule is `escalates`.
         first: stage 1's answer per row; last: the last stage's (or calibrated tail's) answer.
         budgets: the agreement and metric budgets.
         gold: the gold answer per row, None for rows without one (agreement-only rows).
@@ -178,7 +179,7 @@ def calibrate_chain(reference: Sequence[Any], margins: Sequence[np.ndarray], ans
         steps.insert(0, step)
         if step.delta is None:
             return ChainCalibration(None, tuple(steps))
-        escalate = ~(np.asarray(margins[k], dtype=np.float64) >= step.delta)
+        escalate = escalates(margins[k], step.delta)
         tail = [t if e else a for t, a, e in zip(tail, answers[k], escalate, strict=True)]
     return ChainCalibration(tuple(s.delta for s in steps if s.delta is not None), tuple(steps))
 
@@ -196,7 +197,7 @@ def split_halves(n: int, gold: Sequence[Any] | None, seed: int) -> tuple[np.ndar
     and the others are each split in two, the choosing half taking the odd row out.
 
     >>> choose, confirm = split_halves(5, [1, None, 0, None, None], seed=0)
-    >>> len(choose), len(confirm), sorted([*choose, *confirm])
+    >>> len(choose), len(confirm), sorted(np.concatenate([choose, confirm]).tolist())
     (3, 2, [0, 1, 2, 3, 4])
     """
     rng = np.random.default_rng(seed)
@@ -218,7 +219,7 @@ class _Rows:
         self.gold = list(gold) if gold is not None else [None] * len(self.first)
 
     def point(self, rows: np.ndarray, margins: np.ndarray, delta: float) -> CurvePoint:
-        escalate = ~(margins[rows] >= delta)
+        escalate = escalates(margins[rows], delta)
         same = np.where(escalate, self.last_same[rows], self.first_same[rows])
         return CurvePoint(delta, float(escalate.mean()), float(same.mean()), int((~same).sum()),
                           self._metric(rows, escalate))
