@@ -329,7 +329,7 @@ def test_cli_prints_the_digest_and_predict_checks_it(bert_export: Path, tmp_path
     ({"max_length": 129}, r"max_length 129 is outside 8\.\.128 \(the model has 128 positions\)"),
     ({"max_length": "32"}, "max_length must be an integer"),
     ({"max_positions": 0}, r"max_positions must be an integer in 8\.\.1048576 \(got 0\)"),
-    ({"stride": "x"}, "stride must be a positive integer or absent"),
+    ({"stride": "x"}, "stride must be a positive integer up to 1048576 or absent"),
     ({"files": ["model.onnx", "tokenizer.json"]}, "files must be an object"),
     ({"task": "qa"}, "task 'qa' needs graph output"),
     ({"task": None}, "unknown task None"),

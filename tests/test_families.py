@@ -26,16 +26,16 @@ from tiny import (
     write_jsonl,
 )
 
-from bertedge.toolchain import families as fam
-from bertedge.toolchain.export import SUPPORTED_MODEL_TYPES, ExportArgs, ExportReport, export
-from bertedge.toolchain.finetune import FinetuneArgs, _layer_depth, finetune
-from bertedge.toolchain.models import REGISTRY
 from bertedge.errors import BertedgeError
 from bertedge.runtime.bundle import PackageArgs, package
 from bertedge.runtime.features import load_tokenizer
 from bertedge.runtime.meta import position_limit, read_model_meta
 from bertedge.runtime.predictor import Predictor
 from bertedge.runtime.tasks import ner, qa
+from bertedge.toolchain import families as fam
+from bertedge.toolchain.export import SUPPORTED_MODEL_TYPES, ExportArgs, ExportReport, export
+from bertedge.toolchain.finetune import FinetuneArgs, _layer_depth, finetune
+from bertedge.toolchain.models import REGISTRY
 
 NER_LABELS = ("O", "B-LOC", "B-ORG", "I-ORG", "B-PER", "I-PER")
 NER_SENTENCES = [
@@ -119,8 +119,8 @@ def test_training_feeds_token_types_only_where_the_graph_takes_them(arch: str, f
     """XLM-R QA windows past the first carry type id 1 (tokenizers), which its one-row table cannot index."""
     from transformers import AutoModelForQuestionAnswering
 
-    from bertedge.toolchain.finetune import _Trainer
     from bertedge.runtime.tasks import QA
+    from bertedge.toolchain.finetune import _Trainer
 
     model = AutoModelForQuestionAnswering.from_pretrained(make_family_model(tmp_path, arch, task="qa"))
     assert _Trainer(QA, model, torch.device("cpu"), 0, []).uses_type_ids is feeds

@@ -9,10 +9,10 @@ import pytest
 from click.testing import CliRunner
 from tiny import sentiment_rows, write_csv, write_jsonl
 
-from bertedge.toolchain.finetune import FinetuneArgs, _layer_depth, _param_groups, finetune
 from bertedge.cli import cli
 from bertedge.errors import BertedgeError
 from bertedge.runtime.data import BadRows, Columns, load_text_classification
+from bertedge.toolchain.finetune import FinetuneArgs, _layer_depth, _param_groups, finetune
 
 
 def quick_args(model: Path, train: Path, out: Path, **kw: object) -> FinetuneArgs:
@@ -166,7 +166,7 @@ def test_non_finite_epochs_is_one_line(epochs: str, tiny_bert: Path, sentiment_c
 def test_max_length_beyond_positions_fails_before_training(tiny_bert: Path, sentiment_csv: tuple[Path, Path],
                                                            tmp_path: Path) -> None:
     train, _ = sentiment_csv  # the tiny model has 128 positions
-    with pytest.raises(BertedgeError, match=r"max_length 256 .* outside 1\.\.128"):
+    with pytest.raises(BertedgeError, match=r"max_length 256 .* outside 8\.\.128"):
         finetune(quick_args(tiny_bert, train, tmp_path / "m", max_length=256))
     assert not (tmp_path / "m").exists()
 

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from bertedge.edges.serve import ServeConfig, create_app
 from bertedge.errors import BertedgeError
 from bertedge.runtime import Predictor
+from bertedge.runtime.artifacts import ARTIFACT_KINDS
 from bertedge.runtime.bundle import ArchiveFormat, PackageArgs, package
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
@@ -87,6 +88,38 @@ def test_random_manifest_fields(bundle: Path, scratch: Path, changes: dict[str, 
         manifest.pop(key, None)
     (copy / "manifest.json").write_text(json.dumps(manifest))
     loads_or_refuses_cleanly(copy)
+    shutil.rmtree(copy)
+
+
+SIZES = st.sampled_from([0, 1, 7, 8, 31, 32, 33, 127, 128, 129, 512, 10**30, -1, True]) | st.integers(-10, 10**6)
+MUTATIONS = {  # values near every range's edges, names this bertedge does and does not know
+    "task": st.sampled_from(["classification", "ner", "qa", "poetry", ""]) | JSON,
+    "labels": st.lists(st.sampled_from(["negative", "positive", "a", "a", ""]), max_size=4) | JSON,
+    "max_length": SIZES, "max_positions": SIZES, "stride": SIZES, "format_version": SIZES,
+    "precision": st.sampled_from(["fp32", "fp16", "int8", "int3", None]) | JSON,
+    "engine": st.sampled_from(["onnxruntime", "openvino", "tensorrt"]) | JSON,
+    "artifact": st.sampled_from([*ARTIFACT_KINDS, "int9"]) | JSON,
+    "model_type": st.sampled_from(["bert", "roberta", "distilbert", ""]) | JSON,
+    "inputs": st.lists(st.sampled_from(["input_ids", "attention_mask", "x"]), max_size=3) | JSON,
+}
+
+
+@FUZZ
+@given(changes=st.fixed_dictionaries({}, optional=MUTATIONS))  # type: ignore[arg-type]
+def test_manifest_mutations_checked_against_the_graph(bundle: Path, scratch: Path, changes: dict[str, Any]) -> None:
+    """Random field mutations of a real tiny bundle: a load that then predicts a window longer
+    than the position table without an onnxruntime error, or one BertedgeError line."""
+    copy = Path(tempfile.mkdtemp(dir=scratch))
+    for name in ("model.onnx", "tokenizer.json"):
+        shutil.copy(bundle / name, copy / name)
+    manifest = json.loads((bundle / "manifest.json").read_text()) | changes
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    try:
+        predictor = Predictor(copy, threads=1)
+    except BertedgeError as e:
+        assert str(e) and "\n" not in str(e) and len(str(e)) < 2000
+    else:
+        predictor.predict(["a good film " * 100, ("what a story", "it was great " * 100)])
     shutil.rmtree(copy)
 
 

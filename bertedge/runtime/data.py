@@ -17,8 +17,14 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from bertedge.errors import BertedgeError
+from bertedge.runtime.text import has_text
 
 csv.field_size_limit(1 << 24)  # long documents are legal input; the tokenizer truncates them
+
+
+class Nested(str):
+    """A JSONL field that held a list or an object: kept as its JSON text, refused where a text
+    or a label is read (other columns may hold anything)."""
 
 
 class BadRows(str, Enum):
@@ -97,7 +103,7 @@ def read_text(path: Path) -> str:
 def iter_records(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
     """Yield (line number, record) from a CSV, TSV or JSONL file, by its extension."""
     text = read_text(path)
-    if not text.strip():
+    if not has_text(text):
         raise BertedgeError(f"{path} is empty", "give a file with a header row and data rows")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json", ".ndjson"):
@@ -121,7 +127,20 @@ def _iter_jsonl(path: Path, text: str) -> Iterator[tuple[int, dict[str, str]]]:
         if not isinstance(record, dict):
             raise BertedgeError(f"{path}: line {n} is not a JSON object", 'write one {"text": ..., "label": ...} per line')
         _no_surrogates(path, n, record)
-        yield n, {k: "" if v is None else str(v) for k, v in record.items()}
+        yield n, {k: cell(v) for k, v in record.items()}
+
+
+def cell(value: Any) -> str:
+    """A JSON value as a field: null is empty, a list or object is `Nested`.
+
+    >>> cell(None), cell(3), type(cell(["a"])).__name__
+    ('', '3', 'Nested')
+    """
+    if value is None:
+        return ""
+    if isinstance(value, list | dict):
+        return Nested(json.dumps(value)[:60])
+    return str(value)
 
 
 def _iter_delimited(path: Path, text: str, delimiter: str) -> Iterator[tuple[int, dict[str, str]]]:
@@ -136,7 +155,7 @@ def _iter_delimited(path: Path, text: str, delimiter: str) -> Iterator[tuple[int
     header = [h.strip() for h in header]
     for row in _rows(path, reader):
         n = reader.line_num
-        if not row or all(not c.strip() for c in row):
+        if not row or not any(has_text(c) for c in row):
             continue
         if len(row) != len(header):
             raise BertedgeError(
@@ -243,12 +262,16 @@ def load_text_classification(
 
 
 def _row_problem(rec: dict[str, str], text_col: str, pair_col: str | None, label_col: str | None) -> str:
-    if not rec.get(text_col, "").strip():
-        return f"empty text in column '{text_col}'"
-    if pair_col and not rec.get(pair_col, "").strip():
-        return f"empty text in column '{pair_col}'"
-    if label_col and not rec.get(label_col, "").strip():
-        return f"empty label in column '{label_col}'"
+    """Why a row cannot be used (a blank, control- or zero-width-only text or label, or a list
+    or object where a value belongs), or ''."""
+    for column, what in ((text_col, "text"), (pair_col, "text"), (label_col, "label")):
+        if column is None:
+            continue
+        value = rec.get(column, "")
+        if isinstance(value, Nested):
+            return f"the {what} in column '{column}' is a JSON list or object ({value}), not a single value"
+        if not has_text(value):
+            return f"empty {what} in column '{column}'"
     return ""
 
 
@@ -279,8 +302,12 @@ def check_trainable(train: TextExamples) -> None:
     """Refuse data a classifier cannot learn from (one class only)."""
     assert train.labels is not None
     present = sorted(set(train.labels))
+    if not present:
+        raise BertedgeError(f"{train.source}: no training rows are left once the evaluation rows are "
+                            "held out", "add labelled rows (two or more classes), or pass --eval with a "
+                            "separate evaluation file")
     if len(present) < 2:
-        only = train.label_names[present[0]] if present else "?"
+        only = train.label_names[present[0]]
         raise BertedgeError(
             f"{train.source}: every training row has the label '{only}'; a classifier needs two or more classes",
             "check --label-column, or add rows of the other classes",

@@ -230,7 +230,7 @@ def labels_problems(labels: Any, task: Any = None) -> list[str]:
         return [f"labels must all be non-empty strings (got {shown(labels)})"]
     repeated = duplicate_labels(labels)
     if repeated:
-        return [f"labels repeat {listing([repr(x) for x in repeated], ', ')}"]
+        return [f"labels repeat {listing([shown(x) for x in repeated], ', ')}"]
     least = MIN_LABELS.get(task, 1) if isinstance(task, str) else 1
     if len(labels) < least:
         return [f"task {task!r} needs at least {least} labels (got {len(labels)})"]
@@ -256,8 +256,9 @@ def length_problems(m: dict[str, Any]) -> list[str]:
             length = None
     stride = m.get("stride")
     if stride is not None:
-        if not is_int(stride) or stride < 1:
-            problems.append(f"stride must be a positive integer or absent (got {shown(stride)})")
+        if not is_int(stride) or not 1 <= stride <= MAX_POSITIONS:
+            problems.append(f"stride must be a positive integer up to {MAX_POSITIONS} or absent "
+                            f"(got {shown(stride)})")
         elif is_int(length) and stride >= length and m.get("task") in WINDOWED_TASKS:
             problems.append(f"stride {shown(stride)} must be less than max_length {length}")
     return problems

@@ -59,7 +59,7 @@ class ModelMeta:
 class ModelConfig:
     """The facts bertedge reads from a Hugging Face config.json."""
 
-    model_type: str
+    model_type: str  # "" when config.json does not say
     architectures: tuple[str, ...]
     labels: tuple[str, ...]  # id2label in index order
     max_positions: int  # tokens a window may hold (see `position_limit`)
@@ -151,7 +151,7 @@ def check_labels(labels: Sequence[str], where: str, fix: str) -> None:
     """Refuse repeated label names: two logits under one name cannot be told apart."""
     repeated = duplicate_labels(labels)
     if repeated:
-        names = ", ".join(repr(x) for x in repeated[:10]) + (" ..." if len(repeated) > 10 else "")
+        names = ", ".join(repr(str(x)[:40]) for x in repeated[:10]) + (" ..." if len(repeated) > 10 else "")
         raise BertedgeError(f"{where} repeat {names}: each label needs its own name", fix)
 
 
@@ -187,7 +187,7 @@ def read_config(model_dir: Path) -> ModelConfig:
     try:
         id2label = config.get("id2label") or {}
         return ModelConfig(
-            model_type=str(config.get("model_type", "bert")),
+            model_type=str(config.get("model_type") or ""),
             architectures=tuple(str(a) for a in config.get("architectures") or ()),
             labels=tuple(str(id2label[k]) for k in sorted(id2label, key=int)),
             max_positions=position_limit(config), vocab_size=number("vocab_size"),
@@ -214,6 +214,8 @@ def read_model_meta(model_dir: Path) -> ModelMeta:
     else:
         raise BertedgeError(f"'{model_dir / CONFIG_FILE}' names no architecture, so the task is unknown",
                             "fine-tune it with `bertedge finetune` first")
+    if not isinstance(meta.get("labels", []), list):
+        raise BertedgeError(f"'{meta_path}' labels must be a list of names", FINETUNE_AGAIN)
     try:
         labels = tuple(str(x) for x in (meta.get("labels") or config.labels))
         max_length = int(meta.get("max_length") or 0)
@@ -225,7 +227,7 @@ def read_model_meta(model_dir: Path) -> ModelMeta:
     return ModelMeta(
         task=task, labels=labels, max_length=max_length,
         stride=resolve_stride(stride, task, max_length, f"stride in '{meta_path}'"),
-        model_type=config.model_type, max_positions=config.max_positions,
+        model_type=config.model_type or "bert", max_positions=config.max_positions,
         num_layers=config.num_layers, hidden_size=config.hidden_size, num_heads=config.num_heads,
     )
 

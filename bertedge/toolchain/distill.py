@@ -39,6 +39,21 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from bertedge.errors import BertedgeError
+from bertedge.runtime.data import (
+    TextExamples,
+    load_text_classification,
+    seeded_subset,
+)
+from bertedge.runtime.features import IGNORE, Features, load_tokenizer, pad_id, run_windows
+from bertedge.runtime.meta import (
+    ModelMeta,
+    default_stride,
+    read_model_meta,
+    resolve_max_length,
+    write_meta,
+)
+from bertedge.runtime.tasks import NER, QA, Task, ner
 from bertedge.toolchain.finetune import (
     FinetuneArgs,
     FinetuneResult,
@@ -52,15 +67,6 @@ from bertedge.toolchain.finetune import (
     _seed_everything,
     _Trainer,
 )
-from bertedge.errors import BertedgeError
-from bertedge.runtime.data import (
-    TextExamples,
-    load_text_classification,
-    seeded_subset,
-)
-from bertedge.runtime.features import IGNORE, Features, load_tokenizer, pad_id, run_windows
-from bertedge.runtime.meta import read_model_meta, write_meta
-from bertedge.runtime.tasks import NER, QA, Task, ner
 
 AUTO_LAYERS = (4, 3, 2)  # the --layers auto search, largest first
 _LAYER_KEY = re.compile(r"(^|\.)layer\.(\d+)\.")  # bert: encoder.layer.3. ; distilbert: transformer.layer.3.
@@ -332,8 +338,9 @@ def distill(args: DistillArgs) -> DistillResult:
         raise BertedgeError(f"output folder {args.out} already exists", "choose another --out or pass --overwrite")
     meta = read_model_meta(args.teacher)
     task = meta.task
-    max_length = args.max_length or meta.max_length
-    ft = _finetune_args(args, task, meta.labels, max_length, meta.stride)
+    max_length = resolve_max_length(args.max_length or meta.max_length, task, meta.max_positions)
+    stride = meta.stride if meta.stride < max_length else default_stride(max_length)  # a shorter student window
+    ft = _finetune_args(args, task, meta.labels, max_length, stride)
     train, evalset, data_report = _load_data(task, ft)
     _seed_everything(args.seed)
     if args.threads:
@@ -348,13 +355,13 @@ def distill(args: DistillArgs) -> DistillResult:
     teacher = _load_model(task, args.teacher, labels).to(device).eval()
     candidates = _candidates(args.layers, num_layers(teacher))
     pad = pad_id(tokenizer)
-    train_f = _encode(task, tokenizer, train, max_length, meta.stride)
-    eval_f = _encode(task, tokenizer, evalset, max_length, meta.stride)
+    train_f = _encode(task, tokenizer, train, max_length, stride)
+    eval_f = _encode(task, tokenizer, evalset, max_length, stride)
     unlabelled_f, repeats = None, 0
     if args.unlabelled:
         train_keys = [] if task is QA else [k for ex in (train, evalset)  # eval rows must stay unseen
                                              for k in _text_keys(task.texts(ex), getattr(ex, "pairs", None))]
-        unlabelled_f, repeats = _read_unlabelled(task, tokenizer, args, max_length, meta.stride, train_keys)
+        unlabelled_f, repeats = _read_unlabelled(task, tokenizer, args, max_length, stride, train_keys)
 
     started = time.perf_counter()
     teacher_eval = _Trainer(task, teacher, device, pad, labels).evaluate(eval_f, evalset, args.batch_size * 2)
@@ -419,7 +426,9 @@ def distill(args: DistillArgs) -> DistillResult:
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
     }
-    _save(ft, task, max_length, student, hf_tokenizer, args.teacher, labels, metrics)
+    student_meta = ModelMeta(task=task, labels=meta.labels, max_length=max_length, stride=stride,
+                             model_type=meta.model_type, max_positions=meta.max_positions)
+    _save(ft, student_meta, student, hf_tokenizer, args.teacher, metrics)
     _finish_folder(args, metrics, layers)
     return DistillResult(args.out, metrics)
 

@@ -8,7 +8,7 @@ measured on 2-layer random models with the pinned torch 2.13 / transformers 4.57
 onnxruntime 1.32 (`tests/test_families.py` re-checks every one of them), so a change in any
 of those libraries shows up as a failing test rather than as a silent slowdown.
 
-Stdlib only: `finetune` consults it before it loads torch weights or trains anything.
+Stdlib and bertedge.runtime.meta only: `finetune` consults it before it loads torch weights or trains anything.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any
 
 from bertedge.errors import BertedgeError
+from bertedge.runtime.meta import read_config
 
 
 class TokenizerKind(str, Enum):
@@ -146,17 +146,6 @@ def family(model_type: str, where: str = "config.json") -> Family:
     return found
 
 
-def read_config(model_dir: Path) -> dict[str, Any]:
-    """config.json of a model folder as a dict (an unreadable file is reported by the caller's loader)."""
-    import json
-
-    try:
-        data = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def check_exportable(model_dir: Path, task: str) -> Family:
     """Refuse, before any training, a model that `bertedge export` could not ship.
 
@@ -164,9 +153,8 @@ def check_exportable(model_dir: Path, task: str) -> Family:
         BertedgeError: unknown model type, a family that cannot be exported (with the reason),
             or a task this family has no head for.
     """
-    config = read_config(model_dir)
     where = str(model_dir / "config.json")
-    found = family(str(config.get("model_type", "")), where)
+    found = family(read_config(model_dir).model_type, where)
     if not found.exportable:
         raise BertedgeError(
             f"{found.name} ({where}) cannot be exported to ONNX: {found.blocker}",

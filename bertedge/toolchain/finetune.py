@@ -26,13 +26,20 @@ import torch
 from torch import nn
 
 from bertedge import __version__
-from bertedge.toolchain.families import check_exportable, family
-from bertedge.toolchain.models import resolve_model
 from bertedge.errors import BertedgeError
 from bertedge.runtime.data import BadRows, Columns, seeded_subset
 from bertedge.runtime.features import Features, load_tokenizer, pad_batch, pad_id, run_windows
-from bertedge.runtime.meta import check_max_length, position_limit, read_json_object
+from bertedge.runtime.meta import (
+    ModelMeta,
+    check_labels,
+    read_config,
+    resolve_max_length,
+    resolve_stride,
+    write_meta,
+)
 from bertedge.runtime.tasks import Task, get_task
+from bertedge.toolchain.families import check_exportable, family
+from bertedge.toolchain.models import load_pretrained, resolve_model
 
 
 @dataclass(kw_only=True)
@@ -48,8 +55,9 @@ class TrainingRecipe:
     eval_fraction: float = 0.1
     """Held-out share of train when no eval file is given."""
     max_length: int = 0
-    """Token limit per window (0 = the default: the task's for finetune, the teacher's for distill);
-    longer inputs are truncated (and counted), QA contexts are split into windows."""
+    """Token limit per window (0 = the default: the task's for finetune, the teacher's for distill;
+    range: `bertedge.runtime.meta.check_max_length`); longer inputs are truncated (and counted),
+    QA contexts are split into windows."""
     epochs: float = 2.0
     """Passes over the training data (fractions allowed)."""
     batch_size: int = 32
@@ -96,8 +104,6 @@ class TrainingRecipe:
             problems.append("--lr must be in (0, 1)")
         if not 0 < self.layer_lr_decay <= 1:
             problems.append("--layer-lr-decay must be in (0, 1]")
-        if self.max_length and not 8 <= self.max_length <= 4096:
-            problems.append("--max-length must be in [8, 4096]")
         if not 0 < self.eval_fraction < 1:
             problems.append("--eval-fraction must be in (0, 1)")
         if self.max_train_rows < 0:
@@ -125,8 +131,8 @@ class FinetuneArgs(TrainingRecipe):
     """classification, ner (CoNLL / JSONL tokens+tags) or qa (SQuAD JSON / JSONL)."""
     label_names: tuple[str, ...] = ()
     """Label names in index order; integer labels in the file index into them."""
-    stride: int = 128
-    """QA: tokens shared by consecutive windows of a long context."""
+    stride: int = 0
+    """QA: tokens shared by consecutive windows of a long context (0 = from the max length)."""
     head_lr: float | None = None
     """Learning rate of the new classification head (default: lr)."""
     freeze_layers: int = 0
@@ -138,6 +144,7 @@ class FinetuneArgs(TrainingRecipe):
             problems.append(f"--head-lr must be a finite number > 0 (got {self.head_lr})")
         if problems:
             raise BertedgeError("bad finetune options: " + "; ".join(problems), "see `bertedge finetune --help`")
+        check_labels(self.label_names, "--label-names", "give each label one name in --label-names")
 
 
 @dataclass
@@ -151,14 +158,14 @@ class FinetuneResult:
 def finetune(args: FinetuneArgs) -> FinetuneResult:
     """Fine-tune, evaluate, and write the model folder atomically."""
     task = get_task(args.task)
-    max_length = args.max_length or task.default_max_length
     if args.out.exists() and not args.overwrite:
         raise BertedgeError(f"output folder {args.out} already exists", "choose another --out or pass --overwrite")
     check_writable_parent(args.out)
     model_dir = resolve_model(args.model)
     check_exportable(model_dir, task.name)  # an unshippable family fails now, not after training
-    check_max_length(max_length, position_limit(read_json_object(model_dir / "config.json", "restore the model folder")),
-                     "--max-length" if args.max_length else f"the {task.name} default")
+    config = read_config(model_dir)
+    max_length = resolve_max_length(args.max_length, task, config.max_positions)
+    stride = resolve_stride(args.stride, task, max_length)
     train, evalset, data_report = _load_data(task, args)
     _seed_everything(args.seed)
     if args.threads:
@@ -171,8 +178,8 @@ def finetune(args: FinetuneArgs) -> FinetuneResult:
     tokenizer.no_padding()
     labels = list(train.label_names)
     model = _load_model(task, model_dir, labels).to(device)
-    train_f = _encode(task, tokenizer, train, max_length, args.stride)
-    eval_f = _encode(task, tokenizer, evalset, max_length, args.stride)
+    train_f = _encode(task, tokenizer, train, max_length, stride)
+    eval_f = _encode(task, tokenizer, evalset, max_length, stride)
     trainer = _Trainer(task, model, device, pad_id(tokenizer), labels)
 
     started = time.perf_counter()
@@ -190,7 +197,9 @@ def finetune(args: FinetuneArgs) -> FinetuneResult:
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
     }
-    _save(args, task, max_length, model, hf_tokenizer, model_dir, labels, metrics)
+    meta = ModelMeta(task=task, labels=tuple(labels), max_length=max_length, stride=stride,
+                     model_type=config.model_type, max_positions=config.max_positions)
+    _save(args, meta, model, hf_tokenizer, model_dir, metrics)
     return FinetuneResult(args.out, metrics)
 
 
@@ -266,24 +275,10 @@ def _load_hf_tokenizer(model_dir: Path) -> Any:
 
 
 def _load_model(task: Task, model_dir: Path, labels: list[str]) -> nn.Module:
-    import transformers
-    from transformers import logging as hf_logging
-
-    auto = getattr(transformers, task.hf_auto_class)
-    hf_logging.set_verbosity_error()  # the "newly initialized head" notice is expected here
-    try:
-        return auto.from_pretrained(
-            model_dir,
-            **({"num_labels": len(labels), "id2label": dict(enumerate(labels)),
-                "label2id": {n: i for i, n in enumerate(labels)}} if labels else {}),
-            ignore_mismatched_sizes=True,
-            local_files_only=True,
-        )
-    except (OSError, ValueError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BertedgeError(f"cannot load the model in {model_dir}: {first}", "re-create or re-install the model folder") from None
-    finally:
-        hf_logging.set_verbosity_warning()
+    head = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+            "label2id": {n: i for i, n in enumerate(labels)}} if labels else {}
+    model: nn.Module = load_pretrained(model_dir, task.hf_auto_class, ignore_mismatched_sizes=True, **head)
+    return model
 
 
 def _param_groups(model: nn.Module, args: FinetuneArgs) -> list[dict[str, Any]]:
@@ -428,20 +423,18 @@ def _length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Ran
     return batches
 
 
-def _save(args: FinetuneArgs, task: Task, max_length: int, model: nn.Module, tokenizer: Any, base_dir: Path,
-          labels: list[str], metrics: dict[str, Any]) -> None:
+def _save(args: FinetuneArgs, meta: ModelMeta, model: nn.Module, tokenizer: Any, base_dir: Path,
+          metrics: dict[str, Any]) -> None:
     """Write everything into a temp folder beside --out, then move it into place."""
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.", dir=args.out.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)  # type: ignore[operator]
-        tokenizer.model_max_length = max_length
+        tokenizer.model_max_length = meta.max_length
         tokenizer.save_pretrained(tmp)
-        (tmp / "labels.json").write_text(json.dumps(labels, indent=1) + "\n", encoding="utf-8")
-        meta = {"task": task.name, "labels": labels, "max_length": max_length, "stride": args.stride,
-                "base_model": args.model, "base_model_dir": str(base_dir), "bertedge_version": __version__,
-                "columns": asdict(args.columns)}
-        (tmp / "bertedge.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+        (tmp / "labels.json").write_text(json.dumps(list(meta.labels), indent=1) + "\n", encoding="utf-8")
+        write_meta(tmp, meta, base_model=args.model, base_model_dir=str(base_dir), bertedge_version=__version__,
+                   columns=asdict(args.columns))
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
         (tmp / "args.json").write_text(json.dumps(asdict(args), indent=1, default=str) + "\n", encoding="utf-8")
         if args.out.exists():

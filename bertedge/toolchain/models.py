@@ -11,6 +11,7 @@ import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bertedge.errors import BertedgeError
 
@@ -78,3 +79,25 @@ def resolve_model(name_or_path: str | os.PathLike[str]) -> Path:
         f"unknown model '{text}': not a known short name and no such folder",
         f"use one of: {names}, or a local Hugging Face model folder (hub downloads are never made)",
     )
+
+
+def load_pretrained(model_dir: Path, auto_class: str, **kwargs: Any) -> Any:
+    """A transformers model from a local folder, every loading failure (a truncated or missing
+    model.safetensors, mismatched shapes, a bad config) as one BertedgeError line.
+
+    The one loader finetune, distill and export share, so each says the same thing for the same
+    broken folder.
+    """
+    import transformers
+    from transformers import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the "newly initialized head" notice is expected when fine-tuning
+    try:
+        return getattr(transformers, auto_class).from_pretrained(model_dir, local_files_only=True, **kwargs)
+    except Exception as e:  # safetensors raises its own SafetensorError; torch, OSError, ValueError...
+        text = str(e).strip()
+        first = text.splitlines()[0][:200] if text else "no message"
+        raise BertedgeError(f"cannot load the weights in '{model_dir}' ({type(e).__name__}: {first})",
+                            "restore model.safetensors or re-run `bertedge finetune`") from None
+    finally:
+        hf_logging.set_verbosity_warning()
