@@ -1,6 +1,6 @@
 """Ray batch prediction vs the local engine: rows/s on SST-2 sentences, Ray's start-up overhead.
 
-    python benchmarks/ray_predict.py --bundle runs/bundle --data /work/shared/data/sst2/train.tsv
+    python benchmarks/ray_predict.py --bundle runs/bundle --data train.tsv
 
 Runs, side by side in one process on the same input file: `--engine local` (the streaming
 predictor, onnxruntime on all cores), then `--engine ray` with each of `--actors` (default 1 and
@@ -43,6 +43,7 @@ import onnxruntime as ort
 
 from bertedge.edges.ray import DistributedArgs, predict_dataset
 from bertedge.runtime import PredictArgs, Predictor, run_predict
+from bertedge.runtime.options import RuntimeOptions
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -50,7 +51,7 @@ RESULTS = Path(__file__).parent / "results"
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--bundle", type=Path, required=True, help="bundle folder or archive")
-    p.add_argument("--data", type=Path, default=Path("/work/shared/data/sst2/train.tsv"))
+    p.add_argument("--data", type=Path, required=True, help="texts to predict, e.g. SST-2's train.tsv")
     p.add_argument("--text-column", default="sentence")
     p.add_argument("--rows", type=int, default=0, help="first N rows of --data (0 = all)")
     p.add_argument("--actors", default="1,2", help="Ray actor counts to run")
@@ -81,7 +82,8 @@ def run_local(args: argparse.Namespace, path: Path, n: int) -> dict[str, float]:
     Predictor(args.bundle).predict(["warm up the page cache"])  # not timed: first disk read of the model
     t0 = time.perf_counter()
     summary = run_predict(PredictArgs(bundle=args.bundle, input=path, text_columns=(args.text_column,),
-                                      batch_size=args.batch_size, report=False), io.StringIO(), io.StringIO())
+                                      runtime=RuntimeOptions(batch_size=args.batch_size), report=False),
+                          io.StringIO(), io.StringIO())
     wall = time.perf_counter() - t0
     assert summary.items + summary.errors == n, (summary.items, summary.errors, n)
     return {"rows": n, "wall_s": wall, "rows_per_s": n / wall, "errors": summary.errors}
@@ -92,8 +94,8 @@ def run_ray(args: argparse.Namespace, path: Path, n: int, actors: int, folder: P
     out = folder / f"ray-{actors}.parquet"
     report = predict_dataset(DistributedArgs(
         bundle=args.bundle, inputs=[str(path)], output=out, text_columns=(args.text_column,),
-        actors=actors, threads_per_actor=args.threads_per_actor, batch_size=args.batch_size,
-        num_cpus=args.num_cpus, progress=False))
+        actors=actors, threads_per_actor=args.threads_per_actor, runtime=RuntimeOptions(batch_size=args.batch_size),
+        num_cpus=args.num_cpus, progress=False, overwrite=True))
     assert report.rows_in == n == report.rows_ok + report.rows_error, report
     steady = report.predict_s - report.first_batch_s
     return {"actors": actors, "rows": n, "wall_s": report.wall_s, "rows_per_s": n / report.wall_s,

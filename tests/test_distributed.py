@@ -27,8 +27,8 @@ ROWS = sentiment_rows(120, seed=3)
 @pytest.fixture(scope="module")
 def bundle(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real pipeline on the tiny BERT: export (fp32 only) -> package."""
-    from bertedge.toolchain.export import ExportArgs, Optimization, Quantization, export
     from bertedge.runtime.bundle import PackageArgs, package
+    from bertedge.toolchain.export import ExportArgs, Optimization, Quantization, export
 
     root = tmp_path_factory.mktemp("ray_bundle")
     export(ExportArgs(tiny_bert, root / "export", optimization=Optimization.NONE,

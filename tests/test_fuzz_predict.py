@@ -22,6 +22,7 @@ from test_matrix import TASKS, ray_local, task_bundle
 
 from bertedge.cli import cli
 from bertedge.errors import BertedgeError
+from bertedge.runtime.options import RuntimeOptions
 from bertedge.runtime.predict import OutputFormat, format_result, predict_stream
 from bertedge.runtime.predictor import Predictor
 from bertedge.runtime.records import InputFormat, read_records
@@ -172,7 +173,8 @@ def test_ray_matches_local_on_random_lines(predictors: dict[str, Predictor], ray
         path.write_bytes(data)
         out = Path(tmp) / "out.jsonl"
         report = predict_dataset(DistributedArgs(bundle=BUNDLES[task], inputs=[str(path)], output=out, actors=1,
-                                                 batch_size=4, progress=False, max_line_bytes=LINE_LIMIT))
+                                                 runtime=RuntimeOptions(batch_size=4), progress=False,
+                                                 max_line_bytes=LINE_LIMIT))
         got = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
         errors_path = Path(f"{out}.errors.jsonl")
         errors = [json.loads(x) for x in errors_path.read_text(encoding="utf-8").splitlines()] if errors_path.exists() else []

@@ -140,84 +140,64 @@ def read_lines(stream: IO[bytes], max_line_bytes: int = 1 << 20) -> Iterator[Lin
     >>> [x.text for x in read_lines(io.BytesIO("é\\r\\nb".encode("utf-16")))]
     ['é', 'b']
     """
-    head = stream.read(2)
-    if head in UTF16_BOMS:
-        yield from utf16_lines(stream, UTF16_BOMS[head], max_line_bytes)
+    raw = stream.readline(max_line_bytes)
+    if raw[:2] in UTF16_BOMS:  # what was read past the BOM is handed on, so pipes work too
+        yield from utf16_lines(raw[2:], stream, UTF16_BOMS[raw[:2]], max_line_bytes)
         return
-    source = Prefixed(head, stream)
     number = 0
-    while True:
-        raw = source.readline(max_line_bytes)
-        if not raw:
-            return
+    while raw:
         number += 1
-        cut = len(raw) == max_line_bytes and not raw.endswith(b"\n") and skip_rest(source, max_line_bytes)
+        cut = len(raw) == max_line_bytes and not raw.endswith(b"\n") and skip_rest(stream, max_line_bytes)
         try:  # a cut can split a multi-byte character: the incremental decoder drops that tail
             text = codecs.getincrementaldecoder("utf-8")().decode(raw, final=not cut)
         except UnicodeDecodeError:
             yield Line(number, None, cut)
-            continue
-        text = text.rstrip("\r\n")
-        yield Line(number, text.removeprefix("\ufeff") if number == 1 else text, cut)
+        else:
+            text = text.rstrip("\r\n")
+            yield Line(number, text.removeprefix("\ufeff") if number == 1 else text, cut)
+        raw = stream.readline(max_line_bytes)
 
 
-class Prefixed:
-    """A byte stream with the bytes already read from its start (the BOM sniff) put back."""
-
-    def __init__(self, head: bytes, stream: IO[bytes]) -> None:
-        self.head, self.stream = head, stream
-
-    def readline(self, limit: int) -> bytes:
-        if not self.head:
-            return self.stream.readline(limit)
-        end = min(self.head.find(b"\n") + 1 or len(self.head), limit)
-        line, self.head = self.head[:end], self.head[end:]
-        if not line.endswith(b"\n") and len(line) < limit and not self.head:
-            line += self.stream.readline(limit - len(line))
-        return line
-
-
-def utf16_lines(stream: IO[bytes], codec: str, max_line_bytes: int) -> Iterator[Line]:
-    """Lines of a UTF-16 stream (past its BOM), each decoded on its own: a bad line is one error."""
-    for number, (raw, cut) in enumerate(utf16_raw_lines(stream, "\n".encode(codec), max_line_bytes), 1):
-        try:
-            text: str | None = codecs.getincrementaldecoder(codec)().decode(raw, final=not cut).rstrip("\r")
-        except UnicodeDecodeError:
-            text = None
-        yield Line(number, text, cut, "UTF-16")
-
-
-def utf16_raw_lines(stream: IO[bytes], newline: bytes, limit: int) -> Iterator[tuple[bytes, bool]]:
-    """(bytes, cut) per line, split at newline code units (even offsets) only."""
-    line, cut, odd = b"", False, b""
+def utf16_lines(head: bytes, stream: IO[bytes], codec: str, max_line_bytes: int) -> Iterator[Line]:
+    """Lines of a UTF-16 stream (`head`: bytes already read past the BOM), split at newline code
+    units (even offsets) only and each decoded on its own: a bad line is one error record."""
+    line, cut, rest, number, newline = b"", False, head, 0, "\n".encode(codec)
     while True:
         chunk = stream.read(1 << 16)
-        data = odd + chunk
+        data = rest + chunk
         even = len(data) - len(data) % 2 if chunk else len(data)
-        data, odd = data[:even], data[even:]
+        data, rest = data[:even], data[even:]
         start, at = 0, data.find(newline)
         while at >= 0:
             if at % 2 == 0:
-                yield append_cut(line, cut, data[start:at], limit)
+                line, cut = append_cut(line, cut, data[start:at], max_line_bytes)
+                number += 1
+                yield utf16_line(number, line, cut, codec)
                 line, cut, start = b"", False, at + 2
             at = data.find(newline, at + 1)
-        line, cut = append_cut(line, cut, data[start:], limit)
+        line, cut = append_cut(line, cut, data[start:], max_line_bytes)
         if not chunk:
             if line or cut:
-                yield line, cut
+                yield utf16_line(number + 1, line, cut, codec)
             return
+
+
+def utf16_line(number: int, raw: bytes, cut: bool, codec: str) -> Line:
+    try:
+        return Line(number, codecs.getincrementaldecoder(codec)().decode(raw, final=not cut).rstrip("\r"),
+                    cut, "UTF-16")
+    except UnicodeDecodeError:
+        return Line(number, None, cut, "UTF-16")
 
 
 def append_cut(line: bytes, cut: bool, piece: bytes, limit: int) -> tuple[bytes, bool]:
     """line + piece, kept to `limit` bytes (an even number), and whether anything was dropped."""
-    if cut:
-        return line, True
-    if len(line) + len(piece) <= limit:
-        return line + piece, False
+    if cut or len(line) + len(piece) <= limit:
+        return (line, True) if cut else (line + piece, False)
     return (line + piece)[: limit - limit % 2], True
 
 
-def skip_rest(stream: Prefixed, max_line_bytes: int) -> bool:
+def skip_rest(stream: IO[bytes], max_line_bytes: int) -> bool:
     """Read past the rest of a line in bounded steps; whether anything but its newline was left."""
     more = False
     while True:
@@ -447,11 +427,7 @@ def parquet_records(stream: IO[bytes], text_columns: Sequence[str], pair_columns
 
 
 def utf8(value: Any) -> Any:
-    """A binary cell as text; bytes that are not UTF-8 stay bytes.
-
-    >>> utf8(b"caf\\xc3\\xa9"), utf8(b"\\xff"), utf8(3)
-    ('café', b'\\xff', 3)
-    """
+    """A binary cell as text; bytes that are not UTF-8 stay bytes (then an error record)."""
     if isinstance(value, bytes):
         try:
             return value.decode("utf-8")

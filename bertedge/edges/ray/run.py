@@ -50,7 +50,7 @@ def predict_dataset(args: DistributedArgs, log: TextIO | None = None) -> Distrib
         Terminated: SIGTERM or Ctrl-C.
     """
     try:
-        import ray  # noqa: F401  (only to fail early and clearly without it)
+        import ray
     except ImportError:
         raise BertedgeError("--engine ray needs Ray", "pip install 'bertedge[ray]'") from None
     log = log or sys.stderr
@@ -60,30 +60,30 @@ def predict_dataset(args: DistributedArgs, log: TextIO | None = None) -> Distrib
     args = replace(args, text_columns=text_columns, pair_columns=pair_columns)
     special = read_special(args.files)
     id_column, int_ids = resolve_id_column(args.files, special, args.id_column, args.max_line_bytes)
-    with atomic_output(args.output, folder=not args.single_file_output, what="the predictions") as target, \
-            ray_session(args, log) as owned:
-        try:
-            return run_job(args, special, id_column, int_ids, target, log, started,
-                           time.perf_counter() - started)
-        except (Terminated, KeyboardInterrupt) as e:
-            code = e.code if isinstance(e, Terminated) else 130
-            log.write(f"stopped by {'SIGTERM' if code == 143 else 'a signal'}: "
-                      f"{'Ray shut down, ' if owned else ''}no output written\n")
-            log.flush()
-            raise Terminated(code) from None
-        except Exception as e:  # Ray wraps a worker's BertedgeError; show the user the original
-            cause = user_error_in(e)
-            if cause is None:
-                raise
-            raise BertedgeError(cause.problem, cause.fix) from None
+    try:
+        with atomic_output(args.output, folder=not args.single_file_output, what="the predictions") as target, \
+                ray_session(args):
+            try:
+                return run_job(args, special, id_column, int_ids, target, log, started,
+                               time.perf_counter() - started)
+            except Exception as e:  # Ray wraps a worker's BertedgeError; show the user the original
+                cause = user_error_in(e)
+                if cause is None:
+                    raise
+                raise BertedgeError(cause.problem, cause.fix) from None
+    except (Terminated, KeyboardInterrupt) as e:  # after Ray's shutdown, so this is the last line
+        code = e.code if isinstance(e, Terminated) and isinstance(e.code, int) else 130
+        log.write(f"stopped by {'SIGTERM' if code == 143 else 'an interrupt'}: no output written"
+                  f"{'' if ray.is_initialized() else ', Ray shut down'}\n")
+        log.flush()
+        raise Terminated(code) from None
 
 
 @contextlib.contextmanager
-def ray_session(args: DistributedArgs, log: TextIO) -> Iterator[bool]:
-    """Start a local Ray (or join `address`) unless one is up; yield whether this call owns it.
-
-    An owned Ray is shut down on the way out, whatever happens; SIGTERM is handled here, after
-    `ray.init` (which installs its own handler that would abort the driver).
+def ray_session(args: DistributedArgs) -> Iterator[None]:
+    """Start a local Ray (or join `address`) unless one is up; shut down the one it started on
+    the way out, whatever happens. SIGTERM is handled here, after `ray.init` (which installs its
+    own handler, under which the driver aborts and leaves Ray's agents running).
     """
     import ray
 
@@ -99,11 +99,24 @@ def ray_session(args: DistributedArgs, log: TextIO) -> Iterator[bool]:
     ray_data_log.setLevel(logging.WARNING)  # Ray Data's per-stage INFO lines drown the progress
     try:
         with terminate_cleanly():
-            yield owned
+            yield
+    except (Terminated, KeyboardInterrupt):
+        if owned:
+            no_auto_init()
+        raise
     finally:
         ray_data_log.setLevel(level)
         if owned:
             ray.shutdown()
+
+
+def no_auto_init() -> None:
+    """Keep Ray Data threads still running from starting a fresh Ray once this one is shut down
+    (any Ray call auto-initializes; RAY_ENABLE_AUTO_CONNECT=0 is read only when Ray is imported)."""
+    with contextlib.suppress(ImportError):  # a private module: gone in some Ray, then nothing to do
+        from ray._private import auto_init_hook
+
+        auto_init_hook.enable_auto_connect = False
 
 
 def bundle_task(bundle: Path, expect_digest: str | None) -> Any:
@@ -213,28 +226,29 @@ def check_capacity(actors: int, threads: int, cpus: int) -> None:
 
 def run_with_progress(ds: Any, counter: Any, total: int, log: TextIO | None,
                       every_s: float = 2.0) -> Any:
-    """Materialize ds in a thread while printing rows done / total and rows/s from the counter."""
+    """Materialize ds while a thread prints rows done / total and rows/s from the counter.
+
+    Ray Data runs here, on the calling (main) thread, so SIGTERM or Ctrl-C stops it where it
+    stands and it shuts its own tasks down while Ray is still up; the reporter is joined first.
+    """
     import ray
 
-    done: dict[str, Any] = {}
+    stop = threading.Event()
 
-    def work() -> None:
-        try:
-            done["ds"] = ds.materialize()
-        except BaseException as e:  # re-raised on the calling thread
-            done["error"] = e
+    def report() -> None:
+        start = time.perf_counter()
+        while not stop.wait(every_s) and log is not None:
+            with contextlib.suppress(Exception):  # a slow answer: skip this line
+                rows = min(ray.get(counter.state.remote(), timeout=every_s)[0], total)
+                elapsed = time.perf_counter() - start
+                log.write(f"rows {rows}/{total} ({100 * rows / total:.0f}%), "
+                          f"{rows / max(elapsed, 1e-9):.0f} rows/s, {elapsed:.0f} s\n")
+                log.flush()
 
-    thread = threading.Thread(target=work, daemon=True)
-    start = time.perf_counter()
-    thread.start()
-    while thread.is_alive():
-        thread.join(every_s)
-        if log is not None:
-            rows = min(ray.get(counter.state.remote())[0], total)
-            elapsed = time.perf_counter() - start
-            log.write(f"rows {rows}/{total} ({100 * rows / total:.0f}%), "
-                      f"{rows / max(elapsed, 1e-9):.0f} rows/s, {elapsed:.0f} s\n")
-            log.flush()
-    if "error" in done:
-        raise done["error"]
-    return done["ds"]
+    reporter = threading.Thread(target=report, daemon=True)
+    reporter.start()
+    try:
+        return ds.materialize()
+    finally:
+        stop.set()
+        reporter.join()
