@@ -51,7 +51,8 @@ def tiny_export(base: Path, task: str) -> Path:
     meta = {"task": task, "labels": list(LABELS[task]), "max_length": 32, "model_type": "bert", "stride": 8}
     (out / "bertedge.json").write_text(json.dumps(meta))
     digest = hashlib.sha256((out / "model.onnx").read_bytes()).hexdigest()
-    report = {"opset": 17, "recommended": "fp32", "artifacts": [
+    copied = {n: hashlib.sha256((out / n).read_bytes()).hexdigest() for n in ("tokenizer.json", "bertedge.json")}
+    report = {"opset": 17, "recommended": "fp32", "metadata_sha256": copied, "artifacts": [
         {"name": "fp32", "file": "model.onnx", "precision": "fp32", "quantization": None, "validated": True,
          "passed": True, "label_agreement": 1.0, "sha256": {"model.onnx": digest}}]}
     (out / "export-report.json").write_text(json.dumps(report))
@@ -200,7 +201,12 @@ def test_package_refuses_an_artifact_changed_since_export(exports: dict[str, Pat
     data = bytearray((export / "model.onnx").read_bytes())
     data[len(data) // 2] ^= 0xFF
     (export / "model.onnx").write_bytes(bytes(data))
-    with pytest.raises(BertedgeError, match=r"model.onnx .* changed since export.*run `bertedge export"):
+    with pytest.raises(BertedgeError, match=r"model.onnx changed since export.*run `bertedge export"):
+        package(PackageArgs(export, tmp_path / "b"))
+    shutil.copy(exports["classification"] / "model.onnx", export / "model.onnx")
+    shutil.copy(exports["qa"] / "tokenizer.json", export / "tokenizer.json")  # swapped beside it
+    (export / "tokenizer.json").write_text((export / "tokenizer.json").read_text() + " ")
+    with pytest.raises(BertedgeError, match=r"tokenizer.json changed since export"):
         package(PackageArgs(export, tmp_path / "b"))
     assert not (tmp_path / "b").exists()
 
@@ -216,6 +222,9 @@ def test_package_warns_when_an_old_report_has_no_checksums(exports: dict[str, Pa
 
 def test_package_loads_the_tokenizer_and_names_export_as_the_fix(exports: dict[str, Path], tmp_path: Path) -> None:
     export = copied_export(exports, tmp_path)
+    report = json.loads((export / "export-report.json").read_text())
+    del report["metadata_sha256"]  # a report from before export recorded them
+    (export / "export-report.json").write_text(json.dumps(report))
     (export / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "Nope"}}')
     with pytest.raises(BertedgeError, match=r"is not a valid tokenizer.json .*run `bertedge export"):
         package(PackageArgs(export, tmp_path / "b"))

@@ -58,6 +58,7 @@ from bertedge.runtime.manifest import (  # noqa: F401
     manifest_digest,
     manifest_problems,
     parse_manifest,
+    plain_name,
     sha256_of,
 )
 from bertedge.runtime.meta import ModelMeta, read_model_meta
@@ -145,7 +146,7 @@ def package(args: PackageArgs) -> Bundle:
     record = choose_artifact(report, args.artifact, args.force)
     model_file = args.export_dir / str(record["file"])
     engine = str(record.get("engine") or ONNXRUNTIME)
-    check_artifact_files(args.export_dir, record, engine)
+    check_artifact_files(args.export_dir, report, record, engine)
     tokenizer = load_tokenizer_file(args.export_dir / TOKENIZER, EXPORT_AGAIN)
     dest = args.out if args.archive is None else archive_path(args.out, args.archive)
     check_destination(dest, archive=args.archive is not None, overwrite=args.overwrite)
@@ -241,28 +242,32 @@ def artifact_sources(export_dir: Path, record: dict[str, Any], engine: str) -> l
     return [model] if len(model_files(engine)) == 1 else [model, model.with_suffix(".bin")]
 
 
-def check_artifact_files(export_dir: Path, record: dict[str, Any], engine: str) -> None:
-    """Each artifact file exists and has the SHA-256 export recorded (an old report without
-    checksums: a warning, and the files are trusted)."""
+def check_artifact_files(export_dir: Path, report: dict[str, Any], record: dict[str, Any], engine: str) -> None:
+    """The artifact's files (and the metadata files beside them) exist and have the SHA-256 export
+    recorded; an old report without checksums is a warning, and its files are trusted."""
     sources = artifact_sources(export_dir, record, engine)
     missing = [p.name for p in sources if not p.is_file()]
     if missing:
         raise BertedgeError(f"artifact '{record['name']}' file(s) {', '.join(missing)} missing from "
                             f"'{export_dir}'", EXPORT_AGAIN)
     recorded = record.get("sha256")
-    if not isinstance(recorded, dict):
+    if not isinstance(recorded, dict) or not recorded:
         warnings.warn(f"export-report.json records no SHA-256 for artifact '{record['name']}', so its "
                       "files are packaged unchecked (re-run `bertedge export` to record them)",
                       RuntimeWarning, stacklevel=3)
-        return
-    wrong = [p.name for p in sources if p.name in recorded and sha256_of(p) != recorded[p.name]]
-    unlisted = [p.name for p in sources if p.name not in recorded]
-    if wrong or unlisted:
-        what = "changed since export" if wrong else "not checksummed by export"
-        raise BertedgeError(f"artifact '{record['name']}' file(s) {', '.join(wrong or unlisted)} in "
-                            f"'{export_dir}' {what} (SHA-256 differs from export-report.json)"
-                            if wrong else f"artifact '{record['name']}' file(s) {', '.join(unlisted)} {what}",
-                            EXPORT_AGAIN)
+        recorded = {}
+    else:
+        unlisted = [p.name for p in sources if p.name not in recorded]
+        if unlisted:
+            raise BertedgeError(f"export-report.json lists no SHA-256 for {', '.join(unlisted)} of artifact "
+                                f"'{record['name']}'", EXPORT_AGAIN)
+    metadata = report.get("metadata_sha256")
+    expected = {**(metadata if isinstance(metadata, dict) else {}), **recorded}
+    wrong = [name for name, digest in expected.items()
+             if plain_name(str(name)) and (export_dir / name).is_file() and sha256_of(export_dir / name) != digest]
+    if wrong:
+        raise BertedgeError(f"'{export_dir}': {listing(wrong, ', ')} changed since export (SHA-256 differs "
+                            "from export-report.json)", EXPORT_AGAIN)
 
 
 def build_bundle(out: Path, model: Path, tokenizer: Path, *, task: str, labels: list[str],
