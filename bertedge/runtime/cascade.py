@@ -227,8 +227,9 @@ def run_cascade(batches: Sequence[Feeds], runners: Sequence[Runner], deltas: Seq
             for b, r in chunk:
                 stages[b][r] = k + 1
             rows += chunk
-            found.append(_margins(margin, out, feeds, k + 2))
-        margins = np.concatenate(found)
+            if k + 2 < len(runners):  # the last stage's margins decide nothing
+                found.append(_margins(margin, out, feeds, k + 2))
+        margins = np.concatenate(found) if found else np.zeros(0)
     return outputs, stages
 
 
