@@ -176,6 +176,7 @@ def test_the_model_file_carries_its_labels(bundles: dict[str, Path], tmp_path: P
     ("classification", {"labels": ["a", ""]}, "labels must all be non-empty strings"),
     ("classification", {"inputs": []}, "inputs must be a non-empty list"),
     ("classification", {"engine": "tensorrt"}, "engine 'tensorrt' is not one this bertedge runs"),
+    ("classification", {"artifact": [], "engine": {}}, r"engine \{\} .*artifact \[\] is not a kind"),  # fuzz
 ])
 def test_every_field_is_range_checked(bundles: dict[str, Path], tmp_path: Path, task: str,
                                       change: dict[str, Any], match: str) -> None:

@@ -217,7 +217,7 @@ def manifest_problems(m: Manifest | dict[str, Any]) -> list[str]:
         if m.get(key) is not None and not isinstance(m[key], dict):
             problems.append(f"{key} must be an object or null (got {type(m[key]).__name__})")
     if "files" in m:
-        engine = m.get("engine") if m.get("engine") in ENGINES else None
+        engine = m.get("engine") if known(m.get("engine"), ENGINES) else None
         problems += files_problems(m["files"], ENGINES[engine or ONNXRUNTIME].bundle_files)
     return problems
 
@@ -264,15 +264,24 @@ def length_problems(m: dict[str, Any]) -> list[str]:
     return problems
 
 
+def known(value: Any, names: Any) -> bool:
+    """A name in a table (a list or object from JSON is no name, and cannot be hashed).
+
+    >>> known("int8", ("fp32", "int8")), known(["int8"], {"int8": 1})
+    (True, False)
+    """
+    return isinstance(value, str) and value in names
+
+
 def kind_problems(m: dict[str, Any]) -> list[str]:
     """engine, precision and artifact: names this bertedge knows (absent engine: onnxruntime)."""
     problems = []
-    if "engine" in m and m["engine"] not in ENGINES:
+    if "engine" in m and not known(m["engine"], ENGINES):
         problems.append(f"engine {shown(m['engine'])} is not one this bertedge runs ({', '.join(ENGINES)}); "
                         "a newer bertedge may")
-    if m.get("precision") is not None and m["precision"] not in PRECISIONS:
+    if m.get("precision") is not None and not known(m["precision"], PRECISIONS):
         problems.append(f"precision {shown(m['precision'])} is not one of {', '.join(PRECISIONS)}")
-    if "artifact" in m and m["artifact"] not in ARTIFACT_KINDS:
+    if "artifact" in m and not known(m["artifact"], ARTIFACT_KINDS):
         problems.append(f"artifact {shown(m['artifact'])} is not a kind this bertedge knows "
                         f"({', '.join(ARTIFACT_KINDS)}); a newer bertedge may")
     return problems
