@@ -31,7 +31,7 @@ demo: install
 		--calibration $(DATA)/sst2/train.tsv --text-column sentence,content --label-column label
 	$(PY) -m bertedge package $(DEMO)/export --out $(DEMO)/bundle
 	printf 'a gripping, beautifully acted film\nthe plot is a tedious mess\n' | $(PY) -m bertedge predict $(DEMO)/bundle
-	$(PY) -m bertedge bench $(DEMO)/export --backends torch,onnx,onnx-fused,int8 --batch-sizes 1,32 --seq-lens 16,128 \
+	$(PY) -m bertedge bench $(DEMO)/export --backends torch,fp32,fused,int8 --batch-sizes 1,32 --seq-lens 16,128 \
 		--runs 20 --data $(DATA)/sst2/dev.tsv --text-column sentence,content --label-column label --out $(DEMO)/bench
 	@echo "demo done: model $(DEMO)/model, ONNX artifacts $(DEMO)/export, bundle $(DEMO)/bundle, bench $(DEMO)/bench"
 

@@ -6,7 +6,7 @@ same file, then beside a text that reaches 128 tokens (so it is padded to 128). 
 |probability difference| against the text alone and how many labels changed.
 
     python benchmarks/batch_invariance.py runs/demo/export --files model-fused.onnx,model-int8.onnx \\
-        --data /work/shared/data/sst2/dev.tsv --text-column content --texts 200
+        --data dev.tsv --text-column content --texts 200
 """
 
 from __future__ import annotations

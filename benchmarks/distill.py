@@ -75,8 +75,8 @@ def parse_args() -> argparse.Namespace:
 
 
 def run_distill(args: argparse.Namespace, student: Path) -> dict[str, Any]:
-    from bertedge.toolchain.distill import DistillArgs, distill
     from bertedge.runtime.data import Columns
+    from bertedge.toolchain.distill import DistillArgs, distill
 
     if args.reuse and (student / "metrics.json").is_file():
         print(f"reusing {student}")
@@ -95,8 +95,8 @@ def run_distill(args: argparse.Namespace, student: Path) -> dict[str, Any]:
 
 
 def run_export(args: argparse.Namespace, model_dir: Path, out: Path, reuse: bool = False) -> dict[str, Any]:
-    from bertedge.toolchain.export import ExportArgs, export
     from bertedge.runtime.data import Columns
+    from bertedge.toolchain.export import ExportArgs, export
 
     if not ((args.reuse or reuse) and (out / "export-report.json").is_file()):
         export(ExportArgs(model_dir=model_dir, out=out, eval_file=args.eval, calibration=args.calibration,

@@ -21,7 +21,7 @@ over --rounds rounds and the medians reported: ratios from one run hold on a noi
 absolute times do not.
 
     python benchmarks/head_to_head.py --model runs/demo/model --export runs/demo/export \\
-        --data /work/shared/data/sst2/dev.tsv --text-column content --threads 2
+        --data dev.tsv --text-column content --threads 2
 
 Writes benchmarks/results/head_to_head-<UTC timestamp>.json and prints a Markdown report.
 """
@@ -42,11 +42,11 @@ from typing import Any
 
 import numpy as np
 
-from bertedge.toolchain.bench.inputs import realistic_batch
 from bertedge.runtime.data import Columns, TextExamples, load_text_classification, seeded_subset
 from bertedge.runtime.features import length_sorted_batches, load_tokenizer, pad_batch, pad_id
 from bertedge.runtime.meta import read_model_meta
 from bertedge.runtime.sessions import make_session, session_options
+from bertedge.toolchain.bench.inputs import realistic_batch
 
 Feeds = dict[str, np.ndarray]
 Call = Callable[[], object]
@@ -302,7 +302,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, required=True, help="fine-tuned Hugging Face folder (e.g. runs/demo/model)")
     p.add_argument("--export", type=Path, default=None, help="existing bertedge export folder (default: export now)")
-    p.add_argument("--data", type=Path, required=True, help="labelled eval file (e.g. /work/shared/data/sst2/dev.tsv)")
+    p.add_argument("--data", type=Path, required=True, help="labelled eval file, e.g. SST-2's dev.tsv (the one `export --eval` gated on)")
     p.add_argument("--calibration", type=Path, default=None, help="texts for export's calibration (default: --data)")
     p.add_argument("--text-column", default="text,sentence,content")
     p.add_argument("--label-column", default="label")

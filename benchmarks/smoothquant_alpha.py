@@ -10,8 +10,8 @@ the fp32 graph on onnxruntime:
   held-out  --heldout-rows texts of --calibration that neither the fine-tune (--trained-rows,
             --trained-seed: `finetune --max-train-rows/--seed`) nor any calibration draw used
 
-    python benchmarks/smoothquant_alpha.py --export runs/demo/export --data ../shared/data/sst2/dev.tsv \\
-        --calibration ../shared/data/sst2/train.tsv --text-column sentence,content --trained-rows 24000
+    python benchmarks/smoothquant_alpha.py --export runs/demo/export --data dev.tsv \\
+        --calibration train.tsv --text-column sentence,content --trained-rows 24000
 
 Writes benchmarks/results/smoothquant_alpha-<UTC timestamp>.json and prints a Markdown table.
 """

@@ -1,6 +1,6 @@
 """Split a SQuAD v1.1 file by article (seeded) into train and eval files, never by question.
 
-    python benchmarks/squad_split.py ../shared/data/squad/dev-v1.1-a.json runs/squad --eval-articles 6
+    python benchmarks/squad_split.py dev-v1.1.json runs/squad --eval-articles 6
 
 Writes OUT-train.json and OUT-eval.json in the original schema, so `bertedge finetune --task qa`
 and `bertedge export --eval` see exactly the same held-out articles, and OUT-train-text.jsonl

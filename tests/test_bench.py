@@ -12,6 +12,10 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 
+from bertedge.cli import cli
+from bertedge.errors import BertedgeError
+from bertedge.runtime.data import BadRows, Columns
+from bertedge.runtime.features import load_tokenizer
 from bertedge.toolchain.bench import (
     BenchArgs,
     BenchReport,
@@ -25,9 +29,6 @@ from bertedge.toolchain.bench.inputs import realistic_batch, resolve_source
 from bertedge.toolchain.bench.results import BackendResult
 from bertedge.toolchain.bench.spec import BUILTIN_SENTENCES, DEFAULT_DURATION_S, MIN_TIMED_RUNS
 from bertedge.toolchain.bench.stage import select_backends, thread_and_provider_warnings
-from bertedge.cli import cli
-from bertedge.errors import BertedgeError
-from bertedge.runtime.features import load_tokenizer
 
 FAST = dict(batch_sizes=(1, 2), seq_lens=(8, 16), runs=3, warmup=1, threads=1)
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
@@ -46,9 +47,9 @@ def export_dir(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 @pytest.fixture(scope="module")
 def report(export_dir: Path, sentiment_csv: tuple[Path, Path],
            tmp_path_factory: pytest.TempPathFactory) -> tuple[BenchReport, Path]:
-    """torch + onnx + int8 on two shapes each, with the labelled --data pass, files written."""
+    """torch + fp32 + int8 on two shapes each, with the labelled --data pass, files written."""
     out = tmp_path_factory.mktemp("bench_out")
-    args = BenchArgs(export_dir, backends=("torch", "onnx", "int8"), data=sentiment_csv[1], out=out,
+    args = BenchArgs(export_dir, backends=("torch", "fp32", "int8"), data=sentiment_csv[1], out=out,
                      cold_start=False, **FAST)  # type: ignore[arg-type]
     return bench(args), out
 
@@ -83,9 +84,11 @@ def test_time_calls_counts_runs_and_duration() -> None:
 
 def test_bench_args_are_validated_all_at_once(export_dir: Path) -> None:
     with pytest.raises(BertedgeError) as e:
-        BenchArgs(export_dir, backends=("onnx", "tpu"), duration=1.0, runs=3, batch_sizes=(0,))
+        BenchArgs(export_dir, backends=("fp32", "tpu"), duration=1.0, runs=3, batch_sizes=(0,))
     message = str(e.value)
     assert "not both" in message and "tpu" in message and "--batch-sizes" in message
+    with pytest.raises(BertedgeError, match="'onnx' is now 'fp32', 'onnx-fused' is now 'fused'"):
+        BenchArgs(export_dir, backends=("onnx", "onnx-fused"))
     assert BenchArgs(export_dir).duration == DEFAULT_DURATION_S
 
 
@@ -125,7 +128,7 @@ def test_report_structure_and_files(report: tuple[BenchReport, Path]) -> None:
     assert env["cpu"]["model"] and env["cpu"]["logical_cores"] >= 1
     assert env["versions"]["onnxruntime"] == ort.__version__ and env["versions"]["torch"]
     assert data["source"]["kind"] == "export" and data["settings"]["threads"] == 1
-    assert [x["name"] for x in data["backends"]] == ["torch", "onnx", "int8"]
+    assert [x["name"] for x in data["backends"]] == ["torch", "fp32", "int8"]
     for backend in data["backends"]:
         assert backend["status"] == "ok" and backend["size_mb"] > 0 and backend["load_s"] >= 0
         assert [(s["batch_size"], s["seq_len"]) for s in backend["shapes"]] == [(1, 8), (1, 16), (2, 8), (2, 16)]
@@ -160,7 +163,7 @@ def test_accuracy_and_agreement(report: tuple[BenchReport, Path], tiny_bert: Pat
     assert torch_acc is not None and torch_acc.rows == len(examples)
     assert torch_acc.accuracy == pytest.approx(expected)
     assert torch_acc.reference == "torch" and torch_acc.agreement == 1.0
-    onnx_acc = rep.backend("onnx").accuracy  # type: ignore[union-attr]
+    onnx_acc = rep.backend("fp32").accuracy  # type: ignore[union-attr]
     assert onnx_acc is not None and onnx_acc.accuracy == pytest.approx(expected)
     assert onnx_acc.agreement == 1.0 and (onnx_acc.max_abs_logit_diff or 0.0) < 1e-4
     int8_acc = rep.backend("int8").accuracy  # type: ignore[union-attr]
@@ -173,7 +176,7 @@ def test_threads_and_providers_are_recorded(report: tuple[BenchReport, Path]) ->
     rep, _ = report
     for result in rep.backends:
         assert result.threads_requested == 1 and result.threads_used == 1, result
-    onnx = rep.backend("onnx")
+    onnx = rep.backend("fp32")
     assert onnx is not None and onnx.providers_used == ["CPUExecutionProvider"]
     assert "psutil" in onnx.threads_how  # measured from the OS, not read back from the setting
     assert not any("threads" in w or "fallback" in w for w in rep.warnings)
@@ -185,14 +188,14 @@ def test_warning_when_threads_or_provider_differ() -> None:
     warnings = thread_and_provider_warnings(result, usable_cores=2)
     assert any("asked for 2 threads, it uses 4" in w for w in warnings)
     assert any("silent fallback" in w for w in warnings)
-    result = BackendResult("onnx", "", threads_requested=8, threads_used=8)
+    result = BackendResult("fp32", "", threads_requested=8, threads_used=8)
     assert any("oversubscribes" in w for w in thread_and_provider_warnings(result, usable_cores=2))
 
 
 def test_measured_thread_mismatch_is_warned(export_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     counts = iter([10, 15])  # the session appears to start 5 threads: 6 in use, 1 asked for
     monkeypatch.setattr(backends, "_os_threads", lambda: next(counts))
-    rep = bench(BenchArgs(export_dir, backends=("onnx",), cold_start=False, **{**FAST, "seq_lens": (8,)}))  # type: ignore[arg-type]
+    rep = bench(BenchArgs(export_dir, backends=("fp32",), cold_start=False, **{**FAST, "seq_lens": (8,)}))  # type: ignore[arg-type]
     assert rep.backends[0].threads_used == 6
     assert any("asked for 1 threads, it uses 6" in w for w in rep.warnings)
 
@@ -202,27 +205,27 @@ def test_measured_thread_mismatch_is_warned(export_dir: Path, monkeypatch: pytes
 
 def test_cuda_backend_is_skipped_with_a_reason_when_unavailable(export_dir: Path) -> None:
     source = resolve_source(export_dir)
-    args = BenchArgs(export_dir, backends=("onnx", "cuda", "tensorrt"))
+    args = BenchArgs(export_dir, backends=("fp32", "cuda", "tensorrt"))
     chosen = dict((k.name, reason) for k, reason in select_backends(args, source, ["CPUExecutionProvider"]))
-    assert chosen["onnx"] == ""
+    assert chosen["fp32"] == ""
     assert "CUDAExecutionProvider is not available" in chosen["cuda"]
     assert "TensorrtExecutionProvider" in chosen["tensorrt"]
     default = select_backends(BenchArgs(export_dir), source, ["CPUExecutionProvider"])
-    assert [k.name for k, _ in default] == ["torch", "onnx", "onnx-fused", "int8"]  # no GPU backends
+    assert [k.name for k, _ in default] == ["torch", "fp32", "fused", "int8"]  # no GPU backends
     if HAS_CUDA:
         return
-    rep = bench(BenchArgs(export_dir, backends=("onnx", "cuda"), cold_start=False, **FAST))  # type: ignore[arg-type]
+    rep = bench(BenchArgs(export_dir, backends=("fp32", "cuda"), cold_start=False, **FAST))  # type: ignore[arg-type]
     cuda = rep.backend("cuda")
     assert cuda is not None and cuda.status == "skipped" and "CUDAExecutionProvider" in cuda.reason
     assert not cuda.shapes and any(w.startswith("cuda skipped") for w in rep.warnings)
-    assert rep.backend("onnx").status == "ok"  # type: ignore[union-attr]
+    assert rep.backend("fp32").status == "ok"  # type: ignore[union-attr]
 
 
 @pytest.mark.gpu
 def test_cuda_backend_runs_with_io_binding(export_dir: Path) -> None:
     if not HAS_CUDA:
         pytest.skip("CUDAExecutionProvider is not available in this onnxruntime")
-    rep = bench(BenchArgs(export_dir, backends=("onnx", "cuda"), cold_start=True, cold_start_runs=1, **FAST))  # type: ignore[arg-type]
+    rep = bench(BenchArgs(export_dir, backends=("fp32", "cuda"), cold_start=True, cold_start_runs=1, **FAST))  # type: ignore[arg-type]
     cuda = rep.backend("cuda")
     assert cuda is not None and cuda.status == "ok", cuda
     assert cuda.providers_used[0] == "CUDAExecutionProvider" and cuda.io_binding
@@ -250,14 +253,17 @@ def test_model_folder_runs_torch_and_drops_default_lengths_beyond_the_limit(tiny
         bench(BenchArgs(tiny_distilbert, seq_lens=(512,), runs=1, cold_start=False))
 
 
-def test_bundle_folder(export_dir: Path, tmp_path: Path) -> None:
+def test_bundle_folder_runs_the_kind_it_ships(export_dir: Path, tmp_path: Path) -> None:
+    """A bundle's graph runs under the name of the artifact kind it holds, as export names it."""
     from bertedge.runtime.bundle import PackageArgs, package
 
-    bundle = package(PackageArgs(export_dir=export_dir, out=tmp_path / "bundle")).root
-    rep = bench(BenchArgs(bundle, backends=("onnx",), cold_start=False, **FAST))  # type: ignore[arg-type]
-    assert rep.source["kind"] == "bundle"
+    bundle = package(PackageArgs(export_dir=export_dir, out=tmp_path / "bundle", artifact="int8")).root
+    rep = bench(BenchArgs(bundle, backends=("int8",), cold_start=False, **FAST))  # type: ignore[arg-type]
+    assert rep.source["kind"] == "bundle" and rep.backends[0].file == str(bundle / "model.onnx")
     manifest = json.loads((bundle / "manifest.json").read_text())
-    assert rep.backends[0].precision == (manifest["precision"] or "fp32")
+    assert rep.backends[0].precision == manifest["precision"] == "int8"
+    with pytest.raises(BertedgeError, match="holds int8, not fp32"):
+        bench(BenchArgs(bundle, backends=("fp32",), cold_start=False, **FAST))  # type: ignore[arg-type]
 
 
 def test_missing_artifact_is_an_error_naming_what_exists(export_dir: Path, tmp_path: Path) -> None:
@@ -267,7 +273,7 @@ def test_missing_artifact_is_an_error_naming_what_exists(export_dir: Path, tmp_p
     with pytest.raises(BertedgeError) as e:
         bench(BenchArgs(partial, backends=("int8", "int8-static"), cold_start=False, runs=1))
     assert "model-int8.onnx" in str(e.value) and "model-int8-static.onnx" in str(e.value)
-    assert "onnx-fused" in e.value.fix
+    assert "fused" in e.value.fix and "int8," not in e.value.fix
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -276,15 +282,15 @@ def test_missing_artifact_is_an_error_naming_what_exists(export_dir: Path, tmp_p
 def test_cli_bench(export_dir: Path, sentiment_csv: tuple[Path, Path], tmp_path: Path) -> None:
     out = tmp_path / "cli-bench"
     result = CliRunner().invoke(cli, [
-        "bench", str(export_dir), "--backends", "onnx,int8", "--batch-sizes", "1,2", "--seq-lens", "8,16",
+        "bench", str(export_dir), "--backends", "fp32,int8", "--batch-sizes", "1,2", "--seq-lens", "8,16",
         "--runs", "3", "--warmup", "1", "--threads", "1", "--no-cold-start", "--data", str(sentiment_csv[1]),
         "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert result.output.index("batch_sizes") < result.output.index("latency and throughput")  # settings first
     assert "int8" in result.output and str(out / "bench.json") in result.output
     data = json.loads((out / "bench.json").read_text())
-    assert [x["name"] for x in data["backends"]] == ["onnx", "int8"]
-    assert data["backends"][1]["accuracy"]["reference"] == "onnx"
+    assert [x["name"] for x in data["backends"]] == ["fp32", "int8"]
+    assert data["backends"][1]["accuracy"]["reference"] == "fp32"
 
 
 def test_cli_bench_errors(export_dir: Path) -> None:
@@ -307,11 +313,11 @@ def test_ner_bench_reports_entity_f1_per_backend(tmp_path: Path) -> None:
     conll = tmp_path / "dev.txt"
     conll.write_text("john\tB-PER\nsmith\tI-PER\nlives\tO\nin\tO\nparis\tB-LOC\n\nthe\tO\nfilm\tO\n\n", encoding="utf-8")
     export(ExportArgs(model_dir=model, out=tmp_path / "x", eval_file=conll))
-    report = bench(BenchArgs(model=tmp_path / "x", backends=("torch", "onnx", "int8"), batch_sizes=(1,),
+    report = bench(BenchArgs(model=tmp_path / "x", backends=("torch", "fp32", "int8"), batch_sizes=(1,),
                              seq_lens=(16,), runs=3, data=conll, cold_start=False, plots=False, out=tmp_path / "b"))
     metrics = {b.name: b.task_metric for b in report.backends}
     assert all(m is not None and m["name"] == "f1" and m["examples"] == 2 for m in metrics.values())
-    assert metrics["onnx"]["value"] == pytest.approx(metrics["torch"]["value"])  # type: ignore[index]
+    assert metrics["fp32"]["value"] == pytest.approx(metrics["torch"]["value"])  # type: ignore[index]
 
 
 @pytest.mark.parametrize("arch", ["roberta", "xlm-roberta", "mpnet", "deberta-v2"])
@@ -323,3 +329,49 @@ def test_realistic_batch_uses_the_tokenizers_own_template(arch: str, tmp_path: P
     ids = realistic_batch(tokenizer, ["a good film", "the plot was dull"], 2, 16)["input_ids"]
     template = tokenizer.encode("").ids
     assert ids.shape == (2, 16) and (ids[:, 0] == template[0]).all() and (ids[:, -1] == template[-1]).all()
+
+
+# ----------------------------------------------------------------------------- names, positions, stride
+
+
+def test_backends_are_the_artifact_kinds_export_names() -> None:
+    from bertedge.runtime.artifacts import ARTIFACT_KINDS
+    from bertedge.toolchain.bench import known_backends
+
+    names = [b.name for b in known_backends()]
+    cpu_kinds = [k.name for k in ARTIFACT_KINDS.values() if k.cpu_candidate]
+    assert names == ["torch", *cpu_kinds, "cuda", "cuda-fp16", "tensorrt"]
+    assert {b.kind for b in known_backends() if b.gpu} == {"fp32", "fp16"}
+
+
+def test_bundle_position_limit_comes_from_the_model_metadata(tmp_path: Path) -> None:
+    """RoBERTa counts positions from padding_idx + 1: 130 position embeddings hold 128 tokens."""
+    from tiny import make_family_model
+
+    from bertedge.runtime.bundle import PackageArgs, package
+    from bertedge.toolchain.export import ExportArgs, Optimization, Quantization, export
+
+    model = make_family_model(tmp_path / "m", "roberta")
+    export(ExportArgs(model, tmp_path / "x", quantize=Quantization.NONE, optimization=Optimization.NONE,
+                      timing_seconds=0.05, timing_rounds=0))
+    bundle = package(PackageArgs(export_dir=tmp_path / "x", out=tmp_path / "b")).root
+    assert resolve_source(model).max_positions == resolve_source(bundle).max_positions == 128
+
+
+def test_qa_windows_use_the_stride_the_model_records(tmp_path: Path) -> None:
+    from tiny import make_tiny_model, write_jsonl
+
+    from bertedge.runtime.tasks import get_task
+    from bertedge.toolchain.bench.measure import load_task_data
+
+    model = make_tiny_model(tmp_path / "m", task="qa", labels=("negative", "positive"))
+    (model / "bertedge.json").write_text(json.dumps({"task": "qa", "max_length": 32, "stride": 4}), encoding="utf-8")
+    context = " ".join(["john smith lives in paris and works at acme corp"] * 6)
+    data = write_jsonl(tmp_path / "qa.jsonl", [{"question": "where does john live ?", "context": context,
+                                                "answers": {"text": ["paris"], "answer_start": [context.index("paris")]}}])
+    source = resolve_source(model)
+    assert source.stride == 4
+    windows = len(load_task_data(data, source).features)
+    task, tokenizer = get_task("qa"), load_tokenizer(model / "tokenizer.json")
+    examples = task.load(data, Columns(), None, BadRows.ERROR)
+    assert windows == len(task.encode(tokenizer, examples, 32, 4)) != len(task.encode(tokenizer, examples, 32, 16))

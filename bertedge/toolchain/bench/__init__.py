@@ -2,9 +2,10 @@
 
 A benchmark is a slimmed copy of the hot loop: every backend gets the same realistic token
 inputs (real sentences cut to exactly the requested length), a warm-up, then timed runs with
-`time.perf_counter()`. Backends are data (`spec.BACKENDS`): how to load them and which file they
-read. Cold start and peak RSS are measured in a fresh process per backend that imports only
-what that backend needs (`python -m bertedge.toolchain.bench _cold-start SPEC`), as a user meets them.
+`time.perf_counter()`. Backends are data (`spec.known_backends()`): torch, one per CPU artifact
+kind of `bertedge.runtime.artifacts` under the name export gives it, and the GPU ones. Cold start
+and peak RSS are measured in a fresh process per backend that imports only what it needs
+(`python -m bertedge.toolchain.bench _cold-start SPEC`), as a user meets them.
 
     spec         constants, backends as data, BenchArgs
     inputs       the source folder and realistic token inputs
@@ -28,8 +29,9 @@ from bertedge.toolchain.bench.results import (
            latency_stats,
            time_calls,
 )
-from bertedge.toolchain.bench.spec import BACKEND_BY_NAME, BACKENDS, Backend, BenchArgs
+from bertedge.toolchain.bench.spec import Backend, BenchArgs, backend_named, known_backends
 from bertedge.toolchain.bench.stage import bench
 
-__all__ = ["BACKENDS", "BACKEND_BY_NAME", "Backend", "BackendResult", "BenchArgs", "BenchReport",
-           "LatencyStats", "bench", "latency_stats", "render", "time_calls"]
+__all__ = ["Backend", "BackendResult", "BenchArgs", "BenchReport",
+           "LatencyStats", "backend_named", "bench", "known_backends", "latency_stats", "render",
+           "time_calls"]

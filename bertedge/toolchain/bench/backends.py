@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from bertedge.runtime.sessions import OPENVINO, make_session
+from bertedge.runtime.tasks import get_task
 from bertedge.toolchain.bench.inputs import Source
 from bertedge.toolchain.bench.spec import (
     CPU,
@@ -22,8 +24,6 @@ from bertedge.toolchain.bench.spec import (
     Call,
     Feeds,
 )
-from bertedge.runtime.sessions import OPENVINO, make_session
-from bertedge.runtime.tasks import get_task
 
 # ----------------------------------------------------------------------------- loading backends
 

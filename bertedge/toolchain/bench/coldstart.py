@@ -16,12 +16,12 @@ from typing import Any
 
 import numpy as np
 
+from bertedge.runtime.tasks import get_task
 from bertedge.toolchain.bench.backends import provider_list
 from bertedge.toolchain.bench.environment import gpu_memory_mb
 from bertedge.toolchain.bench.inputs import Source
 from bertedge.toolchain.bench.results import ColdStart
 from bertedge.toolchain.bench.spec import Backend
-from bertedge.runtime.tasks import get_task
 
 # ----------------------------------------------------------------------------- cold start
 

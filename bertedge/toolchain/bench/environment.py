@@ -8,8 +8,8 @@ import subprocess
 from typing import Any
 
 from bertedge import __version__
-from bertedge.toolchain.bench.spec import ISA_FLAGS, LIBRARIES
 from bertedge.runtime.bundle import cpu_model_and_flags
+from bertedge.toolchain.bench.spec import ISA_FLAGS, LIBRARIES
 
 # ----------------------------------------------------------------------------- environment
 

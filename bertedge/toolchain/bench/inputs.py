@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bertedge.toolchain.bench.spec import Backend, Feeds
 from bertedge.errors import BertedgeError
+from bertedge.runtime.artifacts import ARTIFACT_KINDS
 from bertedge.runtime.data import TextExamples
 from bertedge.runtime.features import pad_batch, pad_id
-from bertedge.runtime.meta import read_model_meta
+from bertedge.runtime.meta import (
+    CONFIG_FILE,
+    read_config,
+    read_json_object,
+    read_model_meta,
+)
 from bertedge.runtime.tasks import CLASSIFICATION
+from bertedge.toolchain.bench.spec import Backend, Feeds
 
 # ----------------------------------------------------------------------------- the source folder
 
@@ -29,21 +34,26 @@ class Source:
     task: str
     labels: tuple[str, ...]
     max_length: int  # truncation length for --data
-    max_positions: int  # longest sequence the model accepts
+    max_positions: int  # longest sequence the model accepts (bertedge.runtime.meta.position_limit)
+    stride: int  # QA: tokens shared by consecutive context windows, as the model records it
     model_type: str
     tokenizer: Path  # tokenizer.json
     torch_dir: Path | None  # Hugging Face folder for the torch backend, when one exists
-    precisions: dict[str, str]  # ONNX file name -> precision, from the export report or manifest
+    precisions: dict[str, str]  # graph file name -> precision, from the export report or manifest
+    graphs: dict[str, str] = field(default_factory=dict)  # artifact kind -> its graph file in `root`
 
     def file_for(self, backend: Backend) -> Path | None:
-        """The ONNX file this backend runs, if the folder has one."""
-        return next((self.root / f for f in backend.files if (self.root / f).is_file()), None)
+        """The graph file this backend runs, if the folder has its artifact kind."""
+        graph = self.graphs.get(backend.kind) if backend.kind is not None else None
+        return self.root / graph if graph else None
 
     def missing(self, backend: Backend) -> str:
         """Why this folder cannot run the backend ('' when it can)."""
         if backend.engine == "torch":
             return "" if self.torch_dir else f"no PyTorch model folder for '{self.root}' (a {self.kind} folder)"
         if self.file_for(backend) is None:
+            if self.kind == "bundle":
+                return f"the bundle '{self.root}' holds {', '.join(self.graphs)}, not {backend.kind}"
             return f"no {' / '.join(backend.files)} in '{self.root}'"
         return ""
 
@@ -52,26 +62,9 @@ class Source:
         return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BertedgeError(f"cannot read '{path}' ({e})", "rebuild the folder with bertedge") from None
-    if not isinstance(data, dict):
-        raise BertedgeError(f"'{path}' is not a JSON object", "rebuild the folder with bertedge")
-    return data
-
-
 def _model_dir(value: object) -> Path | None:
     path = Path(str(value)) if value else None
-    return path if path is not None and (path / "config.json").is_file() else None
-
-
-def _max_positions(folders: Sequence[Path | None], fallback: int) -> int:
-    for folder in folders:
-        if folder is not None and (folder / "config.json").is_file():
-            return int(_read_json(folder / "config.json").get("max_position_embeddings") or fallback)
-    return fallback
+    return path if path is not None and (path / CONFIG_FILE).is_file() else None
 
 
 def resolve_source(root: Path) -> Source:
@@ -88,10 +81,10 @@ def resolve_source(root: Path) -> Source:
         return _bundle_source(root)
     if (root / "export-report.json").is_file():
         return _export_source(root)
-    if (root / "config.json").is_file():
+    if (root / CONFIG_FILE).is_file():
         info = read_model_meta(root)
-        return Source(root, "model", info.task.name, info.labels, info.max_length,
-                      info.max_positions, info.model_type, root / "tokenizer.json", root, {})
+        return Source(root, "model", info.task.name, info.labels, info.max_length, info.max_positions, info.stride,
+                      info.model_type, root / "tokenizer.json", root, {})
     raise BertedgeError(f"'{root}' has no manifest.json, export-report.json or config.json",
                         "pass the --out folder of `bertedge export`, `bertedge package` or `bertedge finetune`")
 
@@ -100,19 +93,38 @@ def _bundle_source(root: Path) -> Source:
     from bertedge.runtime.bundle import read_manifest
 
     m = read_manifest(root)
-    torch_dir = _model_dir(m.get("provenance", {}).get("model_dir"))
-    return Source(root, "bundle", m["task"], tuple(m["labels"]), int(m["max_length"]),
-                  _max_positions([torch_dir], int(m["max_length"])), str(m["model_type"]),
-                  root / "tokenizer.json", torch_dir, {"model.onnx": str(m.get("precision") or "")})
+    meta = m.meta()
+    torch_dir = _model_dir(m.provenance.get("model_dir"))
+    positions = meta.max_positions
+    if m.max_positions is None and torch_dir is not None:  # a bundle from before the field
+        positions = read_config(torch_dir).max_positions
+    graph = m.model_files[0]
+    return Source(root, "bundle", meta.task.name, meta.labels, meta.max_length, positions, meta.stride,
+                  meta.model_type, root / "tokenizer.json", torch_dir, {graph: m.precision or ""},
+                  {_bundle_kind(m.artifact, m.engine, m.precision): graph})
+
+
+def _bundle_kind(artifact: str | None, engine: str, precision: str | None) -> str:
+    """The artifact kind a bundle ships: the one its manifest names, else the first kind of its
+    engine and precision (bundles made before the manifest recorded it).
+
+    >>> _bundle_kind(None, "openvino", "int8"), _bundle_kind("fused", "onnxruntime", "fp32")
+    ('int8-openvino', 'fused')
+    """
+    if artifact in ARTIFACT_KINDS:
+        return str(artifact)
+    same = [k.name for k in ARTIFACT_KINDS.values() if k.engine == engine and k.precision == (precision or "fp32")]
+    return same[0] if same else "fp32"
 
 
 def _export_source(root: Path) -> Source:
-    report = _read_json(root / "export-report.json")
+    report = read_json_object(root / "export-report.json", "run `bertedge export` again")
     info = read_model_meta(root)
     torch_dir = _model_dir(report.get("model_dir"))
     precisions = {a["file"]: str(a.get("precision", "")) for a in report.get("artifacts", []) if a.get("file")}
-    return Source(root, "export", info.task.name, info.labels, info.max_length, info.max_positions,
-                  info.model_type, root / "tokenizer.json", torch_dir, precisions)
+    graphs = {k.name: k.graph for k in ARTIFACT_KINDS.values() if all((root / f).is_file() for f in k.files)}
+    return Source(root, "export", info.task.name, info.labels, info.max_length, info.max_positions, info.stride,
+                  info.model_type, root / "tokenizer.json", torch_dir, precisions, graphs)
 
 
 # ----------------------------------------------------------------------------- realistic inputs

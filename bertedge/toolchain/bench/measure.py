@@ -12,6 +12,9 @@ from typing import Any
 
 import numpy as np
 
+from bertedge.runtime.data import Columns
+from bertedge.runtime.features import load_tokenizer, pad_id
+from bertedge.runtime.tasks import Task, get_task
 from bertedge.toolchain.bench.backends import LOADERS, Loaded
 from bertedge.toolchain.bench.environment import gpu_memory_mb
 from bertedge.toolchain.bench.inputs import DataSet, Source
@@ -23,9 +26,6 @@ from bertedge.toolchain.bench.results import (
     time_calls,
 )
 from bertedge.toolchain.bench.spec import Backend, BenchArgs, Feeds
-from bertedge.runtime.data import Columns
-from bertedge.runtime.features import load_tokenizer, pad_id
-from bertedge.runtime.tasks import Task, get_task
 
 # ----------------------------------------------------------------------------- measuring
 
@@ -75,8 +75,7 @@ def load_task_data(path: Path, source: Source) -> TaskData:
     task = get_task(source.task)
     tokenizer = load_tokenizer(source.tokenizer)
     examples = task.load(path, Columns(), list(source.labels) or None, BadRows.ERROR)
-    stride = min(128, source.max_length // 2)
-    features = task.encode(tokenizer, examples, source.max_length, stride)
+    features = task.encode(tokenizer, examples, source.max_length, source.stride)
     return TaskData(task, examples, features, source.labels, pad_id(tokenizer))
 
 

@@ -1,4 +1,4 @@
-"""Benchmark settings as data: constants, the backends (`BACKENDS`) and `BenchArgs`."""
+"""Benchmark settings as data: constants, the backends (`known_backends`, from the artifact kinds) and `BenchArgs`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from bertedge.errors import BertedgeError
+from bertedge.runtime.artifacts import ARTIFACT_KINDS, ONNXRUNTIME
 from bertedge.runtime.data import Columns
 
 Feeds = dict[str, np.ndarray]
@@ -68,11 +69,11 @@ BUILTIN_SENTENCES = (
 
 @dataclass(frozen=True)
 class Backend:
-    """One way to run the model: which engine loads it, from which file, on which provider."""
+    """One way to run the model: which engine loads which artifact kind, on which provider."""
 
-    name: str
+    name: str  # the artifact kind's name for CPU backends (as in export's report); torch, cuda, ...
     engine: str  # "torch", "onnxruntime" or "openvino": the key into LOADERS
-    files: tuple[str, ...]  # ONNX files in the folder, first present wins (() for torch)
+    kind: str | None  # the artifact kind it runs (a key of ARTIFACT_KINDS); None for torch
     provider: str  # onnxruntime execution provider asked for ("" for torch and openvino)
     precision: str  # what the file usually holds; an export report or manifest may say otherwise
     io_binding: bool = False  # inputs and outputs stay on the device while timed
@@ -82,25 +83,42 @@ class Backend:
     def gpu(self) -> bool:
         return self.provider in (CUDA, TENSORRT)
 
+    @property
+    def files(self) -> tuple[str, ...]:
+        """The artifact's files in an export folder (() for torch)."""
+        return ARTIFACT_KINDS[self.kind].files if self.kind is not None else ()
 
-BACKENDS: tuple[Backend, ...] = (
-    Backend("torch", "torch", (), "", "fp32", description="PyTorch eager (transformers), CPU"),
-    Backend("onnx", "onnxruntime", ("model.onnx",), CPU, "fp32", description="ONNX fp32, CPU EP"),
-    Backend("onnx-fused", "onnxruntime", ("model-fused.onnx",), CPU, "fp32",
-            description="ONNX fused by the transformer optimizer, CPU EP"),
-    Backend("int8", "onnxruntime", ("model-int8.onnx",), CPU, "int8", description="dynamic INT8, CPU EP"),
-    Backend("int8-static", "onnxruntime", ("model-int8-static.onnx",), CPU, "int8",
-            description="static INT8 (QDQ), CPU EP"),
-    Backend("int8-openvino", "openvino", ("model-int8-openvino.xml", "model.xml"), "", "int8",
-            description="NNCF static INT8 (OpenVINO IR), OpenVINO CPU (bertedge[openvino])"),
-    Backend("cuda", "onnxruntime", ("model.onnx",), CUDA, "fp32", io_binding=True,
-            description="ONNX fp32, CUDA EP, IO binding"),
-    Backend("cuda-fp16", "onnxruntime", ("model-fp16.onnx",), CUDA, "fp16", io_binding=True,
-            description="ONNX fp16, CUDA EP, IO binding"),
-    Backend("tensorrt", "onnxruntime", ("model.onnx",), TENSORRT, "fp16", io_binding=True,
+
+TORCH = Backend("torch", "torch", None, "", "fp32", description="PyTorch eager (transformers), CPU")
+GPU_BACKENDS = (
+    Backend("cuda", ONNXRUNTIME, "fp32", CUDA, "fp32", io_binding=True, description="ONNX fp32, CUDA EP, IO binding"),
+    Backend("cuda-fp16", ONNXRUNTIME, "fp16", CUDA, "fp16", io_binding=True, description="ONNX fp16, CUDA EP, IO binding"),
+    Backend("tensorrt", ONNXRUNTIME, "fp32", TENSORRT, "fp16", io_binding=True,
             description="TensorRT EP (fp16 engine), IO binding"),
 )
-BACKEND_BY_NAME = {b.name: b for b in BACKENDS}
+RENAMED = {"onnx": "fp32", "onnx-fused": "fused"}  # bench's names before they became export's
+
+
+def known_backends() -> tuple[Backend, ...]:
+    """torch, one CPU backend per CPU artifact kind (named as the kind), then the GPU backends.
+
+    Read from `bertedge.runtime.artifacts.ARTIFACT_KINDS` on each call, so a new kind is a new
+    backend with no change here.
+
+    >>> [b.name for b in known_backends()]
+    ['torch', 'fp32', 'fused', 'int8', 'int8-static', 'int8-openvino', 'cuda', 'cuda-fp16', 'tensorrt']
+    """
+    cpu = tuple(Backend(k.name, k.engine, k.name, CPU if k.engine == ONNXRUNTIME else "", k.precision,
+                        description=f"{k.description}, {'CPU EP' if k.engine == ONNXRUNTIME else 'OpenVINO CPU'}")
+                for k in ARTIFACT_KINDS.values() if k.cpu_candidate)
+    return (TORCH, *cpu, *GPU_BACKENDS)
+
+
+def backend_named(name: str) -> Backend:
+    """The backend called `name` (see `known_backends`)."""
+    return next(b for b in known_backends() if b.name == name)
+
+
 TENSORRT_OPTIONS = {"trt_fp16_enable": True, "trt_engine_cache_enable": False}
 
 
@@ -112,7 +130,7 @@ class BenchArgs:
     """Everything `bertedge bench` needs."""
 
     model: Path  # export folder, bundle folder, or Hugging Face model folder
-    backends: tuple[str, ...] = ()  # () = every backend the folder has (+ GPU ones when usable)
+    backends: tuple[str, ...] = ()  # names from known_backends(); () = every one the folder has (+ GPU ones when usable)
     batch_sizes: tuple[int, ...] = (1, 8, 32)  # sequences per timed call
     seq_lens: tuple[int, ...] = ()  # () = 16,64,128,256 up to the model's position limit
     threads: int = 0  # intra-op threads for every backend (0 = the CPUs this process may use)
@@ -136,9 +154,12 @@ class BenchArgs:
         self.backends, self.batch_sizes = tuple(self.backends), tuple(self.batch_sizes)
         self.seq_lens = tuple(self.seq_lens)
         problems = [p for p in (self._count_problem(), self._shape_problem()) if p]
-        unknown = [b for b in self.backends if b not in BACKEND_BY_NAME]
+        known = [b.name for b in known_backends()]
+        unknown = [b for b in self.backends if b not in known]
         if unknown:
-            problems.append(f"unknown backend {', '.join(unknown)} (known: {', '.join(BACKEND_BY_NAME)})")
+            renamed = [f"'{b}' is now '{RENAMED[b]}'" for b in unknown if b in RENAMED]
+            problems.append(f"unknown backend {', '.join(unknown)} (known: {', '.join(known)}"
+                            + (f"; {', '.join(renamed)}, as in export's report" if renamed else "") + ")")
         if self.threads < 0 or self.warmup < 0 or self.max_data_rows < 0:
             problems.append("--threads, --warmup and --max-data-rows must be >= 0")
         if self.data_batch_size < 1 or self.cold_start_runs < 1:

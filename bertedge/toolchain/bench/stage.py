@@ -11,6 +11,10 @@ from typing import Any
 
 import numpy as np
 
+from bertedge.errors import BertedgeError
+from bertedge.runtime.data import TextExamples, load_text_classification, seeded_subset
+from bertedge.runtime.features import load_tokenizer
+from bertedge.runtime.tasks import get_task
 from bertedge.toolchain.bench.coldstart import cold_start_spec, measure_cold_start
 from bertedge.toolchain.bench.environment import environment, usable_cores
 from bertedge.toolchain.bench.inputs import (
@@ -24,19 +28,15 @@ from bertedge.toolchain.bench.measure import TaskData, bench_backend, load_task_
 from bertedge.toolchain.bench.report import write_outputs
 from bertedge.toolchain.bench.results import BackendResult, BenchReport
 from bertedge.toolchain.bench.spec import (
-    BACKEND_BY_NAME,
-    BACKENDS,
     BUILTIN_SENTENCES,
     DEFAULT_SEQ_LENS,
     MIN_TIMED_RUNS,
     Backend,
     BenchArgs,
     Feeds,
+    backend_named,
+    known_backends,
 )
-from bertedge.errors import BertedgeError
-from bertedge.runtime.data import TextExamples, load_text_classification, seeded_subset
-from bertedge.runtime.features import load_tokenizer
-from bertedge.runtime.tasks import get_task
 
 # ----------------------------------------------------------------------------- selection
 
@@ -54,14 +54,14 @@ def select_backends(args: BenchArgs, source: Source, available_providers: Sequen
         return ""
 
     if not args.backends:
-        chosen = [b for b in BACKENDS if not source.missing(b) and not provider_gap(b)]
+        chosen = [b for b in known_backends() if not source.missing(b) and not provider_gap(b)]
         if not chosen:
             raise BertedgeError(f"'{source.root}' has nothing bench can run", "export the model first")
         return [(b, "") for b in chosen]
-    wanted = [BACKEND_BY_NAME[n] for n in dict.fromkeys(args.backends)]
+    wanted = [backend_named(n) for n in dict.fromkeys(args.backends)]
     problems = [f"{b.name}: {m}" for b in wanted if (m := source.missing(b))]
     if problems:
-        runnable = [b.name for b in BACKENDS if not source.missing(b)]
+        runnable = [b.name for b in known_backends() if not source.missing(b)]
         raise BertedgeError("cannot run " + "; ".join(problems),
                             f"this folder can run: {', '.join(runnable) or 'nothing'}")
     return [(b, provider_gap(b)) for b in wanted]
@@ -184,7 +184,7 @@ def bench(args: BenchArgs, echo: Callable[[str], None] | None = None) -> BenchRe
     report.seconds = time.perf_counter() - start
     if not any(b.status == "ok" for b in report.backends):
         raise BertedgeError("no backend produced a result: " + "; ".join(f"{b.name}: {b.reason}" for b in report.backends),
-                            "bench a CPU backend, e.g. --backends onnx")
+                            "bench a CPU backend, e.g. --backends fp32")
     if args.out is not None:
         report.files = write_outputs(report, args.out, args.plots)
     return report
@@ -233,7 +233,7 @@ def _bench_one(backend: Backend, source: Source, inputs: dict[tuple[int, int], F
 
 def _reference_first(chosen: Sequence[tuple[Backend, str]]) -> list[tuple[Backend, str]]:
     """torch first, else ONNX fp32: agreement is measured against the first backend that ran."""
-    rank = {"torch": 0, "onnx": 1}
+    rank = {"torch": 0, "fp32": 1}
     return sorted(chosen, key=lambda c: rank.get(c[0].name, 2))
 
 
