@@ -56,7 +56,7 @@ def shown(value: Any) -> str:
     """A value's repr, short enough for a one-line error.
 
     >>> shown("x" * 100)
-    "'xxxxxxxxxxxxxxxxxx...xxxxxxxxxxxxxxxxxxx'"
+    "'xxxxxxxxxxxxxxxxx...xxxxxxxxxxxxxxxxxx'"
     >>> shown(list(range(100)))
     '[0, 1, 2, 3, 4, 5, ...]'
     """

@@ -40,19 +40,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from bertedge.errors import BertedgeError
+from bertedge.runtime import meta as model_meta
 from bertedge.runtime.data import (
     TextExamples,
     load_text_classification,
     seeded_subset,
 )
 from bertedge.runtime.features import IGNORE, Features, load_tokenizer, pad_id, run_windows
-from bertedge.runtime.meta import (
-    ModelMeta,
-    default_stride,
-    read_model_meta,
-    resolve_max_length,
-    write_meta,
-)
 from bertedge.runtime.tasks import NER, QA, Task, ner
 from bertedge.toolchain.finetune import (
     FinetuneArgs,
@@ -336,10 +330,10 @@ def distill(args: DistillArgs) -> DistillResult:
     """
     if args.out.exists() and not args.overwrite:
         raise BertedgeError(f"output folder {args.out} already exists", "choose another --out or pass --overwrite")
-    meta = read_model_meta(args.teacher)
+    meta = model_meta.read_model_meta(args.teacher)
     task = meta.task
-    max_length = resolve_max_length(args.max_length or meta.max_length, task, meta.max_positions)
-    stride = meta.stride if meta.stride < max_length else default_stride(max_length)  # a shorter student window
+    max_length = model_meta.resolve_max_length(args.max_length or meta.max_length, task, meta.max_positions)
+    stride = meta.stride if meta.stride < max_length else model_meta.default_stride(max_length)  # a shorter student window
     ft = _finetune_args(args, task, meta.labels, max_length, stride)
     train, evalset, data_report = _load_data(task, ft)
     _seed_everything(args.seed)
@@ -426,7 +420,7 @@ def distill(args: DistillArgs) -> DistillResult:
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
     }
-    student_meta = ModelMeta(task=task, labels=meta.labels, max_length=max_length, stride=stride,
+    student_meta = model_meta.ModelMeta(task=task, labels=meta.labels, max_length=max_length, stride=stride,
                              model_type=meta.model_type, max_positions=meta.max_positions)
     _save(ft, student_meta, student, hf_tokenizer, args.teacher, metrics)
     _finish_folder(args, metrics, layers)
@@ -493,10 +487,10 @@ def _weights_mb(folder: Path) -> float:
 def _finish_folder(args: DistillArgs, metrics: dict[str, Any], layers: list[int]) -> None:
     """Distillation facts into bertedge.json (through the one metadata writer), sizes into metrics.json."""
     folder = args.out
-    meta = read_model_meta(folder)
+    meta = model_meta.read_model_meta(folder)
     old = json.loads((folder / "bertedge.json").read_text(encoding="utf-8"))
     extras = {k: v for k, v in old.items() if k not in meta.to_json()}
-    write_meta(folder, meta, **extras, distilled_from=str(args.teacher), teacher_layers_copied=layers)
+    model_meta.write_meta(folder, meta, **extras, distilled_from=str(args.teacher), teacher_layers_copied=layers)
     metrics["distillation"]["student"]["size_mb"] = _weights_mb(folder)
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
     (folder / "args.json").write_text(json.dumps(asdict(args), indent=1, default=str) + "\n", encoding="utf-8")
