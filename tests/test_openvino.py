@@ -15,12 +15,12 @@ import pytest
 from click.testing import CliRunner
 from tiny import make_tiny_model, sentiment_rows, write_csv
 
-from bertedge.toolchain.export import ExportArgs, Optimization, export
 from bertedge.cli import cli
 from bertedge.errors import BertedgeError
 from bertedge.runtime import Predictor
 from bertedge.runtime.bundle import PackageArgs, manifest_problems, package
 from bertedge.runtime.sessions import OpenVINOSession, make_session
+from bertedge.toolchain.export import ExportArgs, Optimization, export
 
 pytest.importorskip("openvino")
 pytest.importorskip("nncf")
@@ -120,7 +120,7 @@ def test_bench_times_the_openvino_backend(ov_export: tuple[Path, Path], tmp_path
     from bertedge.toolchain.bench import BenchArgs, bench
 
     out, dev = ov_export
-    report = bench(BenchArgs(out, backends=("onnx", "int8-openvino"), batch_sizes=(1, 4), seq_lens=(16,), runs=3,
+    report = bench(BenchArgs(out, backends=("fp32", "int8-openvino"), batch_sizes=(1, 4), seq_lens=(16,), runs=3,
                              warmup=1, threads=1, data=dev, cold_start=True, cold_start_runs=1, plots=False))
     ov = report.backend("int8-openvino")
     assert ov is not None and ov.status == "ok", ov and ov.reason

@@ -3,8 +3,8 @@
 The search knows nothing about what "good enough" means: export (`bertedge.toolchain.export.int8`)
 passes a `check` callback that validates (and times) each candidate file and says whether it meets
 the budgets; the same search runs OpenVINO's NNCF recipes, given their `build` function.
-Dynamic candidates (each chosen by measurement on the user's --eval / --agreement-data): the plain recipe; per-channel weights;
-per-channel with per-token activations, the batch-invariant one; then, by measurement, the
+Dynamic candidates, each validated on the user's --eval / --agreement-data: the plain recipe;
+per-channel weights; per-channel with per-token activations, the batch-invariant one; then the
 per-token recipe with the nodes that carry most of the output error kept in fp32
 (`sensitivity`). Static candidates: the recipe, per-channel + reduce_range, then ever larger
 node groups kept in fp32 (classifier head, embeddings, first and last encoder layers).
