@@ -283,7 +283,7 @@ def test_17_ray_reads_a_pipe_and_names_an_empty_device(bundle: Path, ray_local: 
     assert not (tmp_path / "q.jsonl").exists()
 
 
-# ----------------------------------------------------------------------------- 13: SIGTERM
+# ----------------------------------------------------------------------------- 13: SIGTERM, SIGINT
 
 
 def ray_processes(pid: int) -> list[Any]:
@@ -305,7 +305,11 @@ def names(processes: list[Any]) -> list[str]:
     return out
 
 
-def test_13_sigterm_shuts_ray_down_and_exits_143(bundle: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("signum", "code", "said"), [(signal.SIGTERM, 143, "stopped by SIGTERM"),
+                                                      (signal.SIGINT, 130, "stopped by an interrupt")])
+def test_13_a_signal_shuts_ray_down_and_exits_in_one_line(bundle: Path, tmp_path: Path, signum: int, code: int,
+                                                          said: str) -> None:
+    """SIGTERM (Ctrl-C: SIGINT) while the actors predict: 143 (130), one line, Ray's processes gone."""
     import psutil
 
     path = tmp_path / "in.txt"
@@ -324,14 +328,14 @@ def test_13_sigterm_shuts_ray_down_and_exits_143(bundle: Path, tmp_path: Path) -
             time.sleep(0.5)
         assert proc.poll() is None, proc.communicate()
         children = ray_processes(proc.pid)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         _, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 143, stderr
+    assert proc.returncode == code, stderr
     assert "Traceback" not in stderr, stderr[-6000:]
-    assert stderr.strip().splitlines()[-1].startswith("stopped by SIGTERM"), stderr
+    assert stderr.strip().splitlines()[-1].startswith(said), stderr
     _, alive = psutil.wait_procs(children, timeout=30)
     assert names([p for p in alive if p.is_running()]) == []
     assert not out.exists() and leftovers(tmp_path) == []

@@ -19,31 +19,34 @@ job).
 
 Ids. Every output row carries `row` (0-based data row within its file), `line` (1-based physical
 line, the `line` of `--engine local`; empty for Parquet) and `id`: the input's id column
-(`id_column`, default "id" when present; unchanged: integers stay integers, CSV ids are text) or else `row`. With several input files the rows
-also carry `file` (the path), and the id is the pair (file, row). Output is ordered by (file, row)
-so it diffs line by line with `--engine local`.
+(`id_column`, default "id" when present; integers stay integers, CSV ids are text, an integer id
+beyond 64 bits makes an error row) or else `row`. With several input files the rows also carry
+`file` (the path), and the id is the pair (file, row). Output is ordered by (file, row) so it
+diffs line by line with `--engine local`.
 
 How the bundle reaches the workers. `BundleTransport.PATH` loads the bundle path on each worker:
 right for a local instance and for clusters with a shared filesystem (NFS, a baked image).
-`BundleTransport.SHIP` packs the bundle into one archive in the Ray object store; each actor writes
-it to a temp dir and `Predictor` verifies its checksums there, so no shared path is needed (the
-default when connecting to a cluster with `address` / RAY_ADDRESS). Input files are read by Ray
-tasks, so they must be readable from the workers (shared path; a pipe or device such as
-/dev/stdin is read by the driver and shipped); the output is written by the
-driver (a single ordered file) or by the workers (a folder), under a hidden partial path that
-is renamed into place only when the job succeeded; an existing output is refused unless
-`overwrite`. Workers need `pip install bertedge[ray]`
-only: no torch, no transformers.
+`BundleTransport.SHIP` packs the bundle into one archive in the Ray object store; each actor
+writes it to a temp dir and `Predictor` verifies it there (checksums, digest pin), so no shared
+path is needed (the default when connecting to a cluster with `address` / RAY_ADDRESS). Workers
+need `pip install bertedge[ray]` only: no torch, no transformers.
+
+Inputs and outputs. Input files are read by Ray tasks, so they must be readable from the workers
+(a shared path); a pipe or device (/dev/stdin, `<(...)`) is read once by the driver and shipped.
+The output is written by the driver (a single ordered file) or by the workers (a folder), under
+a hidden partial path renamed into place only when the job succeeded
+(`bertedge.runtime.outputs.atomic_output`); an existing output is refused unless `overwrite`.
+SIGTERM or Ctrl-C shuts down the Ray the job started and exits 143 (130) after one line.
 
 Scaling. Per-row work (tokenize + ONNX inference + decode) is spread over actors and grows
 linearly with their count as long as each actor gets whole cores (`threads_per_actor` = its CPU
-reservation; its onnxruntime intra-op threads are `runtime.threads`, 0 meaning that reservation). Fixed costs do not shrink with nodes: Ray start-up or
-connection, one bundle load + checksum per actor, reading and parsing each file (one task per file:
-split big inputs into several files), the sort and the driver's ordered write of a single output
-file. On N nodes of C cores expect about N * C / threads_per_actor times the one-actor rate for
-large inputs, minus those fixed seconds; write to a folder (no driver funnel) at that scale.
+reservation; its session runs `runtime.threads` intra-op threads, 0 meaning that reservation).
+Fixed costs do not shrink with nodes: Ray start-up or connection, one bundle load + checksum per
+actor, reading and parsing each file (one task per file: split big inputs into several files),
+and the driver's ordered write of a single output file. On N nodes of C cores expect about
+N * C / threads_per_actor times the one-actor rate for large inputs, minus those fixed seconds;
+write to a folder (no driver funnel) at that scale.
 """
-
 
 from bertedge.edges.ray.actors import (
     FAULT_MARKER_ENV,

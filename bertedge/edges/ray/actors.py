@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 import tempfile
 import time
@@ -31,13 +30,7 @@ def load_predictor(path: Path, options: RuntimeOptions) -> PredictorLike:
     """A `Predictor` over the bundle, opened and verified (checksums, `expect_digest`) as local predict does."""
     from bertedge.runtime.predictor import Predictor
 
-    factory: Any = Predictor  # either constructor; see below
-    if "options" in inspect.signature(Predictor).parameters:
-        return factory(path, options)  # type: ignore[no-any-return]
-    return factory(path, providers=options.providers, threads=options.session_threads,  # type: ignore[no-any-return]
-                   batch_size=options.batch_size, aggregation=options.aggregation, top_k=options.top_k,
-                   max_answer_tokens=options.max_answer_tokens, expect_digest=options.expect_digest,
-                   spin=options.spin)  # a Predictor from before RuntimeOptions
+    return Predictor(path, options)
 
 
 class BundlePredictor:
@@ -92,8 +85,10 @@ class BundlePredictor:
         try:
             return self.infer([item])[0]
         except Exception as e:
-            message = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-            return {"error": f"inference failed ({type(e).__name__}{': ' + message if message else ''})"}
+            from bertedge.runtime.predictor import INFERENCE_FAILED
+
+            message = (str(e).strip().splitlines() or [""])[0][:200]
+            return {"error": f"{INFERENCE_FAILED} ({type(e).__name__}{': ' + message if message else ''})"}
 
     def maybe_die(self) -> None:
         """Test hook: hard-kill this actor once (the marker is deleted first, so the retry lives)."""

@@ -88,16 +88,16 @@ def ray_session(args: DistributedArgs) -> Iterator[None]:
     import ray
 
     owned = not ray.is_initialized()
-    if owned:
-        ray.init(address=args.address, num_cpus=args.num_cpus if not (args.address or os.environ.get(
-            "RAY_ADDRESS")) else None, include_dashboard=False, logging_level=logging.WARNING,
-            log_to_driver=True)
-    import ray.data  # noqa: F401  (configures its loggers, which are quieted next)
-
     ray_data_log = logging.getLogger("ray.data")
     level = ray_data_log.level
-    ray_data_log.setLevel(logging.WARNING)  # Ray Data's per-stage INFO lines drown the progress
-    try:
+    try:  # ray.init inside: a signal while it starts still shuts down what it started
+        if owned:
+            local = not (args.address or os.environ.get("RAY_ADDRESS"))
+            ray.init(address=args.address, num_cpus=args.num_cpus if local else None, include_dashboard=False,
+                     logging_level=logging.WARNING, log_to_driver=True)
+        import ray.data  # noqa: F401  (configures its loggers, which are quieted next)
+
+        ray_data_log.setLevel(logging.WARNING)  # Ray Data's per-stage INFO lines drown the progress
         with terminate_cleanly():
             yield
     except (Terminated, KeyboardInterrupt):
