@@ -23,12 +23,12 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from bertedge.toolchain.bench.environment import cpu_facts
-from bertedge.toolchain.bench.report import append_history
 from bertedge.runtime.options import RuntimeOptions
 from bertedge.runtime.predict import predict_stream
 from bertedge.runtime.predictor import LatencyRecorder, Predictor
 from bertedge.runtime.records import InputFormat, input_format_of, read_records, records_from_texts
+from bertedge.toolchain.bench.environment import cpu_facts
+from bertedge.toolchain.bench.report import append_history
 
 WORDS = ("the film was a gripping and beautifully acted story with a plot that never once "
          "felt tedious or dull").split()

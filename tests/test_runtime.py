@@ -272,12 +272,12 @@ def records(data: bytes, fmt: InputFormat, **kw) -> list[tuple]:  # type: ignore
 
 def test_read_lines_decodes_each_line_on_its_own() -> None:
     data = "\ufeffhé\r\n\n".encode() + b"\xff\xfe\n" + "aéééé".encode() + b"\nlast1234"
-    got = [tuple(x) for x in read_lines(io.BytesIO(data), max_line_bytes=8)]
+    got = [tuple(x)[:3] for x in read_lines(io.BytesIO(data), max_line_bytes=8)]  # (number, text, cut)
     # 'aéééé' is 9 bytes: cut at 8, the half character is dropped rather than an error;
     # 'last1234' is exactly 8 bytes at the end of the file: complete, not cut
     assert got == [(1, "hé", False), (2, "", False), (3, None, False), (4, "aééé", True),
                    (5, "last1234", False)]
-    assert [tuple(x) for x in read_lines(io.BytesIO(b"12345678\nnext"), 8)] == [
+    assert [tuple(x)[:3] for x in read_lines(io.BytesIO(b"12345678\nnext"), 8)] == [
         (1, "12345678", False), (2, "next", False)]
 
 
@@ -526,7 +526,7 @@ def test_max_length_beyond_positions_fails_at_load(bundle: Path, tmp_path: Path)
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["max_positions"] = 16  # max_length is 32
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(BertedgeError, match=r"max_length 32 .* outside 1\.\.16"):
+    with pytest.raises(BertedgeError, match=r"max_length 32 .*outside \d+\.\.16"):
         Predictor(copy)
 
 

@@ -27,7 +27,7 @@ import numpy as np
 from tokenizers import Encoding
 
 from bertedge.errors import BertedgeError
-from bertedge.runtime.bundle import isa_warning, manifest_digest, model_files, open_bundle
+from bertedge.runtime.bundle import isa_warning, open_bundle
 from bertedge.runtime.features import (
     Features,
     length_sorted_batches,
@@ -35,10 +35,11 @@ from bertedge.runtime.features import (
     pad_batch,
     pad_id,
 )
-from bertedge.runtime.meta import check_max_length, meta_from_manifest
+from bertedge.runtime.manifest import Manifest
+from bertedge.runtime.meta import check_max_length
 from bertedge.runtime.options import RuntimeOptions
 from bertedge.runtime.records import Item, Pair, as_pair
-from bertedge.runtime.sessions import ONNXRUNTIME, feed_plan, make_session, resolve_providers
+from bertedge.runtime.sessions import feed_plan, make_session, resolve_providers
 from bertedge.runtime.tasks import DecodeOptions, Result
 from bertedge.runtime.text import has_text
 
@@ -179,12 +180,12 @@ class Predictor:
                                      top_k=self.runtime.top_k, max_answer_tokens=self.runtime.max_answer_tokens)
         requested = resolve_providers(self.runtime.providers)
         with open_bundle(bundle, expect_digest=self.runtime.expect_digest) as opened:
-            self.manifest: dict[str, Any] = opened.manifest
-            self.meta = meta_from_manifest(self.manifest)
+            self.manifest: Manifest = opened.manifest  # read only here, by the accessors below
+            self.meta = self.manifest.meta()
             if (isa := isa_warning(self.manifest)) is not None:
                 warnings.warn(isa, RuntimeWarning, stacklevel=2)
             check_max_length(self.meta.max_length, self.meta.max_positions, f"the manifest of bundle '{bundle}'")
-            self.engine = str(self.manifest.get("engine") or ONNXRUNTIME)
+            self.engine = self.manifest.engine
             self.session = make_session(opened.model_path, requested, self.runtime.session_threads,
                                         spin=self.runtime.spin, engine=self.engine)
             self.tokenizer = load_tokenizer(opened.tokenizer_path)
@@ -222,27 +223,22 @@ class Predictor:
     @property
     def digest(self) -> str:
         """The bundle's digest (what `bertedge package` printed; `expect_digest` pins it)."""
-        return manifest_digest(self.manifest)
+        return self.manifest.digest
 
     def model_files(self) -> dict[str, str]:
         """The model's files in the bundle, graph first, name -> SHA-256 (any engine)."""
-        files = self._files()
-        return {name: str(files.get(name, {}).get("sha256")) for name in model_files(self.engine)}
+        return {name: self.manifest.files[name].sha256 for name in self.manifest.model_files}
 
     def describe(self) -> dict[str, Any]:
         """What this predictor runs: task, labels, limits, precision, engine, providers, checksums."""
-        keys = ("task", "labels", "max_length", "model_type", "precision", "quantization",
-                "bertedge_version", "format_version", "created")
-        provenance = self.manifest.get("provenance")
-        return {**{k: self.manifest.get(k) for k in keys}, "engine": self.engine, "providers": self.providers,
-                "inputs": list(self.feeds), "digest": self.digest,
-                "checksums": {name: f.get("sha256") for name, f in self._files().items()},
-                "files": self._files(),
-                "artifact": provenance.get("artifact") if isinstance(provenance, dict) else None}
-
-    def _files(self) -> dict[str, dict[str, Any]]:
-        files = self.manifest.get("files")
-        return files if isinstance(files, dict) else {}
+        m = self.manifest
+        return {"task": m.task, "labels": list(m.labels), "max_length": m.max_length, "model_type": m.model_type,
+                "precision": m.precision, "quantization": m.quantization, "bertedge_version": m.bertedge_version,
+                "format_version": m.format_version, "created": m.created, "engine": self.engine,
+                "providers": self.providers, "inputs": list(self.feeds), "digest": self.digest,
+                "checksums": {name: f.sha256 for name, f in m.files.items()},
+                "files": {name: {"sha256": f.sha256, "bytes": f.bytes} for name, f in m.files.items()},
+                "artifact": m.provenance.get("artifact")}
 
     def output_schema(self) -> dict[str, Any]:
         """The fields of a result (pyarrow-free; see `bertedge.runtime.tasks.Schema`), "truncated" included."""
