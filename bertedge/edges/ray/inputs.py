@@ -58,8 +58,11 @@ def resolve_id_column(files: list[Path], special: dict[int, bytes], id_column: s
     """The id column to use (None: row numbers), checked against the first file, and whether its
     ids are integers (from the first file's schema or first JSON record; CSV ids are text)."""
     first, fmt = files[0], input_format_of(files[0])
-    with open_input(first, special.get(0)) as f:
-        columns = input_columns(f, fmt, max_line_bytes)
+    try:
+        with open_input(first, special.get(0)) as f:
+            columns = input_columns(f, fmt, max_line_bytes)
+    except BertedgeError as e:  # e.g. not Parquet at all: name the file
+        raise BertedgeError(f"input '{first}': {e.problem}", e.fix) from None
     if id_column is None:
         column = "id" if "id" in columns else None
     elif id_column not in columns:
