@@ -177,6 +177,10 @@ def test_predict_out_is_written_whole_or_not_at_all(bundle: Path, tmp_path: Path
     assert result.exit_code == 0 and result.stdout == ""
     assert [json.loads(line)["line"] for line in out.read_text().splitlines()] == [1, 2]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["preds.jsonl"]  # no partial or lock left
+    again = CliRunner().invoke(cli, ["predict", str(bundle), "awful", "--out", str(out)])
+    assert again.exit_code == 1 and "pass --overwrite" in again.output and len(out.read_text().splitlines()) == 2
+    again = CliRunner().invoke(cli, ["predict", str(bundle), "awful", "--out", str(out), "--overwrite", "-q"])
+    assert again.exit_code == 0 and len(out.read_text().splitlines()) == 1
     result = CliRunner().invoke(cli, ["predict", str(bundle), "x", "--out", "/proc/no/preds.jsonl"])
     assert result.exit_code == 1 and result.output.startswith("Error: cannot write the predictions")
     assert result.output.count("\n") == 1

@@ -50,6 +50,7 @@ from bertedge.errors import BertedgeError
 @click.option("--ship-bundle/--shared-bundle", default=None,
               help="[ray] Ship the bundle through the object store, or load BUNDLE's path on every node "
                    "(default: ship when connecting to a cluster).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out (ray: and its errors file).")
 @user_errors
 def predict(**opts: Any) -> None:
     """Predict with a bundle; JSONL (or a table) on stdout, latency report on stderr.
@@ -80,7 +81,8 @@ def predict(**opts: Any) -> None:
     args = PredictArgs(
         bundle=opts["bundle"], texts=list(opts["texts"]), input=opts["input_"], format=opts["format_"],
         text_columns=tuple(csv_list(opts["text_column"])), pair_columns=tuple(csv_list(opts["text_pair_column"])),
-        output=opts["output"], out=opts["out"], runtime=runtime_from(opts), report=not opts["quiet"])
+        output=opts["output"], out=opts["out"], overwrite=opts["overwrite"], runtime=runtime_from(opts),
+        report=not opts["quiet"])
     if sys.stdout is None and args.out is None:  # started with stdout closed (`>&-`): no sys.stdout
         raise BertedgeError("stdout is closed, so predictions have nowhere to go",
                             "redirect it instead: > predictions.jsonl, or pass --out FILE")
@@ -136,6 +138,7 @@ def predict_ray(opts: dict[str, Any]) -> None:
         id_column=opts["id_column"], address=opts["address"], actors=opts["actors"],
         threads_per_actor=opts["threads_per_actor"], runtime=runtime_from(opts), progress=not opts["quiet"],
         transport=BundleTransport.AUTO if ship is None else BundleTransport.SHIP if ship else BundleTransport.PATH,
+        overwrite=opts["overwrite"],
     ))
     click.echo(report.format(), err=True)
 

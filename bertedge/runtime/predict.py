@@ -81,6 +81,7 @@ class PredictArgs:
     pair_columns: tuple[str, ...] = ()  # first present holds the pair's second text (JSONL: text_pair)
     output: OutputFormat = OutputFormat.JSONL  # output format
     out: Path | None = None  # write the predictions to this file (atomically) instead of stdout
+    overwrite: bool = False  # replace an existing `out`
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)  # threads, providers, batch size, ...
     report: bool = True  # print the summary and latency report to stderr
     max_line_bytes: int = 1 << 20  # longer input lines are cut (txt) or rejected (csv / jsonl)
@@ -97,6 +98,8 @@ class PredictArgs:
             problems.append("texts were given both as arguments and with --input")
         if isinstance(self.input, Path):
             problems += input_problems(self.input)
+        if self.out is not None and self.out.exists() and not self.overwrite:
+            problems.append(f"'{self.out}' exists; pass --overwrite to replace it")
         if problems:
             raise BertedgeError("; ".join(problems), "see `bertedge predict --help`")
 
