@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bertedge.errors import BertedgeError
+from bertedge.runtime.artifacts import artifact_kind
 from bertedge.toolchain import quantize as q
 from bertedge.toolchain.export.args import Quantization
 from bertedge.toolchain.export.compare import Feeds, rows
@@ -67,7 +68,7 @@ def onnxruntime_ladder(ctx: BuildContext, name: str, base_name: str,
     def check(path: Path, recipe: q.Int8Config) -> ArtifactReport:
         report = ArtifactReport.of_kind(name, optimization)
         report.quantization, report.size_mb = recipe.to_dict(), round(path.stat().st_size / 1e6, 3)
-        return ctx.ref.check(report, ort_runner(path, threads=args.threads), lossy=True)
+        return ctx.ref.check(report, ort_runner(path, threads=args.threads), lossy=artifact_kind(name).lossy)
 
     src = ctx.path(base_name)
     ladder = [base] if config is not None else q.distinct(q.candidates(base), onnx.load(str(src)))
@@ -133,7 +134,8 @@ def build_openvino(ctx: BuildContext) -> list[ArtifactReport]:
         report = ArtifactReport.of_kind(name)
         report.quantization = {**recipe.to_dict(), "openvino": version}
         report.size_mb = ov.size_mb(path)
-        return ctx.ref.check(report, ort_runner(path, threads=args.threads, engine=report.engine), lossy=True)
+        return ctx.ref.check(report, ort_runner(path, threads=args.threads, engine=report.engine),
+                             lossy=artifact_kind(name).lossy)
 
     def build(source: Path, path: Path, recipe: ov.Recipe, calibration: Sequence[Feeds]) -> None:
         ov.quantize(source, path, calibration, recipe)
