@@ -252,6 +252,9 @@ def test_whole_body_items_and_tei_inputs(client: TestClient, predictor: Predicto
     assert one.status_code == 200 and len(one.json()["predictions"]) == 1
     many = client.post("/predict", json={"inputs": ["a good film", ["is it good?", "yes"]]})
     assert many.status_code == 200 and len(many.json()["predictions"]) == 2
+    assert client.post("/predict", json={"inputs": "ok", "truncate": True}).status_code == 200
+    refused = client.post("/predict", json={"inputs": "ok", "truncate": False})  # we always truncate
+    assert refused.status_code == 422 and "truncate" in {p["field"] for p in refused.json()["problems"]}
     bad = client.post("/predict", json={"inputs": [5]})
     assert bad.status_code == 422 and bad.json()["problems"][0]["field"] == "texts[0]"
 

@@ -200,14 +200,15 @@ def as_tuple(item: str | tuple[str, str] | TextPair | QuestionContext) -> Pair:
 
 def as_request(payload: Any) -> Any:
     """The other body forms as {"texts": ...}: one item as the whole body ({"text", "text_pair"}
-    or {"question", "context"}), and text-embeddings-inference's {"inputs": ...}.
+    or {"question", "context"}), and text-embeddings-inference's {"inputs": ...} (with its
+    "truncate": true, which is what bertedge does anyway; false is refused, not ignored).
 
-    >>> as_request({"text": "a", "text_pair": "b"}), as_request({"inputs": ["a", "b"]})
+    >>> as_request({"text": "a", "text_pair": "b"}), as_request({"inputs": ["a", "b"], "truncate": True})
     ({'texts': [{'text': 'a', 'text_pair': 'b'}]}, {'texts': ['a', 'b']})
     """
     if not isinstance(payload, dict) or "texts" in payload:
         return payload
-    if set(payload) == {"inputs"}:
+    if "inputs" in payload and set(payload) <= {"inputs", "truncate"} and payload.get("truncate", True) is True:
         return {"texts": payload["inputs"]}
     if payload.keys() & {"text", "question", "context"}:
         return {"texts": [payload]}
