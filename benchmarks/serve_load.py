@@ -160,7 +160,7 @@ def baseline_model(bundle: Path) -> Path:
     from bertedge.runtime.bundle import open_bundle
 
     with open_bundle(bundle) as b:
-        model_dir = b.manifest.get("provenance", {}).get("export", {}).get("model_dir")
+        model_dir = b.manifest.provenance.get("export", {}).get("model_dir")
     if not model_dir or not Path(model_dir).is_dir():
         sys.exit(f"the pipeline baseline needs --model (the bundle names no existing model_dir: {model_dir})")
     return Path(model_dir)
@@ -519,7 +519,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         manifest = b.manifest
     model = args.model or (baseline_model(args.bundle) if "pipeline" in args.systems else None)
     settings = {"when": dt.datetime.now().isoformat(timespec="seconds"), "cpu": cpu_facts(),
-                "cores": os.cpu_count(), "bundle": str(args.bundle), "precision": manifest.get("precision"),
+                "cores": os.cpu_count(), "bundle": str(args.bundle), "precision": manifest.precision,
                 "model": str(model), "data": str(args.data), "sentences": len(texts),
                 "systems": args.systems, "concurrency": args.concurrency, "requests": args.requests,
                 "time_cap_s": args.time_cap, "warmup": args.warmup, "threads": args.threads,
