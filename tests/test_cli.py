@@ -44,11 +44,11 @@ def test_finetune_export_bench_package_predict(tiny_bert: Path, sentiment_csv: t
     assert {a["name"] for a in report["artifacts"]} >= {"fp32", "fused", "int8"}
     assert all(a["validated"] for a in report["artifacts"] if a["name"] in ("fp32", "fused"))
 
-    invoke("bench", str(tmp_path / "export"), "--backends", "torch,onnx,int8", "--batch-sizes", "1,4",
+    invoke("bench", str(tmp_path / "export"), "--backends", "torch,fp32,int8", "--batch-sizes", "1,4",
            "--seq-lens", "16", "--runs", "3", "--no-cold-start", "--no-plots", "--data", str(dev),
            "--out", str(tmp_path / "bench"))
     bench = json.loads((tmp_path / "bench" / "bench.json").read_text())
-    assert [b["name"] for b in bench["backends"]] == ["torch", "onnx", "int8"]
+    assert [b["name"] for b in bench["backends"]] == ["torch", "fp32", "int8"]
     assert all(b["accuracy"]["accuracy"] >= 0.8 for b in bench["backends"])
 
     invoke("package", str(tmp_path / "export"), "--out", str(tmp_path / "bundle"))

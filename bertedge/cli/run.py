@@ -201,7 +201,7 @@ def serve(**opts: Any) -> None:
 
 @click.command()
 @click.argument("model_or_bundle", type=click.Path(path_type=Path))
-@click.option("--backends", default="", help="Comma-separated: torch, onnx, onnx-fused, int8, int8-static, cuda, cuda-fp16, "
+@click.option("--backends", default="", help="Comma-separated: torch, fp32, fused, int8, int8-static, int8-openvino, cuda, cuda-fp16, "
               "tensorrt (default: every one the folder has, GPU ones when their provider works).")
 @click.option("--batch-sizes", default="1,8,32", show_default=True, help="Sequences per call.")
 @click.option("--seq-lens", default=None, help="Tokens per sequence [default: 16,64,128,256 up to the model's limit].")
@@ -227,7 +227,7 @@ def bench(**opts: Any) -> None:
     Examples:
       bertedge bench runs/export --batch-sizes 1,32 --seq-lens 16,128 --threads 2
       bertedge bench runs/export --backends torch,int8 --data dev.tsv --text-column content --runs 50
-      bertedge bench runs/bundle --backends onnx,cuda --out runs/bench-gpu
+      bertedge bench runs/bundle --backends fp32,cuda --out runs/bench-gpu
     \b
     Writes bench.json (with CPU, ISA flags and library versions), bench.md and PNG plots.
     """
