@@ -20,7 +20,7 @@ $BE finetune --task qa --model minilm --train runs/squad-train.json --eval runs/
 $BE export runs/qa --out runs/qa-export --eval runs/squad-eval.json --calibration runs/squad-train-text.jsonl \
     --text-column question --text-pair-column context --overwrite
 # INT8 speed-up at each task's typical length
-$BE bench runs/ner-conll-export --backends torch,onnx,onnx-fused,int8 --batch-sizes 1,8 --seq-lens 40 \
+$BE bench runs/ner-conll-export --backends torch,fp32,fused,int8 --batch-sizes 1,8 --seq-lens 40 \
     --runs 30 --no-cold-start --data "$DATA/conll2003/valid.txt" --out runs/ner-conll-bench
-$BE bench runs/qa-export --backends torch,onnx,onnx-fused,int8 --batch-sizes 1,8 --seq-lens 384 \
+$BE bench runs/qa-export --backends torch,fp32,fused,int8 --batch-sizes 1,8 --seq-lens 384 \
     --runs 20 --no-cold-start --out runs/qa-bench

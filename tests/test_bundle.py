@@ -117,7 +117,7 @@ def test_archive_of_the_folder_itself_opens(bert_bundle: Path, tmp_path: Path) -
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(bert_bundle, arcname="bundle")  # like `tar czf hand.tar.gz bundle/`
     with open_bundle(archive) as b:
-        assert b.manifest["task"] == "classification"
+        assert b.manifest.task == "classification"
         extracted = b.root
     assert not extracted.exists()  # the temporary extraction is cleaned up
 
@@ -127,8 +127,8 @@ def test_refuses_failed_artifact_unless_forced(bert_export: Path, tmp_path: Path
         package(PackageArgs(bert_export, tmp_path / "b", artifact="int8"))
     forced = package(PackageArgs(bert_export, tmp_path / "b", artifact="model-int8.onnx", force=True))
     m = forced.manifest
-    assert m["precision"] == "int8" and m["quantization"]["method"] == "dynamic"
-    assert m["provenance"]["forced"] is True and m["provenance"]["artifact"]["passed"] is False
+    assert m.precision == "int8" and m.quantization is not None and m.quantization["method"] == "dynamic"
+    assert m.provenance["forced"] is True and m.provenance["artifact"]["passed"] is False
 
 
 def test_unknown_artifact_lists_the_choices(bert_export: Path, tmp_path: Path) -> None:

@@ -16,11 +16,11 @@ from click.testing import CliRunner
 from test_tasks import NER_SENTENCES, conll, squad_doc
 from tiny import make_tiny_model, sentiment_rows, write_csv
 
-from bertedge.toolchain.distill import DistillArgs, Distiller, distill, layer_map, make_student
-from bertedge.toolchain.finetune import FinetuneArgs, finetune
 from bertedge.cli import cli
 from bertedge.errors import BertedgeError
 from bertedge.runtime.tasks import CLASSIFICATION, NER
+from bertedge.toolchain.distill import DistillArgs, Distiller, distill, layer_map, make_student
+from bertedge.toolchain.finetune import FinetuneArgs, finetune
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -237,8 +237,8 @@ def test_qa_student_auto_layers_hidden_matching(tmp_path: Path) -> None:
 
 
 def test_classification_pseudo_labels_follow_the_teacher() -> None:
-    from bertedge.toolchain.distill import pseudo_targets
     from bertedge.runtime.features import Features
+    from bertedge.toolchain.distill import pseudo_targets
 
     soft = [{"logits": np.array([0.1, 2.0])}, {"logits": np.array([3.0, -1.0])}]
     assert pseudo_targets(CLASSIFICATION, Features([], []), soft) == [1, 0]

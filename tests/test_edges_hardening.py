@@ -277,8 +277,6 @@ def test_whole_body_question_and_context(tmp_path_factory: pytest.TempPathFactor
 # ----------------------------------------------------------------------------- 23: NER truncation
 
 
-@pytest.mark.xfail(reason="tasks/ner.py encode_words counts a word that yields no tokens as cut off "
-                          "(fix owned by the tasks helper)", strict=False)
 def test_a_short_sentence_with_a_tokenless_word_is_not_truncated(tmp_path: Path) -> None:
     from tiny import make_tokenizer
 

@@ -528,7 +528,7 @@ def test_bundle_records_validated_isa_and_warns_without_vnni(bert_export: tuple[
     from bertedge.runtime.predictor import Predictor
 
     built = package(PackageArgs(export_dir=bert_export[0], out=tmp_path / "bundle", artifact="int8"))
-    validated = built.manifest["provenance"]["artifact"]["validated_on"]
+    validated = built.manifest.provenance["artifact"]["validated_on"]
     assert {"model", "avx2", "avx512_vnni", "avx_vnni"} <= set(validated)
     vnni = {"precision": "int8", "provenance": {"artifact": {"validated_on": {"model": "x", "avx512_vnni": True}}}}
     assert "validated on a CPU with VNNI" in (isa_warning(vnni, {"avx2", "fma"}) or "")

@@ -48,8 +48,8 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_bundle(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from bertedge.toolchain.export import ExportArgs, Optimization, Quantization, export
     from bertedge.runtime.bundle import PackageArgs, package
+    from bertedge.toolchain.export import ExportArgs, Optimization, Quantization, export
 
     base = tmp_path_factory.mktemp("install")
     export(ExportArgs(tiny_bert, base / "export", optimization=Optimization.NONE, quantize=Quantization.NONE))

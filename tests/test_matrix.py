@@ -46,8 +46,8 @@ TASKS = tuple(GOOD)
 
 def task_bundle(root: Path, task: str) -> Path:
     """A bundle of a tiny random `task` model through the real export (fp32) and package; cached in root."""
-    from bertedge.toolchain.export import ExportArgs, Optimization, Quantization, export
     from bertedge.runtime.bundle import PackageArgs, package
+    from bertedge.toolchain.export import ExportArgs, Optimization, Quantization, export
 
     bundle = root / f"bundle-{task}"
     if (bundle / "manifest.json").is_file():
@@ -179,12 +179,14 @@ def test_ray_every_task(bundles: dict[str, Path], inputs: dict[str, Path], ray_l
     """`--engine ray` per task (one Ray session): same results and errors as the local engine."""
     from bertedge.edges.ray import DistributedArgs, predict_dataset
     from bertedge.runtime import PredictArgs, run_predict
+    from bertedge.runtime.options import RuntimeOptions
 
     for task in TASKS:
         out = tmp_path / f"{task}.jsonl"
         report = predict_dataset(DistributedArgs(bundle=bundles[task], inputs=[str(inputs[task])], output=out,
-                                                 actors=1, batch_size=4, progress=False,
-                                                 aggregation="average", top_k=2))
+                                                 actors=1, progress=False,
+                                                 runtime=RuntimeOptions(batch_size=4, aggregation="average",
+                                                                        top_k=2)))
         rows = len(input_lines(task))
         assert report.rows_in == rows == report.rows_ok + report.rows_error, task
         assert report.rows_error == expected_errors(task), task
@@ -193,8 +195,8 @@ def test_ray_every_task(bundles: dict[str, Path], inputs: dict[str, Path], ray_l
         import io
 
         local_out = io.StringIO()
-        run_predict(PredictArgs(bundle=bundles[task], input=inputs[task], report=False, top_k=2,
-                                aggregation="average"), local_out, io.StringIO())
+        run_predict(PredictArgs(bundle=bundles[task], input=inputs[task], report=False,
+                                runtime=RuntimeOptions(top_k=2, aggregation="average")), local_out, io.StringIO())
         local = [json.loads(x) for x in local_out.getvalue().splitlines()]
         assert [r["line"] for r in got] == [r["line"] for r in local if "error" not in r], task
         assert sorted(e["line"] for e in errors) == [r["line"] for r in local if "error" in r], task
@@ -273,17 +275,17 @@ def test_export_eval_and_bench_data(task: str, bundles: dict[str, Path], tmp_pat
                                       "--opt", "none", "--quantize", "none", "--eval", str(bad)])
     assert result.exit_code != 0 and "Traceback" not in result.output  # a bad --eval file: one clean error
 
-    result = CliRunner().invoke(cli, ["bench", str(out), "--backends", "onnx", "--batch-sizes", "1",
+    result = CliRunner().invoke(cli, ["bench", str(out), "--backends", "fp32", "--batch-sizes", "1",
                                       "--seq-lens", "16", "--runs", "2", "--warmup", "1", "--no-cold-start",
                                       "--no-plots", "--data", str(data), "--out", str(tmp_path / "bench")])
     assert result.exit_code == 0, result.output
-    onnx = next(b for b in json.loads((tmp_path / "bench" / "bench.json").read_text())["backends"] if b["name"] == "onnx")
+    onnx = next(b for b in json.loads((tmp_path / "bench" / "bench.json").read_text())["backends"] if b["name"] == "fp32")
     # bench reports classification as "accuracy" {rows, accuracy}, NER / QA as "task_metric" {examples, value}
     scored, value = ((onnx["accuracy"]["rows"], onnx["accuracy"]["accuracy"]) if task == "classification"
                      else (onnx["task_metric"]["examples"], onnx["task_metric"]["value"]))
     assert onnx["status"] == "ok" and scored == LABELLED_ROWS[task]  # every labelled row scored
     assert value == pytest.approx(fp32["metric"]["value"], abs=1e-6)  # the same rows, the same model
-    result = CliRunner().invoke(cli, ["bench", str(out), "--backends", "onnx", "--batch-sizes", "1", "--seq-lens", "16",
+    result = CliRunner().invoke(cli, ["bench", str(out), "--backends", "fp32", "--batch-sizes", "1", "--seq-lens", "16",
                                       "--runs", "1", "--warmup", "0", "--no-cold-start", "--no-plots", "--data", str(bad),
                                       "--out", str(tmp_path / "bench-bad")])
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output

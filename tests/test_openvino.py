@@ -57,7 +57,7 @@ def test_export_builds_validates_and_times_the_openvino_candidate(ov_export: tup
 def test_openvino_bundle_predicts_like_its_validation(ov_export: tuple[Path, Path], tmp_path: Path) -> None:
     out, dev = ov_export
     bundle = package(PackageArgs(export_dir=out, out=tmp_path / "bundle", artifact="int8-openvino"))
-    assert bundle.manifest["engine"] == "openvino" and not manifest_problems(bundle.manifest)
+    assert bundle.manifest.engine == "openvino" and not manifest_problems(bundle.manifest)
     predictor = Predictor(tmp_path / "bundle", threads=1)
     assert isinstance(predictor.session, OpenVINOSession)
     assert predictor.describe()["engine"] == "openvino" and predictor.providers == ["OpenVINO:CPU"]
@@ -68,7 +68,7 @@ def test_openvino_bundle_predicts_like_its_validation(ov_export: tuple[Path, Pat
     for a, b in zip(one_by_one, batched, strict=True):
         assert abs(a["score"] - b["score"]) < 1e-5  # batch-invariant, as export checked
     fp32 = package(PackageArgs(export_dir=out, out=tmp_path / "fp32", artifact="fp32"))
-    assert fp32.manifest["engine"] == "onnxruntime"
+    assert fp32.manifest.engine == "onnxruntime"
     agree = np.mean([a["label"] == b["label"] for a, b in zip(batched, Predictor(tmp_path / "fp32").predict(texts),
                                                               strict=True)])
     assert agree >= 0.8

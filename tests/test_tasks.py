@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from tiny import make_tokenizer
 
-from bertedge.toolchain.finetune import FinetuneArgs, finetune
 from bertedge.errors import BertedgeError
 from bertedge.runtime.features import load_tokenizer
 from bertedge.runtime.tasks import NER, QA, DecodeOptions, QaExamples, ner, qa
+from bertedge.toolchain.finetune import FinetuneArgs, finetune
 
 LABELS = ["O", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-PER", "I-PER"]
 

@@ -143,8 +143,7 @@ def package(export_dir: Path, out: Path, artifact: str | None, archive: str | No
     bundle = run(PackageArgs(export_dir=export_dir, out=out, artifact=artifact, force=force,
                              archive=ArchiveFormat(archive) if archive else None, overwrite=overwrite))
     m = bundle.manifest
-    artifact_name = m["provenance"].get("artifact", {}).get("name")
-    click.echo(f"packaged artifact '{artifact_name}' ({m['precision']}, {m['task']}, "
-               f"{len(m['labels'])} labels, max length {m['max_length']})")
+    click.echo(f"packaged artifact '{m.artifact}' ({m.precision}, {m.task}, "
+               f"{len(m.labels)} labels, max length {m.max_length})")
     click.echo(f"bundle written to {bundle.root}")
     click.echo(f"digest: {bundle.digest}  (pin it: bertedge predict|serve BUNDLE --expect-digest DIGEST)")

@@ -21,7 +21,8 @@ from bertedge.cli.common import csv_list, recipe_from, recipe_options, user_erro
 @click.option("--label-names", default=None, help="Label names in index order, e.g. negative,positive (integer labels index into them).")
 @click.option("--max-length", default=0, show_default=True,
               help="Max tokens per window (0 = task default: 128; QA 384). Longer inputs are truncated and counted.")
-@click.option("--stride", default=128, show_default=True, help="QA: tokens shared by consecutive windows of a long context.")
+@click.option("--stride", default=0, show_default=True,
+              help="QA: tokens shared by consecutive windows of a long context; 0: min(128, half of --max-length).")
 @click.option("--head-lr", default=None, type=float, help="LR of the new head (default: --lr).")
 @click.option("--freeze-layers", default=0, show_default=True, help="Freeze embeddings + this many lowest layers.")
 @user_errors

@@ -134,16 +134,6 @@ class Manifest:
         """The manifest JSON object, as written (a copy: the record stays frozen)."""
         return copy.deepcopy(self.raw)
 
-    # Transitional: readers that still index the JSON object. Use the attributes instead.
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.raw.get(key, default)
-
-    def __getitem__(self, key: str) -> Any:
-        return self.raw[key]
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.raw
-
 
 def manifest_digest(manifest: Manifest | dict[str, Any]) -> str:
     """SHA-256 of the canonical manifest JSON (sorted keys, no spaces).

@@ -188,7 +188,8 @@ class Predictor:
             self.engine = self.manifest.engine
             self.session = make_session(opened.model_path, requested, self.runtime.session_threads,
                                         spin=self.runtime.spin, engine=self.engine)
-            self.tokenizer = load_tokenizer(opened.tokenizer_path)
+            # the tokenizer the bundle check already loaded (padding and truncation off)
+            self.tokenizer = opened.tokenizer or load_tokenizer(opened.tokenizer_path)
         self.task = self.meta.task
         self.max_length = self.meta.max_length
         self.task.setup_tokenizer(self.tokenizer, self.max_length, self.meta.stride)

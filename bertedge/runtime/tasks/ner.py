@@ -161,12 +161,9 @@ def encode_words(tokenizer: Tokenizer, examples: NerExamples, max_length: int) -
     encodings = tokenizer.encode_batch(spaced_words(tokenizer, examples.words), is_pretokenized=True)
     tokenizer.no_truncation()
     targets = None
-    truncated = []
     if examples.tags is not None:
         targets = [align_labels(enc.word_ids, tags) for enc, tags in zip(encodings, examples.tags)]
-    for enc, words in zip(encodings, examples.words):
-        seen = {w for w in enc.word_ids if w is not None}
-        truncated.append(len(seen) < len(words))
+    truncated = [bool(enc.overflowing) for enc in encodings]  # a word with no tokens (U+200B) is no cut
     return Features(encodings, list(range(len(encodings))), targets, truncated)
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from bertedge.errors import BertedgeError
 from bertedge.runtime.sessions import OPENVINO, make_session
 from bertedge.runtime.tasks import get_task
 from bertedge.toolchain.bench.inputs import Source
@@ -24,6 +25,7 @@ from bertedge.toolchain.bench.spec import (
     Call,
     Feeds,
 )
+from bertedge.toolchain.models import load_pretrained
 
 # ----------------------------------------------------------------------------- loading backends
 
@@ -58,12 +60,12 @@ def load_torch(source: Source, backend: Backend, threads: int) -> Loaded:
     import inspect
 
     import torch
-    import transformers
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    auto = getattr(transformers, get_task(source.task).hf_auto_class)
-    model = auto.from_pretrained(source.torch_dir, dtype=torch.float32).eval()
+    if source.torch_dir is None:
+        raise BertedgeError(f"no PyTorch model folder for '{source.root}'", "bench an export folder, not a bundle")
+    model = load_pretrained(source.torch_dir, get_task(source.task).hf_auto_class, dtype=torch.float32).eval()
     load_s = time.perf_counter() - start
     names = [n for n in TOKEN_INPUTS if n in inspect.signature(model.forward).parameters]
 

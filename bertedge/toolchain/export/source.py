@@ -28,6 +28,7 @@ from bertedge.runtime.tasks import Task
 from bertedge.toolchain.export.args import ExportArgs
 from bertedge.toolchain.export.compare import Feeds, Outputs, Run, feed
 from bertedge.toolchain.families import FAMILIES, family
+from bertedge.toolchain.models import load_pretrained
 
 # config model_type -> onnxruntime optimizer type, for every family in bertedge.toolchain.families
 SUPPORTED_MODEL_TYPES = {f.model_type: f.optimizer_type for f in FAMILIES if f.exportable}
@@ -70,25 +71,8 @@ def load_source(model_dir: Path) -> Source:
             "re-save the tokenizer with `AutoTokenizer.from_pretrained(...).save_pretrained(dir)`",
         )
     tokenizer = load_tokenizer(model_dir / "tokenizer.json")
-    model = _load_pretrained(model_dir, info.task)
+    model = load_pretrained(model_dir, info.task.hf_auto_class).eval()
     return Source(info, model, tokenizer, _input_names(model), info.stride)
-
-
-def _load_pretrained(model_dir: Path, task: Task) -> Any:
-    import transformers
-
-    try:
-        return getattr(transformers, task.hf_auto_class).from_pretrained(model_dir).eval()
-    except Exception as e:  # truncated safetensors, missing weights, mismatched shapes ...
-        raise BertedgeError(
-            f"cannot load the weights in '{model_dir}' ({type(e).__name__}: {first_line(e)})",
-            "restore model.safetensors or re-run `bertedge finetune`",
-        ) from None
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else "no message"
 
 
 def _input_names(model: Any) -> list[str]:
