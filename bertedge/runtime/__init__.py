@@ -21,8 +21,8 @@ from typing import Any
 
 _EXPORTS = {
     "Predictor": "bertedge.runtime.predictor",
-    "LatencyRecorder": "bertedge.runtime.predictor",
-    "LatencyReport": "bertedge.runtime.predictor",
+    "LatencyRecorder": "bertedge.runtime.latency",
+    "LatencyReport": "bertedge.runtime.latency",
     "PredictArgs": "bertedge.runtime.predict",
     "run_predict": "bertedge.runtime.predict",
 }

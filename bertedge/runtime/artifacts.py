@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from bertedge.errors import BertedgeError
 
 ONNXRUNTIME, OPENVINO = "onnxruntime", "openvino"
+CASCADE = "cascade"  # not an engine: a cascade's stages name theirs (`bertedge.runtime.cascade`)
 
 
 @dataclass(frozen=True)
@@ -39,11 +40,12 @@ class ArtifactKind:
 
     name: str  # the one name in reports, bench backends, package --artifact and manifests
     files: tuple[str, ...]  # its files in an export folder, graph first
-    engine: str  # a key of ENGINES
+    engine: str  # a key of ENGINES, or CASCADE (its files are a spec naming other kinds' files)
     precision: str  # "fp32", "fp16" or "int8"
     lossy: bool  # judged by the metric and agreement budgets, not by the fp32 tolerance
     cpu_candidate: bool  # timed and recommendable on CPU (fp16 is a GPU artifact)
     description: str = ""
+    first_stage: bool = False  # static scales (batch-invariant, the fastest INT8): may start a cascade
 
     @property
     def graph(self) -> str:
@@ -52,8 +54,8 @@ class ArtifactKind:
 
     @property
     def bundle_files(self) -> tuple[str, ...]:
-        """The names its files take inside a bundle."""
-        return ENGINES[self.engine].bundle_files
+        """The names its files take inside a bundle (a cascade's: its stages', see `bertedge.runtime.stages`)."""
+        return ENGINES[self.engine].bundle_files if self.engine in ENGINES else ()
 
 
 ARTIFACT_KINDS: dict[str, ArtifactKind] = {k.name: k for k in (
@@ -63,11 +65,13 @@ ARTIFACT_KINDS: dict[str, ArtifactKind] = {k.name: k for k in (
     ArtifactKind("int8", ("model-int8.onnx",), ONNXRUNTIME, "int8", True, True,
                  "onnxruntime INT8 (the ladder's winner: per-token, dynamic or static)"),
     ArtifactKind("int8-static", ("model-int8-static.onnx",), ONNXRUNTIME, "int8", True, True,
-                 "onnxruntime static INT8 (QDQ, calibrated scales)"),
+                 "onnxruntime static INT8 (QDQ, calibrated scales)", first_stage=True),
     ArtifactKind("int8-openvino", ("model-int8-openvino.xml", "model-int8-openvino.bin"), OPENVINO,
-                 "int8", True, True, "NNCF static INT8, OpenVINO IR"),
+                 "int8", True, True, "NNCF static INT8, OpenVINO IR", first_stage=True),
     ArtifactKind("fp16", ("model-fp16.onnx",), ONNXRUNTIME, "fp16", True, False,
                  "ONNX fp16 (for the CUDA execution provider)"),
+    ArtifactKind("cascade", ("cascade.json",), CASCADE, "int8", True, True,
+                 "static INT8 answers the texts it is sure of, a more faithful artifact the rest"),
 )}
 
 
@@ -79,7 +83,7 @@ def artifact_kind(name: str) -> ArtifactKind:
     >>> artifact_kind("int3")
     Traceback (most recent call last):
     ...
-    bertedge.errors.BertedgeError: unknown artifact kind 'int3' (known: fp32, fused, int8, int8-static, int8-openvino, fp16) -- pick one of the known kinds
+    bertedge.errors.BertedgeError: unknown artifact kind 'int3' (known: fp32, fused, int8, int8-static, int8-openvino, fp16, cascade) -- pick one of the known kinds
     """
     try:
         return ARTIFACT_KINDS[name]

@@ -39,7 +39,8 @@ from bertedge.runtime.archive import (
     extract_archive,
     is_bundle_archive,
 )
-from bertedge.runtime.artifacts import ENGINES, ONNXRUNTIME
+from bertedge.runtime.artifacts import CASCADE, ENGINES, ONNXRUNTIME
+from bertedge.runtime.cascade import CascadeSpec
 from bertedge.runtime.graphinfo import graph_facts, graph_output_shapes, metadata_entry  # noqa: F401
 from bertedge.runtime.manifest import (  # noqa: F401
     FORMAT,
@@ -63,6 +64,7 @@ from bertedge.runtime.manifest import (  # noqa: F401
 )
 from bertedge.runtime.meta import ModelMeta, read_model_meta
 from bertedge.runtime.outputs import atomic_output
+from bertedge.runtime.stages import bundle_spec, read_export_spec
 
 MODEL = "model.onnx"
 OV_MODEL, OV_WEIGHTS = "model.xml", "model.bin"  # an OpenVINO IR: the graph and its weights
@@ -144,9 +146,15 @@ def package(args: PackageArgs) -> Bundle:
     """
     report, meta = read_export(args.export_dir)
     record = choose_artifact(report, args.artifact, args.force)
-    model_file = args.export_dir / str(record["file"])
     engine = str(record.get("engine") or ONNXRUNTIME)
     check_artifact_files(args.export_dir, report, record, engine)
+    sources, cascade = artifact_sources(args.export_dir, record, engine), None
+    if engine == CASCADE:  # the spec names other artifacts of the export: each is checked and shipped
+        spec, stages = read_export_spec(args.export_dir, report, str(record["file"]))
+        for stage in stages:
+            check_artifact_files(args.export_dir, report, stage, str(stage.get("engine") or ONNXRUNTIME))
+        sources = [args.export_dir / f for s in spec.stages for f in s.files]
+        cascade, engine = bundle_spec(spec), spec.stages[0].engine
     tokenizer = load_tokenizer_file(args.export_dir / TOKENIZER, EXPORT_AGAIN)
     dest = args.out if args.archive is None else archive_path(args.out, args.archive)
     check_destination(dest, archive=args.archive is not None, overwrite=args.overwrite)
@@ -162,14 +170,14 @@ def package(args: PackageArgs) -> Bundle:
         "model_type": meta.model_type, "precision": record.get("precision"),
         "quantization": record.get("quantization"), "provenance": provenance,
         "stride": meta.stride, "max_positions": meta.max_positions, "engine": engine,
-        "artifact": record.get("name"), "tokenizer_object": tokenizer,
+        "artifact": record.get("name"), "tokenizer_object": tokenizer, "cascade": cascade,
     }
     with atomic_output(dest, folder=args.archive is None, what="the bundle") as target:
         check_destination(dest, archive=args.archive is not None, overwrite=args.overwrite)  # under the lock
         if args.archive is None:
-            built = build_bundle(target, model_file, args.export_dir / TOKENIZER, **fields)
+            built = build_bundle(target, sources, args.export_dir / TOKENIZER, **fields)
         else:
-            built = build_bundle(target.parent / "folder", model_file, args.export_dir / TOKENIZER, **fields)
+            built = build_bundle(target.parent / "folder", sources, args.export_dir / TOKENIZER, **fields)
             archive_bundle(built.root, target, args.archive)
     return Bundle(root=dest, manifest=built.manifest)
 
@@ -270,14 +278,16 @@ def check_artifact_files(export_dir: Path, report: dict[str, Any], record: dict[
                             "from export-report.json)", EXPORT_AGAIN)
 
 
-def build_bundle(out: Path, model: Path, tokenizer: Path, *, task: str, labels: list[str],
+def build_bundle(out: Path, model: Path | list[Path], tokenizer: Path, *, task: str, labels: list[str],
                  max_length: int, model_type: str, precision: str | None = None,
                  quantization: dict[str, Any] | None = None,
                  provenance: dict[str, Any] | None = None, stride: int | None = None,
                  max_positions: int | None = None, engine: str = ONNXRUNTIME,
-                 artifact: str | None = None, tokenizer_object: Any = None) -> Bundle:
-    """Write a bundle folder from a model file and a tokenizer (export can call this directly),
-    then check it as a load would: its manifest, and the manifest against graph and tokenizer.
+                 artifact: str | None = None, tokenizer_object: Any = None,
+                 cascade: CascadeSpec | None = None) -> Bundle:
+    """Write a bundle folder from a model file (or a cascade's stage files, in `cascade`'s order)
+    and a tokenizer (export can call this directly), then check it as a load would: its manifest,
+    and the manifest against each graph and the tokenizer.
 
     An existing bundle at `out` is replaced; any other non-empty folder is refused.
     """
@@ -285,15 +295,17 @@ def build_bundle(out: Path, model: Path, tokenizer: Path, *, task: str, labels: 
         raise BertedgeError(f"'{out}' exists and is not a bundle; refusing to overwrite it",
                             "choose another --out or empty that folder")
     out.mkdir(parents=True, exist_ok=True)
-    for name in (MODEL, OV_MODEL, OV_WEIGHTS, TOKENIZER, MANIFEST):
+    stages = cascade.stages if cascade is not None else ()
+    names = tuple(f for s in stages for f in s.files) or model_files(engine)
+    for name in (MODEL, OV_MODEL, OV_WEIGHTS, TOKENIZER, MANIFEST, *names):
         (out / name).unlink(missing_ok=True)
-    names = model_files(engine)
-    sources = [model] if len(names) == 1 else [model, model.with_suffix(".bin")]  # IR: weights beside the graph
+    sources = model if isinstance(model, list) else [model, model.with_suffix(".bin")][:len(names)]  # IR: weights beside the graph
     for src, name in zip(sources, names, strict=True):
         shutil.copyfile(src, out / name)
     shutil.copyfile(tokenizer, out / TOKENIZER)
-    if engine == ONNXRUNTIME:
-        carry_labels(out / MODEL, labels)
+    for graph, graph_engine in [(s.files[0], s.engine) for s in stages] or [(names[0], engine)]:
+        if graph_engine == ONNXRUNTIME:
+            carry_labels(out / graph, labels)
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "bertedge_version": __version__,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -301,13 +313,14 @@ def build_bundle(out: Path, model: Path, tokenizer: Path, *, task: str, labels: 
         **({"stride": stride} if stride else {}),  # QA: overlap of context windows
         **({"max_positions": max_positions} if max_positions else {}),  # the position table's limit
         **({"artifact": artifact} if artifact else {}),  # the artifact kind shipped
+        **({"cascade": cascade.to_dict()} if cascade is not None else {}),  # its stages, stage 1 first
         "inputs": graph_inputs(out / names[0], engine), "engine": engine, "precision": precision,
         "quantization": quantization, "provenance": provenance or {},
         "files": {n: {"sha256": sha256_of(out / n), "bytes": (out / n).stat().st_size}
                   for n in (*names, TOKENIZER)},
     }
     record = parse_manifest(manifest, "the manifest package wrote")
-    loaded = check_fit(out, record, f"bundle built from '{model.parent}'", tokenizer_object, EXPORT_AGAIN)
+    loaded = check_fit(out, record, f"bundle built from '{sources[0].parent}'", tokenizer_object, EXPORT_AGAIN)
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return Bundle(root=out, manifest=record, tokenizer=loaded)
 

@@ -34,8 +34,11 @@ Runner = Callable[[Feeds], Outputs]
 Margin = Callable[[Outputs, Feeds], np.ndarray]  # one margin per row; a task's `margin`
 Row = tuple[int, int]  # (batch, row in that batch)
 
+# Margins are probabilities' differences, at most 1: the smallest delta above 1 escalates every row.
+ALWAYS = float(np.nextafter(1.0, 2.0))
 SPEC_FIX = ("a cascade needs 2 or more stages, each with a known engine, that engine's files "
-            "(plain names, none shared) and a finite delta >= 0; re-run `bertedge export`")
+            "(plain names, none shared) and a delta in [0, 1] (or just above 1: escalate every row); "
+            "re-run `bertedge export`")
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,7 @@ class CascadeStage:
         out = []
         if not isinstance(self.artifact, str) or not self.artifact:
             out.append(f"stage {n} has no artifact name")
-        if self.engine not in ENGINES:
+        if not isinstance(self.engine, str) or self.engine not in ENGINES:
             out.append(f"stage {n} engine {self.engine!r} is unknown (known: {', '.join(ENGINES)})")
         else:
             wanted = [PurePosixPath(f).suffix for f in ENGINES[self.engine].bundle_files]
@@ -61,8 +64,8 @@ class CascadeStage:
         if any(not _plain_name(f) for f in self.files):
             out.append(f"stage {n} files {list(self.files)} are not plain file names")
         if isinstance(self.delta, bool) or not isinstance(self.delta, (int, float)) \
-                or not math.isfinite(self.delta) or self.delta < 0:
-            out.append(f"stage {n} delta {self.delta!r} is not a finite number >= 0")
+                or not math.isfinite(self.delta) or not 0 <= self.delta <= ALWAYS:
+            out.append(f"stage {n} delta {self.delta!r} is not a number in [0, 1] (or {ALWAYS!r}: every row)")
         return out
 
 
@@ -82,7 +85,7 @@ class CascadeSpec:
     >>> CascadeSpec(spec.stages[:1])
     Traceback (most recent call last):
     ...
-    bertedge.errors.BertedgeError: bad cascade: it has 1 stage(s) -- a cascade needs 2 or more stages, each with a known engine, that engine's files (plain names, none shared) and a finite delta >= 0; re-run `bertedge export`
+    bertedge.errors.BertedgeError: bad cascade: it has 1 stage(s) -- a cascade needs 2 or more stages, each with a known engine, that engine's files (plain names, none shared) and a delta in [0, 1] (or just above 1: escalate every row); re-run `bertedge export`
     """
 
     stages: tuple[CascadeStage, ...]

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, TypeGuard
 
 from bertedge.errors import BertedgeError
-from bertedge.runtime.artifacts import ARTIFACT_KINDS, ENGINES, ONNXRUNTIME
+from bertedge.runtime.artifacts import ARTIFACT_KINDS, CASCADE, ENGINES, ONNXRUNTIME
+from bertedge.runtime.cascade import CascadeSpec
 from bertedge.runtime.graphinfo import GraphFacts, graph_facts
 from bertedge.runtime.meta import (
     MAX_POSITIONS,
@@ -32,6 +33,7 @@ from bertedge.runtime.meta import (
     duplicate_labels,
     position_limit,
 )
+from bertedge.runtime.stages import stage_kind_problems
 from bertedge.runtime.tasks import TASKS, get_task
 
 MANIFEST = "manifest.json"
@@ -97,6 +99,7 @@ class Manifest:
     stride: int | None = None  # QA: tokens shared by consecutive windows (0 < stride < max_length)
     max_positions: int | None = None  # the position table's limit in tokens
     artifact: str | None = None  # the artifact kind shipped (a key of ARTIFACT_KINDS)
+    cascade: CascadeSpec | None = None  # a cascade's stages (artifact "cascade"; `engine` is stage 1's)
     provenance: dict[str, Any] = field(default_factory=dict)  # export facts and validation figures
     bertedge_version: str | None = None
     created: str | None = None
@@ -106,8 +109,17 @@ class Manifest:
 
     @property
     def model_files(self) -> tuple[str, ...]:
-        """The engine's model files in the bundle, graph first."""
+        """The engine's model files in the bundle, graph first (a cascade: every stage's, stage 1 first)."""
+        if self.cascade is not None:
+            return tuple(f for s in self.cascade.stages for f in s.files)
         return ENGINES[self.engine].bundle_files
+
+    @property
+    def graphs(self) -> tuple[str, ...]:
+        """The graph file of each model in the bundle: one, or one per cascade stage."""
+        if self.cascade is not None:
+            return tuple(s.files[0] for s in self.cascade.stages)
+        return self.model_files[:1]
 
     @property
     def window_stride(self) -> int:
@@ -169,6 +181,7 @@ def parse_manifest(data: dict[str, Any], where: str = "the manifest") -> Manifes
         quantization=data.get("quantization"), stride=data.get("stride"),
         max_positions=data.get("max_positions"),
         artifact=data.get("artifact") or (named if isinstance(named, str) else None),
+        cascade=CascadeSpec.from_dict(data["cascade"]) if data.get("cascade") is not None else None,
         provenance=provenance, bertedge_version=data.get("bertedge_version"), created=data.get("created"),
         format=data["format"], format_version=data["format_version"], raw=copy.deepcopy(data))
 
@@ -206,10 +219,36 @@ def manifest_problems(m: Manifest | dict[str, Any]) -> list[str]:
     for key in ("provenance", "quantization"):  # informational, but read at load (ISA warning, describe)
         if m.get(key) is not None and not isinstance(m[key], dict):
             problems.append(f"{key} must be an object or null (got {type(m[key]).__name__})")
+    stages, found = cascade_problems(m)
+    problems += found
     if "files" in m:
         engine = m.get("engine") if known(m.get("engine"), ENGINES) else None
-        problems += files_problems(m["files"], ENGINES[engine or ONNXRUNTIME].bundle_files)
+        model = stages if stages is not None else ENGINES[engine or ONNXRUNTIME].bundle_files
+        problems += files_problems(m["files"], model)
     return problems
+
+
+def cascade_problems(m: dict[str, Any]) -> tuple[tuple[str, ...] | None, list[str]]:
+    """(the stages' files, what is wrong): a `cascade` field goes with artifact "cascade" and stage 1's
+    engine; 2 or more stages of known single-model kinds on their own engines, deltas in [0, 1].
+
+    >>> cascade_problems({"artifact": "cascade"})[1]
+    ["artifact 'cascade' needs a cascade field naming its stages"]
+    """
+    raw = m.get("cascade")
+    if raw is None:
+        return None, ["artifact 'cascade' needs a cascade field naming its stages"] \
+            if m.get("artifact") == CASCADE else []
+    try:
+        spec = CascadeSpec.from_dict(raw)
+    except BertedgeError as e:
+        return (), [e.problem]
+    problems = stage_kind_problems(spec)
+    if m.get("artifact") != CASCADE:
+        problems.append(f"a cascade field goes with artifact 'cascade' (got {shown(m.get('artifact'))})")
+    if m.get("engine", ONNXRUNTIME) != spec.stages[0].engine:
+        problems.append(f"engine {shown(m.get('engine'))} is not stage 1's ({spec.stages[0].engine})")
+    return tuple(f for s in spec.stages for f in s.files), problems
 
 
 def labels_problems(labels: Any, task: Any = None) -> list[str]:
@@ -371,14 +410,15 @@ def vocabulary_problems(largest_id: int, facts: GraphFacts) -> list[str]:
 
 
 def check_fit(root: Path, manifest: Manifest, where: str, tokenizer: Any = None, fix: str = REBUILD) -> Any:
-    """Refuse a manifest the graph or the tokenizer contradicts; returns the loaded tokenizer."""
-    model = manifest.model_files[0]
-    facts = graph_facts(root / model)
+    """Refuse a manifest a graph (each cascade stage's) or the tokenizer contradicts; returns the
+    loaded tokenizer."""
     if tokenizer is None:
         tokenizer = load_tokenizer_file(root / TOKENIZER, fix, f"{where}: {TOKENIZER}")
-    problems = fit_problems(manifest, facts) + vocabulary_problems(largest_id(tokenizer), facts)
-    if problems:
-        raise BertedgeError(f"{where}: the manifest does not fit {model}: {listing(problems)}", fix)
+    for model in manifest.graphs:
+        facts = graph_facts(root / model)
+        problems = fit_problems(manifest, facts) + vocabulary_problems(largest_id(tokenizer), facts)
+        if problems:
+            raise BertedgeError(f"{where}: the manifest does not fit {model}: {listing(problems)}", fix)
     return tokenizer
 
 

@@ -14,12 +14,9 @@ error record ({"error": "inference failed (...)"}), so one bad row never loses a
 
 from __future__ import annotations
 
-import math
-import threading
 import time
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +32,14 @@ from bertedge.runtime.features import (
     pad_batch,
     pad_id,
 )
+from bertedge.runtime.latency import LatencyRecorder, LatencyReport  # noqa: F401  (re-exported)
 from bertedge.runtime.manifest import Manifest
 from bertedge.runtime.meta import check_max_length
 from bertedge.runtime.options import RuntimeOptions
 from bertedge.runtime.records import Item, Pair, as_pair
 from bertedge.runtime.sessions import feed_plan, make_session, resolve_providers
-from bertedge.runtime.tasks import DecodeOptions, Result
+from bertedge.runtime.stages import OpenedCascade, open_cascade
+from bertedge.runtime.tasks import MARGIN_MASK, DecodeOptions, Result
 from bertedge.runtime.text import has_text
 
 # A text longer than this many characters per allowed token is cut before tokenizing, so one
@@ -50,105 +49,17 @@ CHARS_PER_TOKEN_CAP = 64
 # an input problem with a 422).
 INFERENCE_FAILED = "inference failed"
 
-
-# ----------------------------------------------------------------------------- latency
-
-
-@dataclass(frozen=True)
-class LatencyReport:
-    """Per-item and per-batch latency percentiles, throughput and where the time went."""
-
-    items: int
-    batches: int
-    wall_s: float  # first batch start to last batch end, reading and writing included
-    throughput_items_s: float
-    item_p50_ms: float  # per item = batch latency / batch size (amortized)
-    item_p90_ms: float
-    item_p99_ms: float
-    batch_p50_ms: float  # tokenize share + inference + decode of one batch
-    batch_p90_ms: float
-    batch_p99_ms: float
-    tokenize_s: float
-    inference_s: float
-    decode_s: float
-
-    def format(self) -> str:
-        """A few human lines for stderr."""
-        if not self.items:
-            return "latency: no items predicted"
-        busy = max(self.tokenize_s + self.inference_s + self.decode_s, 1e-12)
-        return "\n".join([
-            f"latency: {self.items} items in {self.batches} batches, {self.wall_s:.2f} s, "
-            f"{self.throughput_items_s:.1f} items/s",
-            f"  per item  p50 {self.item_p50_ms:.2f} ms  p90 {self.item_p90_ms:.2f} ms  "
-            f"p99 {self.item_p99_ms:.2f} ms",
-            f"  per batch p50 {self.batch_p50_ms:.2f} ms  p90 {self.batch_p90_ms:.2f} ms  "
-            f"p99 {self.batch_p99_ms:.2f} ms",
-            f"  time split: tokenize {self.tokenize_s:.3f} s ({100 * self.tokenize_s / busy:.0f}%), "
-            f"inference {self.inference_s:.3f} s ({100 * self.inference_s / busy:.0f}%), "
-            f"decode {self.decode_s:.3f} s ({100 * self.decode_s / busy:.0f}%)",
-        ])
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-class LatencyRecorder:
-    """Thread-safe latency accumulator in constant memory (log-spaced histogram, 1% resolution)."""
-
-    LOW_S, RATIO, BINS = 1e-6, 1.01, 2100  # 1 us .. about 1,200 s
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._start = time.perf_counter()
-        self._end = self._start
-        self._item_hist = np.zeros(self.BINS, dtype=np.int64)
-        self._batch_hist = np.zeros(self.BINS, dtype=np.int64)
-        self._totals = np.zeros(3)  # tokenize, inference, decode seconds
-        self._items = self._batches = 0
-
-    def add(self, n: int, tokenize_s: float, inference_s: float, decode_s: float) -> None:
-        """Record one batch of n items."""
-        latency = tokenize_s + inference_s + decode_s
-        with self._lock:
-            self._batch_hist[self._bin(latency)] += 1
-            self._item_hist[self._bin(latency / n)] += n
-            self._totals += (tokenize_s, inference_s, decode_s)
-            self._items += n
-            self._batches += 1
-            self._end = time.perf_counter()
-
-    def _bin(self, seconds: float) -> int:
-        index = math.floor(math.log(max(seconds, self.LOW_S) / self.LOW_S, self.RATIO))
-        return min(index, self.BINS - 1)
-
-    def _percentile_ms(self, hist: np.ndarray, q: float) -> float:
-        total = int(hist.sum())
-        if not total:
-            return 0.0
-        index = int(np.searchsorted(np.cumsum(hist), q * total))
-        return 1000 * self.LOW_S * self.RATIO ** (index + 0.5)
-
-    def report(self) -> LatencyReport:
-        with self._lock:
-            wall = max(self._end - self._start, 1e-12)
-            ih, bh = self._item_hist.copy(), self._batch_hist.copy()
-            tok, inf, dec = (float(x) for x in self._totals)
-            items, batches = self._items, self._batches
-        return LatencyReport(
-            items=items, batches=batches, wall_s=wall, throughput_items_s=items / wall,
-            item_p50_ms=self._percentile_ms(ih, 0.5), item_p90_ms=self._percentile_ms(ih, 0.9),
-            item_p99_ms=self._percentile_ms(ih, 0.99), batch_p50_ms=self._percentile_ms(bh, 0.5),
-            batch_p90_ms=self._percentile_ms(bh, 0.9), batch_p99_ms=self._percentile_ms(bh, 0.99),
-            tokenize_s=tok, inference_s=inf, decode_s=dec)
-
-
 # ----------------------------------------------------------------------------- predictor
 
 
 class Predictor:
     """A loaded bundle: tokenizer + inference session (the manifest's engine: onnxruntime, or
     OpenVINO with `bertedge[openvino]`) + the task's encoder and decoder. Thread-safe.
+
+    A cascade bundle holds one session per stage: every predict call runs stage 1 on all its
+    rows and pools the low-margin ones across the call's batches into the next stage
+    (`bertedge.runtime.cascade.run_cascade`); a row's answer and stage depend on that row alone,
+    and each result says which `stage` (1-based) answered it.
 
     Everything task-specific (item checks, windows, decoding, the result schema) comes from the
     bundle's `Task` record; the predictor only batches and runs the graph. The edges (serve,
@@ -186,18 +97,25 @@ class Predictor:
                 warnings.warn(isa, RuntimeWarning, stacklevel=2)
             check_max_length(self.meta.max_length, self.meta.max_positions, f"the manifest of bundle '{bundle}'")
             self.engine = self.manifest.engine
-            self.session = make_session(opened.model_path, requested, self.runtime.session_threads,
-                                        spin=self.runtime.spin, engine=self.engine)
             # the tokenizer the bundle check already loaded (padding and truncation off)
             self.tokenizer = opened.tokenizer or load_tokenizer(opened.tokenizer_path)
+            self.pad_id = pad_id(self.tokenizer)
+            # a cascade: one session per stage, every predict call answered through `run_cascade`
+            self.cascade: OpenedCascade | None = None
+            if self.manifest.cascade is not None:
+                self.cascade = open_cascade(opened.root, self.manifest.cascade, self.meta.task, self.pad_id,
+                                            requested, self.runtime.session_threads, spin=self.runtime.spin)
+            self.session = self.cascade.sessions[0] if self.cascade is not None else make_session(
+                opened.model_path, requested, self.runtime.session_threads, spin=self.runtime.spin, engine=self.engine)
         self.task = self.meta.task
         self.max_length = self.meta.max_length
         self.task.setup_tokenizer(self.tokenizer, self.max_length, self.meta.stride)
         self.labels: tuple[str, ...] = self.meta.labels
         self.batch_size = self.runtime.batch_size
-        self.pad_id = pad_id(self.tokenizer)
         self.feeds = feed_plan(self.session)
         self.output_names = [o.name for o in self.session.get_outputs()]
+        if self.cascade is not None:  # every stage has the task's outputs (open_cascade checked)
+            self.output_names = list(self.task.output_names)
         absent = [n for n in self.task.output_names if n not in self.output_names]
         if absent:
             raise BertedgeError(f"the model has no output {', '.join(absent)} "
@@ -239,11 +157,19 @@ class Predictor:
                 "providers": self.providers, "inputs": list(self.feeds), "digest": self.digest,
                 "checksums": {name: f.sha256 for name, f in m.files.items()},
                 "files": {name: {"sha256": f.sha256, "bytes": f.bytes} for name, f in m.files.items()},
-                "artifact": m.provenance.get("artifact")}
+                "artifact": m.provenance.get("artifact"),
+                **({"stages": self._stages()} if self.cascade is not None else {})}
+
+    def _stages(self) -> list[dict[str, Any]]:
+        """A cascade's stages for `describe`: artifact, engine, files, delta, providers."""
+        assert self.cascade is not None
+        return [{**stage, "providers": list(session.get_providers())}
+                for stage, session in zip(self.cascade.spec.to_dict()["stages"], self.cascade.sessions, strict=True)]
 
     def output_schema(self) -> dict[str, Any]:
         """The fields of a result (pyarrow-free; see `bertedge.runtime.tasks.Schema`), "truncated" included."""
-        return {**self.task.output_schema(self.labels, self.options), "truncated": "bool"}
+        stage = {"stage": "int64"} if self.cascade is not None else {}  # 1-based: which stage answered
+        return {**self.task.output_schema(self.labels, self.options), "truncated": "bool", **stage}
 
     # ------------------------------------------------------------------------- items
 
@@ -353,10 +279,16 @@ class Predictor:
         batches = list(length_sorted_batches(lengths, batch_size or self.batch_size)) if lengths else []
         inference_s: list[float] = []
         broken: dict[int, str] = {}  # window -> why its inference failed
-        for index in batches:
+        stages = [0] * len(lengths)  # per window: the 0-based cascade stage that answered it
+        if self.cascade is not None and batches:  # one call: escalations pooled across its batches
+            t0 = time.perf_counter()
+            for i, raw, stage in self._cascade_contained(windows, batches, batch_size or self.batch_size, broken):
+                outputs[i], stages[i] = self._cut(raw, lengths[i]), stage
+            inference_s = [(time.perf_counter() - t0) * len(index) / len(lengths) for index in batches]
+        for index in batches if self.cascade is None else []:
             t0 = time.perf_counter()
             for i, raw in self._run_contained(windows.encodings, index, broken):
-                outputs[i] = {k: v[: lengths[i]] if self.task.per_token_outputs else v for k, v in raw.items()}
+                outputs[i] = self._cut(raw, lengths[i])
             inference_s.append(time.perf_counter() - t0)
         lost = {windows.example_index[w] for w in broken}  # positions in `good`
         for position in lost:
@@ -372,9 +304,44 @@ class Predictor:
                 share = len(index) / len(lengths)
                 timings.add(len(index), tokenize_s * share, seconds, decode_s * share)
         results: list[Result] = [{"error": failed[i]} if i in failed else {} for i in range(len(pairs))]
+        item_stage: dict[int, int] = {}  # an item's windows escalate together (run_cascade's groups)
+        for w, item in enumerate(windows.example_index):
+            item_stage[item] = max(item_stage.get(item, 0), stages[w] + 1)
         for p, result in zip(kept, decoded, strict=True):
-            results[good[p]] = {**result, "truncated": True} if windows.truncated[p] else result
+            result = {**result, "truncated": True} if windows.truncated[p] else result
+            results[good[p]] = {**result, "stage": item_stage[p]} if self.cascade is not None else result
         return results
+
+    def _cut(self, raw: dict[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
+        """A window's outputs over its own tokens (per-token tasks) or as they are."""
+        return {k: v[:length] for k, v in raw.items()} if self.task.per_token_outputs else raw
+
+    def _cascade_contained(self, windows: Features, batches: list[list[int]], batch_size: int,
+                           broken: dict[int, str]) -> list[tuple[int, dict[str, np.ndarray], int]]:
+        """(window, its outputs, its 0-based stage) for these batches, run as one cascade call;
+        when it fails, each item's windows are run alone (a window's answer and stage do not
+        depend on its batch mates) and the ones that still fail go into `broken` with why."""
+        assert self.cascade is not None
+        try:
+            feeds = [self.cascade_feeds([windows.encodings[i] for i in index]) for index in batches]
+            groups = [[windows.example_index[i] for i in index] for index in batches]
+            out, stages = self.cascade.run(feeds, batch_size, groups)
+            return [(i, {k: v[row] for k, v in out[b].items()}, int(stages[b][row]))
+                    for b, index in enumerate(batches) for row, i in enumerate(index)]
+        except Exception as e:  # onnxruntime / OpenVINO raise untyped errors
+            items: dict[int, list[int]] = {}
+            for i in (i for index in batches for i in index):
+                items.setdefault(windows.example_index[i], []).append(i)
+            if len(items) == 1:
+                for i in next(iter(items.values())):
+                    broken[i] = f"{INFERENCE_FAILED} ({type(e).__name__}: {_first_line(e)})"
+                return []
+        return [got for item in items.values() for got in self._cascade_contained(windows, [item], batch_size, broken)]
+
+    def cascade_feeds(self, encodings: Sequence[Encoding]) -> dict[str, np.ndarray]:
+        """A cascade batch: padded token arrays by tokenizer name, and the task's MARGIN_MASK."""
+        arrays = pad_batch(encodings, self.pad_id)
+        return {**arrays, MARGIN_MASK: self.task.margin_mask(encodings, arrays["input_ids"].shape[1])}
 
     def _run_contained(self, encodings: Sequence[Encoding], index: list[int],
                        broken: dict[int, str]) -> list[tuple[int, dict[str, np.ndarray]]]:
@@ -409,7 +376,9 @@ class Predictor:
                 for name, (source, dtype) in self.feeds.items()}
 
     def run_encodings(self, encodings: Sequence[Encoding]) -> dict[str, np.ndarray]:
-        """Raw graph outputs, by name, for already-tokenized items (reused by serve / Ray)."""
+        """Raw graph outputs, by name, for already-tokenized items (a cascade's, through its stages)."""
+        if self.cascade is not None:
+            return self.cascade.run_batch(self.cascade_feeds(encodings))
         outputs = self.session.run(self.output_names, self.features(encodings))
         return dict(zip(self.output_names, outputs, strict=True))
 

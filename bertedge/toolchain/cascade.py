@@ -2,8 +2,8 @@
 
 Export runs every stage on the same rows (--eval plus --agreement-data) and hands this module
 the reference (PyTorch fp32) answers, each stage's answers and margins, and the gold answers
-where known. For a two-stage cascade, `calibrate` walks a grid of thresholds delta (0, then just
-above each distinct stage-1 margin, thinned to at most `max_points`): at each delta a row whose
+where known. For a two-stage cascade, `calibrate` walks a grid of thresholds delta (0, then half
+way from each distinct stage-1 margin to the next, thinned to at most `max_points`): at each delta a row whose
 stage-1 margin is below delta takes the last stage's answer, the others keep stage 1's. The
 curve (delta -> share escalated -> agreement with the reference -> metric) is reported on all
 rows; delta is chosen as the smallest grid point meeting both budgets on one seeded half of the
@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from bertedge.errors import BertedgeError
-from bertedge.runtime.cascade import escalates
+from bertedge.runtime.cascade import ALWAYS, escalates
 
 Metric = Callable[[Sequence[Any], Sequence[Any]], float]  # (predictions, gold) -> 0..1, higher is better
 
@@ -97,19 +97,25 @@ class ChainCalibration:
 
 
 def delta_grid(margins: np.ndarray, max_points: int = 200) -> np.ndarray:
-    """0, then just above each distinct margin (so each point escalates one more margin value),
-    thinned evenly to at most `max_points` points in all; the last point escalates every row.
+    """0, then for each distinct margin the midpoint between it and the next one above (so each
+    point escalates one more margin value, and every calibrated row's margin stays as far from
+    the threshold as the data allow: a margin that moves by an engine's rounding between alone
+    and in a batch does not cross it), thinned evenly to at most `max_points` points in all; the
+    last point, half way to 1 (or ALWAYS), escalates every row.
 
     >>> [round(float(d), 6) for d in delta_grid(np.array([0.5, 0.1, 0.5, np.nan]))]
-    [0.0, 0.1, 0.5]
+    [0.0, 0.3, 0.75]
     >>> grid = delta_grid(np.linspace(0, 1, 1000), 200)
     >>> len(grid), bool(grid[-1] > 1)
     (200, True)
     """
     values = np.unique(margins[np.isfinite(margins)])
+    top = float(values[-1]) if len(values) else 0.0
+    above = np.append(values[1:], 1.0 if top < 1.0 else ALWAYS + (ALWAYS - 1.0))  # the next value up
+    keep = np.arange(len(values))
     if len(values) > max_points - 1:
-        values = values[np.unique(np.linspace(0, len(values) - 1, max_points - 1).round().astype(int))]
-    return np.unique(np.concatenate([[0.0], np.nextafter(values, np.inf)]))
+        keep = np.unique(np.linspace(0, len(values) - 1, max_points - 1).round().astype(int))
+    return np.unique(np.concatenate([[0.0], (values[keep] + above[keep]) / 2]))
 
 
 def calibrate(reference: Sequence[Any], margins: np.ndarray, first: Sequence[Any], last: Sequence[Any],
@@ -131,7 +137,7 @@ def calibrate(reference: Sequence[Any], margins: np.ndarray, first: Sequence[Any
     >>> ref, first, last = [0, 1, 1, 0] * 5, [0, 1, 0, 0] * 5, [0, 1, 1, 0] * 5
     >>> cal = calibrate(ref, np.array([0.9, 0.8, 0.1, 0.7] * 5), first, last, Budgets(1.0, 0.0), ref)
     >>> round(cal.delta, 6), cal.confirmed, cal.choose.escalated, cal.confirm.changed
-    (0.1, True, 0.3, 0)
+    (0.4, True, 0.3, 0)
     """
     n = len(reference)
     margins = np.asarray(margins, dtype=np.float64)
@@ -168,7 +174,7 @@ def calibrate_chain(reference: Sequence[Any], margins: Sequence[np.ndarray], ans
     >>> chain = calibrate_chain(ref, [np.array([0.9, 0.8, 0.1, 0.7] * 5), np.array([0.5, 0.5, 0.6, 0.5] * 5)],
     ...                         [[0, 1, 0, 0] * 5, [0, 1, 0, 0] * 5, ref], Budgets(1.0, 0.0), ref)
     >>> [round(d, 6) for d in chain.deltas or ()]
-    [0.1, 0.6]
+    [0.4, 0.8]
     """
     if len(answers) < 2 or len(margins) != len(answers) - 1:
         raise BertedgeError(f"cannot calibrate a chain of {len(answers)} stage(s) from {len(margins)} margin arrays",

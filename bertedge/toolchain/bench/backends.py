@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from bertedge.errors import BertedgeError
+from bertedge.runtime.artifacts import CASCADE
 from bertedge.runtime.sessions import OPENVINO, make_session
 from bertedge.runtime.tasks import get_task
 from bertedge.toolchain.bench.inputs import Source
@@ -137,6 +138,36 @@ def load_openvino(source: Source, backend: Backend, threads: int) -> Loaded:
                   used, "OpenVINO INFERENCE_NUM_THREADS", load_s, path, keep=session, run_outputs=run_outputs)
 
 
+def load_cascade(source: Source, backend: Backend, threads: int) -> Loaded:
+    """A cascade (an export's cascade.json, or a bundle's manifest) through `run_cascade`, one
+    batch per call: each timed batch pays stage 1 and the escalations of its own rows."""
+    import json
+
+    from bertedge.runtime.bundle import read_manifest
+    from bertedge.runtime.cascade import CascadeSpec
+    from bertedge.runtime.features import load_tokenizer, pad_id
+    from bertedge.runtime.stages import open_cascade
+
+    path = source.file_for(backend)
+    assert path is not None, "select_backends checks the file exists"
+    spec = read_manifest(source.root).cascade if source.kind == "bundle" else \
+        CascadeSpec.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    if spec is None:
+        raise BertedgeError(f"'{source.root}' is not a cascade bundle", "bench it under its own artifact kind")
+    start = time.perf_counter()
+    opened = open_cascade(source.root, spec, get_task(source.task), pad_id(load_tokenizer(source.tokenizer)),
+                          threads=threads, fix="run `bertedge export` again")
+    load_s = time.perf_counter() - start
+    first_output = get_task(source.task).output_names[0]
+
+    def run_outputs(feeds: Feeds) -> dict[str, np.ndarray]:
+        return {k: np.asarray(v, dtype=np.float32) for k, v in opened.run_batch(dict(feeds)).items()}
+
+    providers = list(dict.fromkeys(p for s in opened.sessions for p in s.get_providers()))
+    return Loaded(lambda feeds: run_outputs(feeds)[first_output], lambda feeds: lambda: opened.run_batch(dict(feeds)),
+                  providers, threads, "requested (every stage)", load_s, path, keep=opened, run_outputs=run_outputs)
+
+
 def _host_runs(session: Any, names: Sequence[str]) -> tuple[Callable[[Feeds], np.ndarray],
                                                            Callable[[Feeds], dict[str, np.ndarray]]]:
     """(first output, every output by name) of a session on host feeds, as float32 numpy."""
@@ -179,4 +210,4 @@ def _bound_call(session: Any, names: Sequence[str]) -> Callable[[Feeds], Call]:
 
 
 LOADERS: dict[str, Callable[[Source, Backend, int], Loaded]] = {"torch": load_torch, "onnxruntime": load_ort,
-                                                                "openvino": load_openvino}
+                                                                "openvino": load_openvino, CASCADE: load_cascade}

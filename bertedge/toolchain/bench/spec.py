@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from bertedge.errors import BertedgeError
-from bertedge.runtime.artifacts import ARTIFACT_KINDS, ONNXRUNTIME
+from bertedge.runtime.artifacts import ARTIFACT_KINDS, CASCADE, ONNXRUNTIME
 from bertedge.runtime.data import Columns
 
 Feeds = dict[str, np.ndarray]
@@ -72,7 +72,7 @@ class Backend:
     """One way to run the model: which engine loads which artifact kind, on which provider."""
 
     name: str  # the artifact kind's name for CPU backends (as in export's report); torch, cuda, ...
-    engine: str  # "torch", "onnxruntime" or "openvino": the key into LOADERS
+    engine: str  # "torch", "onnxruntime", "openvino" or "cascade": the key into LOADERS
     kind: str | None  # the artifact kind it runs (a key of ARTIFACT_KINDS); None for torch
     provider: str  # onnxruntime execution provider asked for ("" for torch and openvino)
     precision: str  # what the file usually holds; an export report or manifest may say otherwise
@@ -106,10 +106,11 @@ def known_backends() -> tuple[Backend, ...]:
     backend with no change here.
 
     >>> [b.name for b in known_backends()]
-    ['torch', 'fp32', 'fused', 'int8', 'int8-static', 'int8-openvino', 'cuda', 'cuda-fp16', 'tensorrt']
+    ['torch', 'fp32', 'fused', 'int8', 'int8-static', 'int8-openvino', 'cascade', 'cuda', 'cuda-fp16', 'tensorrt']
     """
+    where = {ONNXRUNTIME: "CPU EP", CASCADE: "each stage on its engine"}
     cpu = tuple(Backend(k.name, k.engine, k.name, CPU if k.engine == ONNXRUNTIME else "", k.precision,
-                        description=f"{k.description}, {'CPU EP' if k.engine == ONNXRUNTIME else 'OpenVINO CPU'}")
+                        description=f"{k.description}, {where.get(k.engine, 'OpenVINO CPU')}")
                 for k in ARTIFACT_KINDS.values() if k.cpu_candidate)
     return (TORCH, *cpu, *GPU_BACKENDS)
 

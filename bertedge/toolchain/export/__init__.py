@@ -1,4 +1,5 @@
-"""bertedge export: PyTorch model folder -> validated ONNX / OpenVINO artifacts (fp32, fused, INT8, FP16).
+"""bertedge export: PyTorch model folder -> validated ONNX / OpenVINO artifacts (fp32, fused, INT8, FP16,
+a cascade of them).
 
     args        ExportArgs, Optimization, Quantization, --target parsing
     report      the typed rows of export-report.json, and the terminal tables
@@ -7,6 +8,7 @@
     gate        PyTorch's reference, the checks, the timings, the recommendation
     graphs      the fp32 export, the fused graph, FP16
     int8        the INT8 ladders (onnxruntime and OpenVINO), through one search loop
+    cascade     the cascade candidate: its stages, delta calibration and real-text timing
     candidates  CANDIDATES: one build function per artifact kind (bertedge.runtime.artifacts)
     stage       export(ExportArgs) -> ExportReport: every candidate, gated, into an atomic folder
 """

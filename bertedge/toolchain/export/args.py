@@ -67,6 +67,7 @@ class ExportArgs:
     sensitivity_seconds: float = 600.0  # cap on the sensitivity probing (one quantization per node)
     calibrate_method: str = "minmax"  # static INT8 calibration: minmax, percentile or entropy
     openvino: str = "auto"  # NNCF INT8 for the OpenVINO engine: auto (when installed and --calibration given), on, off
+    cascade: bool = True  # also build a cascade: static INT8 first, a more faithful artifact for low margins
     seed: int = 0  # seeds random inputs and row subsets
     overwrite: bool = False  # replace an existing --out folder
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from bertedge.errors import BertedgeError
 from bertedge.toolchain.export.args import Optimization
+from bertedge.toolchain.export.cascade import build_cascade
 from bertedge.toolchain.export.gate import BuildContext, size_mb
 from bertedge.toolchain.export.graphs import export_fp32, fuse, to_fp16
 from bertedge.toolchain.export.int8 import build_int8, build_int8_static, build_openvino
@@ -82,4 +83,5 @@ CANDIDATES: list[Candidate] = [
     Candidate("int8-static", build_int8_static),
     Candidate("int8-openvino", build_openvino),
     Candidate("fp16", build_fp16),
+    Candidate("cascade", build_cascade),  # last: its stages are the artifacts above
 ]

@@ -9,7 +9,7 @@ Lossy kinds (INT8, FP16) must keep the metric within --max-accuracy-drop points,
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +46,8 @@ from bertedge.toolchain.export.source import (
     tokenize,
     torch_runner,
 )
+
+Timer = Callable[[int, int], float]  # (batch, sequence) -> p50 milliseconds of one call at that shape
 
 
 def ort_runner(path: Path, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0,
@@ -102,8 +104,9 @@ class Reference:
     extra: list[Feeds] = field(default_factory=list)  # --agreement-data batches: agreement only
     ref_extra: list[Outputs] = field(default_factory=list)
 
-    def check(self, report: ArtifactReport, run: Run, lossy: bool) -> ArtifactReport:
-        """Fill `report` with diffs, agreement, metric, batch invariance and timings; decide `passed`."""
+    def check(self, report: ArtifactReport, run: Run, lossy: bool, timer: Timer | None = None) -> ArtifactReport:
+        """Fill `report` with diffs, agreement, metric, batch invariance and timings (by `timer`
+        when given: ms at (batch, sequence), e.g. a cascade's on real texts); decide `passed`."""
         per_token = self.task.per_token_outputs
         got_real = [run(b) for b in self.real]
         got_random = [run(b) for b in self.random]
@@ -123,7 +126,7 @@ class Reference:
         report.validated, report.validated_on = True, self.cpu
         report.passed, why = self._gate(report, lossy)
         report.notes = "; ".join(x for x in (report.notes, why) if x)
-        self.time(report, run, unpadded)  # failed ones too: the report shows the whole agreement / speed curve
+        self.time(report, run, unpadded, timer)  # failed ones too: the report shows the whole agreement / speed curve
         return report
 
     def output_error(self, path: Path) -> float:
@@ -135,9 +138,12 @@ class Reference:
                  for i in picks for out in [run(self.real[i])] for n in out]
         return float(np.mean(diffs))
 
-    def time(self, report: ArtifactReport, run: Run, unpadded: Sequence[Feeds]) -> None:
+    def time(self, report: ArtifactReport, run: Run, unpadded: Sequence[Feeds], timer: Timer | None = None) -> None:
         """p50 milliseconds at each target shape on real tokens; `cost_ms` is their geometric mean."""
         for batch, seq in self.shapes:
+            if timer is not None:
+                report.timings_ms[f"{batch}x{seq}"] = round(timer(batch, seq), 3)
+                continue
             feeds = target_feeds(unpadded, batch, seq, self.args.seed)
             report.timings_ms[f"{batch}x{seq}"] = round(time_run(run, feeds, self.args.timing_seconds), 3)
         report.cost_ms = cost_ms(report.timings_ms)
@@ -205,10 +211,11 @@ def build_reference(args: ExportArgs, source: Source, eval_set: EvalSet | None,
     return ref, what + "; random inputs: 2 batches of random token ids with ragged masks"
 
 
-def retime(ref: Reference, out: Path, artifacts: Sequence[ArtifactReport]) -> None:
+def retime(ref: Reference, out: Path, artifacts: Sequence[ArtifactReport],
+           timers: Mapping[str, Timer] | None = None) -> None:
     """Time the passers again, side by side: `--timing-rounds` rounds, each artifact at each target
     shape once per round (the order reversed every other round); `timings_ms` becomes the median
-    over the rounds.
+    over the rounds. An artifact with an entry in `timers` (a cascade) is timed by it.
 
     Each artifact was first timed when it was built, minutes apart from the others; on a VM whose
     speed drifts by tens of percent within minutes that alone can pick the slower file.
@@ -218,17 +225,25 @@ def retime(ref: Reference, out: Path, artifacts: Sequence[ArtifactReport]) -> No
     finalists = [a for a in artifacts if a.passed and a.file and a.timings_ms and artifact_kind(a.name).cpu_candidate]
     if ref.args.timing_rounds < 1 or len(finalists) < 2:
         return
-    runs = {a.name: ort_runner(out / a.file, threads=ref.args.threads, engine=a.engine) for a in finalists}
+    timers = timers or {}
     unpadded = rows(ref.real)
-    feeds = {f"{b}x{n}": target_feeds(unpadded, b, n, ref.args.seed) for b, n in ref.shapes}
-    samples: dict[str, dict[str, list[float]]] = {a.name: {k: [] for k in feeds} for a in finalists}
+    feeds = {(b, n): target_feeds(unpadded, b, n, ref.args.seed) for b, n in ref.shapes}
+    runs = {a.name: timers.get(a.name) or feeds_timer(ort_runner(out / a.file, threads=ref.args.threads,
+                                                                 engine=a.engine), feeds, ref.args.timing_seconds)
+            for a in finalists}
+    samples: dict[str, dict[str, list[float]]] = {a.name: {f"{b}x{n}": [] for b, n in feeds} for a in finalists}
     for r in range(ref.args.timing_rounds):
         for a in finalists if r % 2 == 0 else finalists[::-1]:
-            for shape, f in feeds.items():
-                samples[a.name][shape].append(time_run(runs[a.name], f, ref.args.timing_seconds))
+            for b, n in feeds:
+                samples[a.name][f"{b}x{n}"].append(runs[a.name](b, n))
     for a in finalists:
         a.timings_ms = {k: round(float(np.median(v)), 3) for k, v in samples[a.name].items()}
         a.cost_ms = cost_ms(a.timings_ms)
+
+
+def feeds_timer(run: Run, feeds: Mapping[tuple[int, int], Feeds], seconds: float) -> Timer:
+    """A Timer over one prepared feed per shape (`time_run`)."""
+    return lambda batch, seq: time_run(run, feeds[(batch, seq)], seconds)
 
 
 def _changed_text(r: ArtifactReport, min_agreement: float) -> str:
@@ -266,6 +281,8 @@ class BuildContext:
     out: Path  # the (hidden, staged) export folder being built
     calibration: list[Feeds]
     report: ExportReport  # artifacts built so far, the INT8 search rows, the sensitivity table
+    timers: dict[str, Timer] = field(default_factory=dict)  # artifacts `retime` times their own way (a cascade)
+    tentative: set[str] = field(default_factory=set)  # failed artifacts kept only while a cascade may use them
 
     def path(self, name: str) -> Path:
         """Where the artifact kind `name` keeps its graph in the folder."""

@@ -142,7 +142,10 @@ def build_openvino(ctx: BuildContext) -> list[ArtifactReport]:
 
     result = q.search(src, dst, recipes, check, unpadded, build=build)
     artifact = outcome(ctx, name, "none", result, extra={"openvino": version})
-    if not artifact.passed and artifact.file:  # a failed IR is not kept: nothing should package it
+    invariant = artifact.batch_invariance is not None and artifact.batch_invariance.passed
+    if not artifact.passed and artifact.file and args.cascade and invariant:
+        ctx.tentative.add(name)  # a cascade may start with it: `stage.build` removes it unless one does
+    elif not artifact.passed and artifact.file:  # a failed IR is not kept: nothing should package it
         ov.remove(dst)
         artifact.file, artifact.notes = "", f"{artifact.notes}; files removed"
     return [artifact]

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from bertedge.runtime.artifacts import ONNXRUNTIME, artifact_kind
+from bertedge.toolchain.cascade import Calibration
 from bertedge.toolchain.quantize import NodeSensitivity
 
 
@@ -37,6 +38,17 @@ class BatchInvariance:
 
 
 @dataclass
+class CascadeReport:
+    """How a cascade row was built: its stages, the delta calibration and its real-text timings."""
+
+    stages: list[dict[str, Any]]  # cascade.json: artifact, engine, files (in the export folder), delta
+    rows: int  # rows delta was calibrated on: --eval examples and --agreement-data rows
+    calibration: Calibration  # the curve on all rows, the choosing half and the confirming half
+    escalated: dict[str, float] = field(default_factory=dict)  # "BxS" -> share of the timed texts escalated
+    first_stage_ms: dict[str, float] = field(default_factory=dict)  # "BxS" -> stage 1 alone, same texts, beside it
+
+
+@dataclass
 class ArtifactReport:
     """One validated artifact, as written to export-report.json."""
 
@@ -58,6 +70,7 @@ class ArtifactReport:
     cost_ms: float | None = None  # geometric mean of timings_ms: what "fastest" compares
     validated_on: dict[str, object] = field(default_factory=dict)  # CPU and ISA flags of this check
     sha256: dict[str, str] = field(default_factory=dict)  # file name -> SHA-256 of every file of the artifact
+    cascade: CascadeReport | None = None  # a cascade's stages, delta curve and timings
     passed: bool = False
     validated: bool = False
     notes: str = ""
@@ -167,6 +180,7 @@ def render(report: ExportReport) -> list[Any]:
                            invariance_text(t.batch_invariance), timings_text(t.timings_ms),
                            "yes" if t.passed else ("error" if t.error else "no"), f"{t.seconds:.1f}")
         tables.append(search)
+    tables += [cascade_table(a) for a in report.artifacts if a.cascade is not None]
     if report.sensitivity:
         nodes = Table(title="INT8 sensitivity: share of the output error per node (top 8)")
         for col in ("node", "share", "error, node in fp32", "error, all INT8"):
@@ -175,6 +189,28 @@ def render(report: ExportReport) -> list[Any]:
             nodes.add_row(r.node, f"{r.share:.3f}", f"{r.error_with_node_fp32:.2e}", f"{r.error_all_int8:.2e}")
         tables.append(nodes)
     return tables
+
+
+def cascade_table(a: ArtifactReport, points: int = 10) -> Any:
+    """The cascade's delta curve, thinned to about `points` rows, the chosen delta marked."""
+    from rich.table import Table
+
+    assert a.cascade is not None
+    cal = a.cascade.calibration
+    stages = " -> ".join(str(s["artifact"]) for s in a.cascade.stages)
+    chosen = "none met the budgets" if cal.delta is None else f"{cal.delta:.4f}"
+    table = Table(title=f"cascade {stages}: delta {chosen} (rows: {a.cascade.rows}; "
+                        f"confirmed on the other half: {'yes' if cal.confirmed else 'no'})")
+    for col in ("delta", "escalated", "agreement", "metric"):
+        table.add_column(col)
+    curve = list(cal.curve)
+    picks = {round(i * (len(curve) - 1) / max(points - 1, 1)) for i in range(points)} if curve else set()
+    picks |= {i for i, p in enumerate(curve) if p.delta == cal.delta}
+    for p in [curve[i] for i in sorted(picks)]:
+        mark = " *" if cal.delta is not None and p.delta == cal.delta else ""
+        table.add_row(f"{p.delta:.4f}{mark}", f"{p.escalated:.3f}", agreement_text(p.agreement, p.changed),
+                      "-" if p.metric is None else f"{p.metric:.4f}")
+    return table
 
 
 def agreement_text(agreement: float | None, changed: int | None) -> str:

@@ -24,7 +24,7 @@ from bertedge.runtime.features import (
     pad_id,
 )
 from bertedge.runtime.meta import ModelMeta, read_model_meta
-from bertedge.runtime.tasks import Task
+from bertedge.runtime.tasks import MARGIN_MASK, Task
 from bertedge.toolchain.export.args import ExportArgs
 from bertedge.toolchain.export.compare import Feeds, Outputs, Run, feed
 from bertedge.toolchain.families import FAMILIES, family
@@ -89,22 +89,30 @@ def _input_names(model: Any) -> list[str]:
 
 
 def tokenize(tokenizer: Any, texts: Sequence[str], pairs: Sequence[str] | None, max_length: int,
-             batch_size: int) -> list[Feeds]:
-    """Tokenize (truncating to max_length) into int64 batches, each padded to its longest row."""
+             batch_size: int, margin: Task | None = None) -> list[Feeds]:
+    """Tokenize (truncating to max_length) into int64 batches, each padded to its longest row
+    (with `margin`'s MARGIN_MASK, see `runtime_batches`)."""
     tokenizer.enable_truncation(max_length)
     encodings = tokenizer.encode_batch(list(zip(texts, pairs, strict=True)) if pairs is not None else list(texts))
     tokenizer.no_truncation()
-    return runtime_batches(encodings, pad_id(tokenizer), batch_size)[0]
+    return runtime_batches(encodings, pad_id(tokenizer), batch_size, margin)[0]
 
 
-def runtime_batches(encodings: Sequence[Any], pad: int, batch_size: int) -> tuple[list[Feeds], list[list[int]]]:
+def runtime_batches(encodings: Sequence[Any], pad: int, batch_size: int,
+                    margin: Task | None = None) -> tuple[list[Feeds], list[list[int]]]:
     """Batches exactly as `predict` and `serve` build them: length-sorted, padded to their longest.
 
     Validating any other batching would validate something the runtime never runs: dynamic
-    INT8's scales, and so its answers, depend on a text's batch mates and padding.
+    INT8's scales, and so its answers, depend on a text's batch mates and padding. With a task in
+    `margin`, each batch also carries the task's MARGIN_MASK (the tokens a cascade's margin looks
+    at, as the Predictor feeds it); graphs never read it.
     """
     order = list(length_sorted_batches([len(e.ids) for e in encodings], batch_size))
-    return [pad_batch([encodings[i] for i in idx], pad) for idx in order], order
+    batches = [pad_batch([encodings[i] for i in idx], pad) for idx in order]
+    if margin is not None:
+        batches = [{**b, MARGIN_MASK: margin.margin_mask([encodings[i] for i in idx], b["input_ids"].shape[1])}
+                   for b, idx in zip(batches, order, strict=True)]
+    return batches, order
 
 
 def random_batches(vocab_size: int, max_length: int, seed: int) -> list[Feeds]:
@@ -142,7 +150,7 @@ def load_eval(args: ExportArgs, source: Source) -> EvalSet | None:
     if 0 < args.max_eval_rows < len(examples):
         examples = examples.subset(seeded_indices(len(examples), args.max_eval_rows, args.seed))
     features = task.encode(source.tokenizer, examples, info.max_length, source.stride)
-    batches, order = runtime_batches(features.encodings, pad_id(source.tokenizer), args.batch_size)
+    batches, order = runtime_batches(features.encodings, pad_id(source.tokenizer), args.batch_size, task)
     return EvalSet(examples, features, batches, order, len(examples), str(args.eval_file))
 
 
@@ -162,9 +170,14 @@ def evaluate(outputs: Sequence[Outputs], eval_set: EvalSet, task: Task, labels: 
     Uses the task record's own `predict` and `score`, so classification accuracy, NER entity
     F1 and QA SQuAD F1 all flow through here unchanged.
     """
-    windows = _windows(outputs, eval_set.batches, eval_set.order, task.per_token_outputs)
-    predictions = task.predict(windows, eval_set.features, eval_set.examples, labels)
+    predictions = example_predictions(outputs, eval_set, task, labels)
     return float(task.score(predictions, eval_set.examples, labels)[task.metric])
+
+
+def example_predictions(outputs: Sequence[Outputs], eval_set: EvalSet, task: Task, labels: Sequence[str]) -> list[Any]:
+    """The task's prediction per --eval example (a label, entities, an answer) from batch outputs."""
+    windows = _windows(outputs, eval_set.batches, eval_set.order, task.per_token_outputs)
+    return list(task.predict(windows, eval_set.features, eval_set.examples, labels))
 
 
 def load_calibration(args: ExportArgs, source: Source) -> list[Feeds]:
@@ -200,7 +213,8 @@ def load_agreement_texts(args: ExportArgs, source: Source) -> list[Feeds]:
         raise BertedgeError(f"--agreement-data is the --calibration file and calibration uses all its "
                             f"{len(examples)} rows", "give --agreement-data other texts, or lower --calibration-rows")
     examples = seeded_subset(examples, args.agreement_rows, args.seed + 1)
-    return tokenize(source.tokenizer, examples.texts, examples.pairs, source.info.max_length, args.batch_size)
+    return tokenize(source.tokenizer, examples.texts, examples.pairs, source.info.max_length, args.batch_size,
+                    source.info.task)
 
 
 def torch_runner(source: Source) -> Run:

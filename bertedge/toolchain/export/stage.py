@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from bertedge.errors import BertedgeError
@@ -94,9 +94,9 @@ def build(args: ExportArgs, source: Source, eval_set: EvalSet | None, calibratio
             artifact.seconds = round(time.perf_counter() - started, 3)
             report.artifacts.append(artifact)
     check_require_int8(args, report)
-    drop_failed(report, out)
+    drop_failed(report, out, ctx.tentative)
     copy_metadata(args.model_dir, source.info, out)
-    retime(ref, out, report.artifacts)
+    retime(ref, out, report.artifacts, ctx.timers)
     report.recommended = recommend(report.artifacts)
     record_checksums(report, out)
     report.warnings += [f"{a.name}: {a.notes}" for a in report.artifacts if not a.passed]
@@ -115,14 +115,15 @@ def check_require_int8(args: ExportArgs, report: ExportReport) -> None:
                             "loosen --max-accuracy-drop / --min-agreement, or drop --require-int8")
 
 
-def drop_failed(report: ExportReport, out: Path) -> None:
+def drop_failed(report: ExportReport, out: Path, tentative: Collection[str] = ()) -> None:
     """Keep a failed non-lossy graph (a fused one off parity) out of the folder: nothing should
-    package it by mistake. Failed lossy artifacts stay, marked failed, for inspection."""
+    package it by mistake; so too a failed artifact kept only while a cascade might start with it
+    (`tentative`: no cascade did). Failed lossy artifacts stay, marked failed, for inspection."""
     for a in report.artifacts:
-        if not a.passed and a.file and not artifact_kind(a.name).lossy:
+        if not a.passed and a.file and (not artifact_kind(a.name).lossy or a.name in tentative):
             for name in artifact_kind(a.name).files:
                 (out / name).unlink(missing_ok=True)
-            a.notes += "; file removed"
+            a.notes += "; files removed" if len(artifact_kind(a.name).files) > 1 else "; file removed"
             a.file = ""
 
 
