@@ -1,21 +1,32 @@
 """Cascades: per-task margins, run_cascade (pooling, order, batch invariance), the spec, and delta
-calibration; on synthetic numpy stages (fast) and on two tiny exported NER models."""
+calibration, on synthetic numpy stages (fast) and on two tiny exported NER models; then the
+cascade artifact end to end on one tiny export: its report row, package, the manifest's checks,
+the Predictor (delta 0, delta above 1, batch invariance), the CLI."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
-from tiny import make_tiny_model
+from click.testing import CliRunner
+from tiny import make_tiny_model, sentiment_rows
 
+from bertedge.cli import cli
 from bertedge.errors import BertedgeError
+from bertedge.runtime.artifacts import artifact_kind
+from bertedge.runtime.bundle import PackageArgs, package
 from bertedge.runtime.cascade import (
+    ALWAYS,
     CascadeSpec,
     CascadeStage,
     CascadeStats,
@@ -25,8 +36,17 @@ from bertedge.runtime.cascade import (
     run_cascade,
 )
 from bertedge.runtime.features import load_tokenizer, pad_batch, pad_id
+from bertedge.runtime.predictor import Predictor
 from bertedge.runtime.tasks import CLASSIFICATION, MARGIN_MASK, NER, QA
 from bertedge.toolchain.cascade import Budgets, calibrate, calibrate_chain, delta_grid, split_halves
+from bertedge.toolchain.export import (
+    ExportArgs,
+    ExportReport,
+    Optimization,
+    Quantization,
+    export,
+    render,
+)
 
 # --- synthetic stages: each row's outputs depend on its own real tokens and the stage alone
 
@@ -331,3 +351,219 @@ def test_tiny_exported_models_cascade(tmp_path: Path) -> None:
         assert w1 == w2 == w3
         np.testing.assert_allclose(a1, a2, atol=1e-5)
         np.testing.assert_allclose(a1, a3, atol=1e-5)
+
+
+# --- the cascade artifact, end to end: export -> package -> Predictor -> CLI (one tiny export)
+
+
+TEXTS = [text for text, _ in sentiment_rows(30, seed=5)] + [
+    "good", "the film", "a very dull story and the plot was boring", "superb acting , lovely story",
+    "john smith lives in paris", "what a tedious , ugly and poor movie . the acting was awful", "fun", "bad film",
+    "the story is the story is the story", "brilliant and wonderful and great and excellent"]
+
+
+@pytest.fixture(scope="module")
+def cascade_export(tiny_bert: Path, sentiment_csv: tuple[Path, Path],
+                   tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ExportReport]:
+    """A static-INT8 export of the tiny BERT with --eval and --agreement-data: its cascade row."""
+    train, dev = sentiment_csv
+    out = tmp_path_factory.mktemp("cascade") / "export"
+    report = export(ExportArgs(tiny_bert, out, optimization=Optimization.NONE, quantize=Quantization.STATIC,
+                               eval_file=dev, calibration=train, calibration_rows=40, agreement_data=train,
+                               agreement_rows=100, sensitivity=False, timing_seconds=0.02, timing_rounds=1, threads=1))
+    return out, report
+
+
+@dataclass(frozen=True)
+class Bundles:
+    cascade: Path
+    first: Path  # stage 1's artifact packaged alone
+    last: Path  # the last stage's artifact packaged alone
+
+
+@pytest.fixture(scope="module")
+def bundles(cascade_export: tuple[Path, ExportReport], tmp_path_factory: pytest.TempPathFactory) -> Bundles:
+    out, report = cascade_export
+    row = report.artifact("cascade")
+    assert row is not None and row.cascade is not None
+    root = tmp_path_factory.mktemp("bundles")
+    first, last = row.cascade.stages[0]["artifact"], row.cascade.stages[-1]["artifact"]
+    for name, kind in (("cascade", "cascade"), ("first", first), ("last", last)):
+        package(PackageArgs(export_dir=out, out=root / name, artifact=kind, force=True))
+    return Bundles(root / "cascade", root / "first", root / "last")
+
+
+def with_delta(bundle: Path, to: Path, delta: float) -> Path:
+    """A copy of a cascade bundle whose stage 1 escalates below `delta` (its digest changes)."""
+    shutil.copytree(bundle, to)
+    manifest = json.loads((to / "manifest.json").read_text())
+    manifest["cascade"]["stages"][0]["delta"] = delta
+    (to / "manifest.json").write_text(json.dumps(manifest))
+    return to
+
+
+def same_answers(got: list[dict[str, Any]], want: list[dict[str, Any]], atol: float) -> None:
+    assert [g["label"] for g in got] == [w["label"] for w in want]
+    for g, w in zip(got, want, strict=True):
+        for label, p in w["probabilities"].items():
+            assert g["probabilities"][label] == pytest.approx(p, abs=atol)
+
+
+def test_export_builds_a_calibrated_and_timed_cascade_row(cascade_export: tuple[Path, ExportReport]) -> None:
+    out, report = cascade_export
+    row = report.artifact("cascade")
+    assert row is not None and row.validated and row.passed and row.file == "cascade.json", row and row.notes
+    c = row.cascade
+    assert c is not None and [s["files"] for s in c.stages][0]
+    first, last = (report.artifact(s["artifact"]) for s in (c.stages[0], c.stages[-1]))
+    assert first is not None and last is not None and artifact_kind(first.name).first_stage
+    assert last.passed and (not artifact_kind(last.name).lossy or last.label_agreement > first.label_agreement)
+    cal = c.calibration
+    assert c.rows == 60 + 100  # the --eval examples and the --agreement-data rows, never calibration rows
+    assert cal.choose.rows + cal.confirm.rows == c.rows and abs(cal.choose.rows - cal.confirm.rows) <= 1
+    assert cal.choose.metric is not None and cal.confirm.reference_metric is not None  # --eval rows on both sides
+    assert cal.delta is not None and cal.confirmed and c.stages[0]["delta"] == cal.delta
+    assert cal.curve[0].delta == 0 and cal.curve[0].escalated == 0 and cal.curve[-1].escalated == 1
+    assert json.loads((out / "cascade.json").read_text()) == {"stages": c.stages}
+    assert set(row.timings_ms) == set(report.targets) == set(c.first_stage_ms) == set(c.escalated)
+    assert row.cost_ms is not None and "its stage 1" in row.notes  # faster or not, the row says so
+    assert row.sha256 == {"cascade.json": hashlib.sha256((out / "cascade.json").read_bytes()).hexdigest()}
+    saved = next(a for a in json.loads((out / "export-report.json").read_text())["artifacts"] if a["name"] == "cascade")
+    assert {"choose", "confirm", "curve", "delta"} <= set(saved["cascade"]["calibration"])
+    titles = [str(getattr(t, "title", "")) for t in render(report)]
+    assert any(t.startswith(f"cascade {first.name} -> {last.name}") for t in titles)
+
+
+def test_delta_zero_answers_like_stage_one_and_always_like_the_last_stage(bundles: Bundles, tmp_path: Path) -> None:
+    alone_first = Predictor(bundles.first, threads=1).predict(TEXTS)
+    alone_last = Predictor(bundles.last, threads=1).predict(TEXTS)
+    assert all("stage" not in r for r in alone_first)  # only cascade bundles say which stage answered
+    zero = Predictor(with_delta(bundles.cascade, tmp_path / "zero", 0.0), threads=1).predict(TEXTS)
+    assert {r["stage"] for r in zero} == {1}
+    same_answers(zero, alone_first, 1e-6)
+    always = Predictor(with_delta(bundles.cascade, tmp_path / "always", ALWAYS), threads=1).predict(TEXTS)
+    assert {r["stage"] for r in always} == {2}
+    same_answers(always, alone_last, 1e-5)
+
+
+def margin_split(results: list[dict[str, Any]]) -> float:
+    """A delta half way across the widest gap between the middle results' top-two margins."""
+    margins = np.sort([np.subtract(*sorted(r["probabilities"].values(), reverse=True)[:2]) for r in results])
+    middle = margins[len(margins) // 4: 3 * len(margins) // 4 + 1]
+    gap = int(np.diff(middle).argmax())
+    return float(middle[gap] + middle[gap + 1]) / 2
+
+
+def test_a_text_gets_the_same_answer_and_stage_alone_and_in_any_batch(bundles: Bundles, tmp_path: Path) -> None:
+    alone_first = Predictor(bundles.first, threads=1).predict(TEXTS)
+    alone_last = Predictor(bundles.last, threads=1).predict(TEXTS)
+    predictor = Predictor(with_delta(bundles.cascade, tmp_path / "split", margin_split(alone_first)), threads=1)
+    alone = [predictor.predict([t])[0] for t in TEXTS]
+    assert {r["stage"] for r in alone} == {1, 2}
+    for found in (predictor.predict(TEXTS), predictor.predict(TEXTS, batch_size=7),
+                  predictor.predict_isolated(TEXTS[::-1], batch_size=3)[::-1]):
+        assert [r["stage"] for r in found] == [r["stage"] for r in alone]
+        same_answers(found, alone, 1e-5)
+    for r, first, last in zip(alone, alone_first, alone_last, strict=True):
+        same_answers([r], [first if r["stage"] == 1 else last], 1e-5)
+    described = predictor.describe()
+    assert [s["artifact"] for s in described["stages"]] == [json.loads(
+        (bundles.cascade / "manifest.json").read_text())["cascade"]["stages"][k]["artifact"] for k in (0, 1)]
+    assert predictor.output_schema()["stage"] == "int64" and list(predictor.model_files()) == ["stage1.onnx",
+                                                                                                 "stage2.onnx"]
+
+
+def tamper(manifest: dict[str, Any], path: str, value: Any) -> None:
+    """Set (or, with value REMOVE, delete) the field at 'a.b.0.c' in the manifest."""
+    *parents, last = path.split(".")
+    node: Any = manifest
+    for key in parents:
+        node = node[int(key)] if key.isdigit() else node[key]
+    if value is REMOVE:
+        del node[int(last) if last.isdigit() else last]
+    else:
+        node[int(last) if last.isdigit() else last] = value
+
+
+REMOVE = object()
+TAMPERED = [
+    ("cascade.stages.0.delta", float("nan"), r"stage 1 delta nan is not a number in \[0, 1\]"),
+    ("cascade.stages.0.delta", -0.5, r"stage 1 delta -0.5 is not"),
+    ("cascade.stages.0.delta", 1.5, r"stage 1 delta 1.5 is not"),
+    ("cascade.stages.1", REMOVE, r"it has 1 stage"),
+    ("cascade.stages.1.engine", "tensorrt", r"stage 2 engine 'tensorrt' is unknown"),
+    ("cascade.stages.1.artifact", "int8-openvino", r"stage 2 engine 'onnxruntime' is not its artifact"),
+    ("cascade.stages.1.files", ["stage9.onnx"], r"no checksum for stage9.onnx"),
+    ("cascade.stages.1.files", ["../stage2.onnx"], r"not plain file names"),
+    ("cascade", REMOVE, r"artifact 'cascade' needs a cascade field"),
+    ("artifact", "fp32", r"a cascade field goes with artifact 'cascade'"),
+    ("engine", "openvino", r"engine 'openvino' is not stage 1's"),
+]
+
+
+@pytest.mark.parametrize(("path", "value", "match"), TAMPERED, ids=[f"{p}={v!r}" for p, v, _ in TAMPERED])
+def test_a_tampered_cascade_field_is_refused_in_one_line(bundles: Bundles, tmp_path: Path, path: str, value: Any,
+                                                         match: str) -> None:
+    copy = shutil.copytree(bundles.cascade, tmp_path / "b")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    tamper(manifest, path, value)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BertedgeError, match=match) as err:
+        Predictor(copy, threads=1)
+    assert "\n" not in str(err.value)
+
+
+def test_stage_files_and_the_digest_pin_guard_a_cascade_bundle(bundles: Bundles, tmp_path: Path) -> None:
+    digest = Predictor(bundles.cascade, threads=1).digest
+    with pytest.raises(BertedgeError, match="another or a modified bundle"):
+        Predictor(with_delta(bundles.cascade, tmp_path / "moved", 0.5), expect_digest=digest)
+    corrupt = shutil.copytree(bundles.cascade, tmp_path / "corrupt")
+    data = bytearray((corrupt / "stage2.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (corrupt / "stage2.onnx").write_bytes(bytes(data))
+    with pytest.raises(BertedgeError, match="file 'stage2.onnx' is corrupt"):
+        Predictor(corrupt, threads=1)
+    (corrupt / "stage2.onnx").unlink()
+    with pytest.raises(BertedgeError, match="file 'stage2.onnx' is missing"):
+        Predictor(corrupt, threads=1)
+
+
+def test_cli_packages_and_predicts_a_cascade(cascade_export: tuple[Path, ExportReport], tmp_path: Path) -> None:
+    runner = CliRunner()
+    r = runner.invoke(cli, ["package", str(cascade_export[0]), "--out", str(tmp_path / "b"), "--artifact", "cascade"])
+    assert r.exit_code == 0, r.output
+    assert "packaged artifact 'cascade'" in r.output
+    r = runner.invoke(cli, ["predict", str(tmp_path / "b"), "--threads", "1"], input="a good film\na bad film\n")
+    assert r.exit_code == 0, r.output
+    lines = [json.loads(x) for x in r.output.splitlines() if x.startswith("{")]
+    assert len(lines) == 2 and all(x["stage"] in (1, 2) and "label" in x for x in lines)
+
+
+def test_an_openvino_first_stage_ships_as_stage1_xml_and_bin(cascade_export: tuple[Path, ExportReport],
+                                                             tmp_path: Path) -> None:
+    pytest.importorskip("openvino")
+    out, report = cascade_export
+    ov = report.artifact("int8-openvino")
+    if ov is None or not ov.file:
+        pytest.skip("this export has no int8-openvino artifact")
+    copy = shutil.copytree(out, tmp_path / "export")
+    stages = json.loads((copy / "cascade.json").read_text())["stages"]
+    stages[0] = {"artifact": "int8-openvino", "engine": "openvino", "files": list(artifact_kind(ov.name).files),
+                 "delta": 0.5}
+    (copy / "cascade.json").write_text(json.dumps({"stages": stages}))
+    saved = json.loads((copy / "export-report.json").read_text())
+    row = next(a for a in saved["artifacts"] if a["name"] == "cascade")
+    row["sha256"] = {"cascade.json": hashlib.sha256((copy / "cascade.json").read_bytes()).hexdigest()}
+    (copy / "export-report.json").write_text(json.dumps(saved))
+    bundle = package(PackageArgs(export_dir=copy, out=tmp_path / "b", artifact="cascade"))
+    assert bundle.manifest.engine == "openvino" and bundle.manifest.model_files == ("stage1.xml", "stage1.bin",
+                                                                                    "stage2.onnx")
+    predictor = Predictor(tmp_path / "b", threads=1)
+    assert [s["engine"] for s in predictor.describe()["stages"]] == ["openvino", "onnxruntime"]
+    alone = [predictor.predict([t])[0] for t in TEXTS]
+    batched = predictor.predict(TEXTS)
+    assert [r["stage"] for r in batched] == [r["stage"] for r in alone]
+    same_answers(batched, alone, 1e-5)
+    (copy / ov.file).write_bytes((copy / ov.file).read_bytes() + b" ")  # a stage's file changed after export
+    with pytest.raises(BertedgeError, match="changed since export"):
+        package(PackageArgs(export_dir=copy, out=tmp_path / "b2", artifact="cascade"))
