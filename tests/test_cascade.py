@@ -537,6 +537,7 @@ def test_cli_packages_and_predicts_a_cascade(cascade_export: tuple[Path, ExportR
     assert r.exit_code == 0, r.output
     lines = [json.loads(x) for x in r.output.splitlines() if x.startswith("{")]
     assert len(lines) == 2 and all(x["stage"] in (1, 2) and "label" in x for x in lines)
+    assert "cascade: " in r.output and " of 2 items escalated" in r.output  # the latency report counts them
 
 
 def test_an_openvino_first_stage_ships_as_stage1_xml_and_bin(cascade_export: tuple[Path, ExportReport],

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -32,12 +33,17 @@ class LatencyReport:
     tokenize_s: float
     inference_s: float
     decode_s: float
+    items_per_stage: tuple[int, ...] = ()  # a cascade: items each stage answered, stage 1 first
 
     def format(self) -> str:
         """A few human lines for stderr."""
         if not self.items:
             return "latency: no items predicted"
         busy = max(self.tokenize_s + self.inference_s + self.decode_s, 1e-12)
+        staged = sum(self.items_per_stage)
+        escalated = [f"  cascade: {staged - self.items_per_stage[0]} of {staged} items escalated "
+                     f"({', '.join(f'stage {k + 1}: {n}' for k, n in enumerate(self.items_per_stage))})"] \
+            if staged else []
         return "\n".join([
             f"latency: {self.items} items in {self.batches} batches, {self.wall_s:.2f} s, "
             f"{self.throughput_items_s:.1f} items/s",
@@ -48,6 +54,7 @@ class LatencyReport:
             f"  time split: tokenize {self.tokenize_s:.3f} s ({100 * self.tokenize_s / busy:.0f}%), "
             f"inference {self.inference_s:.3f} s ({100 * self.inference_s / busy:.0f}%), "
             f"decode {self.decode_s:.3f} s ({100 * self.decode_s / busy:.0f}%)",
+            *escalated,
         ])
 
     def to_dict(self) -> dict[str, Any]:
@@ -67,6 +74,14 @@ class LatencyRecorder:
         self._batch_hist = np.zeros(self.BINS, dtype=np.int64)
         self._totals = np.zeros(3)  # tokenize, inference, decode seconds
         self._items = self._batches = 0
+        self._stages: list[int] = []  # items per cascade stage (empty: not a cascade)
+
+    def count_stages(self, stages: Sequence[int]) -> None:
+        """Record which stage (1-based) answered each item of a cascade's predict call."""
+        with self._lock:
+            for stage in stages:
+                self._stages += [0] * (stage - len(self._stages))
+                self._stages[stage - 1] += 1
 
     def add(self, n: int, tokenize_s: float, inference_s: float, decode_s: float) -> None:
         """Record one batch of n items."""
@@ -95,10 +110,10 @@ class LatencyRecorder:
             wall = max(self._end - self._start, 1e-12)
             ih, bh = self._item_hist.copy(), self._batch_hist.copy()
             tok, inf, dec = (float(x) for x in self._totals)
-            items, batches = self._items, self._batches
+            items, batches, stages = self._items, self._batches, tuple(self._stages)
         return LatencyReport(
             items=items, batches=batches, wall_s=wall, throughput_items_s=items / wall,
             item_p50_ms=self._percentile_ms(ih, 0.5), item_p90_ms=self._percentile_ms(ih, 0.9),
             item_p99_ms=self._percentile_ms(ih, 0.99), batch_p50_ms=self._percentile_ms(bh, 0.5),
             batch_p90_ms=self._percentile_ms(bh, 0.9), batch_p99_ms=self._percentile_ms(bh, 0.99),
-            tokenize_s=tok, inference_s=inf, decode_s=dec)
+            tokenize_s=tok, inference_s=inf, decode_s=dec, items_per_stage=stages)

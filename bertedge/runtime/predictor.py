@@ -310,6 +310,8 @@ class Predictor:
         for p, result in zip(kept, decoded, strict=True):
             result = {**result, "truncated": True} if windows.truncated[p] else result
             results[good[p]] = {**result, "stage": item_stage[p]} if self.cascade is not None else result
+        if timings is not None and self.cascade is not None:
+            timings.count_stages([item_stage[p] for p in kept])
         return results
 
     def _cut(self, raw: dict[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
