@@ -105,13 +105,13 @@ def describe(report: ArtifactReport, first: str) -> str:
     """The row's note: delta, how much escalates, the confirmation, the cost against stage 1 alone."""
     assert report.cascade is not None
     cal, c = report.cascade.calibration, report.cascade
-    text = (f"delta {cal.delta:.4g}: {cal.choose.escalated:.1%} of the choosing half escalates, "
-            f"agreement {cal.choose.agreement:.4f}; the other half {cal.confirm.agreement:.4f}"
-            f"{'' if cal.confirmed else ' (fails the budgets there: not confirmed)'}")
+    text = (f"delta {cal.delta:.4g}: {cal.choose.escalated:.1%} escalated, agreement {cal.choose.agreement:.4f} "
+            f"(choosing half) / {cal.confirm.agreement:.4f} (other half"
+            f"{')' if cal.confirmed else ', over budget: not confirmed)'}")
     alone, both = cost_ms(c.first_stage_ms), cost_ms(report.timings_ms)
     if alone and both:
         verdict = "not faster than" if both >= alone else "faster than"
-        text += f"; {both / alone:.2f}x the time of {first} alone on the same texts ({verdict} its stage 1)"
+        text += f"; {both / alone:.2f}x the time of {first} alone on the same texts: {verdict} its stage 1"
     return text
 
 

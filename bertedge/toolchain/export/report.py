@@ -198,7 +198,7 @@ def cascade_table(a: ArtifactReport, points: int = 10) -> Any:
     assert a.cascade is not None
     cal = a.cascade.calibration
     stages = " -> ".join(str(s["artifact"]) for s in a.cascade.stages)
-    chosen = "none met the budgets" if cal.delta is None else f"{cal.delta:.4f}"
+    chosen = "none met the budgets" if cal.delta is None else f"{cal.delta:.4g}"
     table = Table(title=f"cascade {stages}: delta {chosen} (rows: {a.cascade.rows}; "
                         f"confirmed on the other half: {'yes' if cal.confirmed else 'no'})")
     for col in ("delta", "escalated", "agreement", "metric"):
@@ -208,7 +208,7 @@ def cascade_table(a: ArtifactReport, points: int = 10) -> Any:
     picks |= {i for i, p in enumerate(curve) if p.delta == cal.delta}
     for p in [curve[i] for i in sorted(picks)]:
         mark = " *" if cal.delta is not None and p.delta == cal.delta else ""
-        table.add_row(f"{p.delta:.4f}{mark}", f"{p.escalated:.3f}", agreement_text(p.agreement, p.changed),
+        table.add_row(f"{p.delta:.4g}{mark}", f"{p.escalated:.3f}", agreement_text(p.agreement, p.changed),
                       "-" if p.metric is None else f"{p.metric:.4f}")
     return table
 
