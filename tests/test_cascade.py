@@ -568,3 +568,35 @@ def test_an_openvino_first_stage_ships_as_stage1_xml_and_bin(cascade_export: tup
     (copy / ov.file).write_bytes((copy / ov.file).read_bytes() + b" ")  # a stage's file changed after export
     with pytest.raises(BertedgeError, match="changed since export"):
         package(PackageArgs(export_dir=copy, out=tmp_path / "b2", artifact="cascade"))
+
+
+def test_a_draft_students_artifact_starts_a_three_stage_chain(tiny_bert: Path, sentiment_csv: tuple[Path, Path],
+                                                              tmp_path: Path) -> None:
+    train, dev = sentiment_csv
+    student = make_tiny_model(tmp_path / "student", seed=3)  # the same tokenizer and labels, other weights
+    common: dict[str, Any] = dict(optimization=Optimization.NONE, quantize=Quantization.STATIC, calibration=train,
+                                  calibration_rows=40, sensitivity=False, timing_seconds=0.02, timing_rounds=0,
+                                  threads=1, openvino="off", min_agreement=0.0, max_accuracy_drop=100.0)
+    export(ExportArgs(student, tmp_path / "student-export", **common))
+    report = export(ExportArgs(tiny_bert, tmp_path / "export", eval_file=dev, agreement_data=train, agreement_rows=60,
+                               draft=tmp_path / "student-export", **common))
+    row = report.artifact("cascade")
+    assert row is not None and row.cascade is not None and row.passed, row and row.notes
+    assert [s["files"] for s in row.cascade.stages] == [["draft-model-int8-static.onnx"], ["model-int8-static.onnx"],
+                                                        ["model.onnx"]]
+    assert len(row.cascade.later) == 1 and row.cascade.draft == str(tmp_path / "student-export")
+    assert set(row.sha256) == {"cascade.json", "draft-model-int8-static.onnx"}
+    bundle = package(PackageArgs(export_dir=tmp_path / "export", out=tmp_path / "b", artifact="cascade"))
+    assert bundle.manifest.model_files == ("stage1.onnx", "stage2.onnx", "stage3.onnx")
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    for stage, delta in zip(manifest["cascade"]["stages"], (ALWAYS, 0.0, 0.0), strict=True):
+        stage["delta"] = delta  # the student escalates everything, the teacher's INT8 nothing
+    (tmp_path / "b" / "manifest.json").write_text(json.dumps(manifest))
+    via_two = Predictor(tmp_path / "b", threads=1).predict(TEXTS)
+    assert {r["stage"] for r in via_two} == {2}
+    package(PackageArgs(export_dir=tmp_path / "export", out=tmp_path / "int8", artifact="int8-static", force=True))
+    same_answers(via_two, Predictor(tmp_path / "int8", threads=1).predict(TEXTS), 1e-6)
+    other = shutil.copytree(tmp_path / "student-export", tmp_path / "other")
+    (other / "tokenizer.json").write_text((other / "tokenizer.json").read_text().replace('"[UNK]"', '"[unk]"'))
+    with pytest.raises(BertedgeError, match="--draft .*its tokenizer.json is not the teacher's"):
+        export(ExportArgs(tiny_bert, tmp_path / "refused", eval_file=dev, draft=other, **common))

@@ -52,6 +52,9 @@ from bertedge.cli.common import columns_from, csv_list, data_options, user_error
 @click.option("--cascade/--no-cascade", default=True, show_default=True,
               help="Also build a cascade: static INT8 answers the texts it is sure of, a more faithful "
                    "artifact the rest (delta calibrated on --eval / --agreement-data rows).")
+@click.option("--draft", type=click.Path(path_type=Path), default=None,
+              help="A distilled student's export folder: its artifact becomes the cascade's first stage "
+                   "(then this model's static INT8, then a faithful artifact).")
 @click.option("--per-channel", is_flag=True, help="Start the INT8 search with per-channel weight scales.")
 @click.option("--reduce-range", is_flag=True, help="Start the INT8 search with 7-bit weights.")
 @click.option("--int8-ops", default="", help="Op types to quantize, e.g. MatMul,Attention (default: onnxruntime's set).")
@@ -104,7 +107,7 @@ def export_cmd(**opts: Any) -> None:
         timing_rounds=opts["timing_rounds"], threads=opts["threads"],
         sensitivity=opts["sensitivity"], max_fp32_nodes=opts["max_fp32_nodes"],
         sensitivity_seconds=opts["sensitivity_seconds"],
-        calibrate_method=opts["calibrate_method"], openvino=opts["openvino"], cascade=opts["cascade"], seed=opts["seed"],
+        calibrate_method=opts["calibrate_method"], openvino=opts["openvino"], cascade=opts["cascade"], draft=opts["draft"], seed=opts["seed"],
         overwrite=opts["overwrite"],
     ))
     console = Console(width=max(Console().width, 140))

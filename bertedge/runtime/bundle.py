@@ -150,7 +150,7 @@ def package(args: PackageArgs) -> Bundle:
     check_artifact_files(args.export_dir, report, record, engine)
     sources, cascade = artifact_sources(args.export_dir, record, engine), None
     if engine == CASCADE:  # the spec names other artifacts of the export: each is checked and shipped
-        spec, stages = read_export_spec(args.export_dir, report, str(record["file"]))
+        spec, stages = read_export_spec(args.export_dir, report, record)
         for stage in stages:
             check_artifact_files(args.export_dir, report, stage, str(stage.get("engine") or ONNXRUNTIME))
         sources = [args.export_dir / f for s in spec.stages for f in s.files]

@@ -55,30 +55,37 @@ def stage_kind_problems(spec: CascadeSpec) -> list[str]:
     return problems
 
 
-def read_export_spec(export_dir: Path, report: dict[str, Any], file: str) -> tuple[CascadeSpec, list[dict[str, Any]]]:
-    """The export folder's cascade spec and each stage's export-report record, checked: every
-    stage is an artifact the report lists, with that artifact's own files.
+def read_export_spec(export_dir: Path, report: dict[str, Any], record: dict[str, Any]) -> tuple[CascadeSpec, list[dict[str, Any]]]:
+    """The export folder's cascade spec (the cascade `record`'s file) and a record per stage,
+    checked: a stage is an artifact the report lists, with that artifact's own files, or a draft
+    (a student's artifact copied in by `--draft`) whose files the cascade record checksums.
 
     Raises:
         BertedgeError: the spec is unreadable or wrong, or names an artifact the export lacks.
     """
-    path = export_dir / file
+    path = export_dir / str(record["file"])
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as e:
         raise BertedgeError(f"'{path}' is not a readable cascade spec ({str(e)[:200]})", EXPORT_AGAIN) from None
     spec = CascadeSpec.from_dict(raw)
     records = {a.get("name"): a for a in report.get("artifacts", []) if isinstance(a, dict)}
+    recorded = record.get("sha256")
+    checksums: dict[str, Any] = recorded if isinstance(recorded, dict) else {}
     problems = stage_kind_problems(spec)
     stages = []
     for n, s in enumerate(spec.stages, start=1):
-        record = records.get(s.artifact)
-        if record is None or not record.get("file"):
+        found = records.get(s.artifact)
+        if s.artifact in ARTIFACT_KINDS and tuple(s.files) != ARTIFACT_KINDS[s.artifact].files:
+            if not all(f in checksums for f in s.files):
+                problems.append(f"stage {n} files {list(s.files)} are neither artifact {s.artifact!r}'s nor "
+                                "checksummed by the cascade")
+            stages.append({"name": f"draft {s.artifact}", "file": s.files[0], "engine": s.engine,
+                           "sha256": {f: checksums.get(f) for f in s.files}})
+        elif found is None or not found.get("file"):
             problems.append(f"stage {n} artifact {s.artifact!r} is not in the export (or its files were removed)")
-        elif s.artifact in ARTIFACT_KINDS and tuple(s.files) != ARTIFACT_KINDS[s.artifact].files:
-            problems.append(f"stage {n} files {list(s.files)} are not artifact {s.artifact!r}'s")
         else:
-            stages.append(record)
+            stages.append(found)
     if problems:
         raise BertedgeError(f"'{path}': {'; '.join(problems)}", EXPORT_AGAIN)
     return spec, stages

@@ -9,6 +9,7 @@ a cascade of them).
     graphs      the fp32 export, the fused graph, FP16
     int8        the INT8 ladders (onnxruntime and OpenVINO), through one search loop
     cascade     the cascade candidate: its stages, delta calibration and real-text timing
+    draft       --draft: a distilled student's artifact as the cascade's first stage
     candidates  CANDIDATES: one build function per artifact kind (bertedge.runtime.artifacts)
     stage       export(ExportArgs) -> ExportReport: every candidate, gated, into an atomic folder
 """

@@ -68,11 +68,13 @@ class ExportArgs:
     calibrate_method: str = "minmax"  # static INT8 calibration: minmax, percentile or entropy
     openvino: str = "auto"  # NNCF INT8 for the OpenVINO engine: auto (when installed and --calibration given), on, off
     cascade: bool = True  # also build a cascade: static INT8 first, a more faithful artifact for low margins
+    draft: Path | None = None  # a distilled student's export folder: its artifact starts the cascade
     seed: int = 0  # seeds random inputs and row subsets
     overwrite: bool = False  # replace an existing --out folder
 
     def __post_init__(self) -> None:
         self.model_dir, self.out = Path(self.model_dir), Path(self.out)
+        self.draft = Path(self.draft) if self.draft is not None else None
         self.optimization = Optimization(self.optimization)
         self.quantize = Quantization(self.quantize)
         problems = self._float_problems() + self._count_problems() + self._combination_problems()
@@ -121,6 +123,8 @@ class ExportArgs:
             problems.append("--require-int8 contradicts --quantize none")
         if self.out.resolve() == self.model_dir.resolve():
             problems.append("--out must differ from the model folder")
+        if self.draft is not None and (not self.cascade or self.draft.resolve() == self.out.resolve()):
+            problems.append("--draft needs --cascade and a student export folder other than --out")
         return problems
 
 

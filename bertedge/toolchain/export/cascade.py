@@ -6,7 +6,10 @@ Built after every other candidate, from their files and verdicts:
   (`ArtifactKind.first_stage`: static INT8, onnxruntime's or NNCF's on OpenVINO), whether or not
   it met the budgets on its own: the cascade exists to fix the answers it is unsure of;
 - last stage: the fastest artifact that passed and is faithful: fp32 parity (fp32, fused), or
-  more of PyTorch's answers kept than stage 1 (per-token INT8, say).
+  more of PyTorch's answers kept than stage 1 (per-token INT8, say);
+- with `--draft STUDENT_EXPORT_DIR`, a distilled student's artifact goes first (`draft`): a
+  chain of three stages when the teacher has a static INT8 one, its deltas calibrated from the
+  back (`calibrate_chain`).
 
 delta is calibrated (`bertedge.toolchain.cascade.calibrate`) on the --eval examples and the
 --agreement-data rows, never the calibration texts: the smallest delta whose cascade keeps the
@@ -23,17 +26,18 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from bertedge.runtime.artifacts import CASCADE, artifact_kind
-from bertedge.runtime.cascade import CascadeSpec, CascadeStage, CascadeStats
+from bertedge.runtime.cascade import CascadeSpec, CascadeStats
 from bertedge.runtime.stages import SPEC_FILE, OpenedCascade, open_cascade
-from bertedge.toolchain.cascade import Budgets, Calibration, calibrate
+from bertedge.toolchain.cascade import Budgets, ChainCalibration, calibrate_chain
 from bertedge.toolchain.export.compare import Feeds, Outputs, cost_ms, rows, stack
-from bertedge.toolchain.export.gate import BuildContext, Reference, size_mb, time_run
+from bertedge.toolchain.export.draft import copy_draft, of_artifact
+from bertedge.toolchain.export.gate import BuildContext, Reference, time_run
 from bertedge.toolchain.export.report import ArtifactReport, CascadeReport
 from bertedge.toolchain.export.source import example_predictions
 
@@ -41,64 +45,64 @@ TIMED_ROWS = 256  # real texts per timed pass at each shape (2 batches at least)
 
 
 def build_cascade(ctx: BuildContext) -> list[ArtifactReport]:
-    """cascade.json (with --cascade, the default): stage 1, a more faithful last stage, delta."""
+    """cascade.json (with --cascade, the default): stage 1 (with --draft: the student's, then the
+    teacher's static INT8 when there is one), a more faithful last stage, and their deltas."""
     if not ctx.args.cascade:
         return []
     first, last = pick_stages(ctx.report.artifacts)
-    if first is None:
+    if first is None and ctx.args.draft is None:
         return []
     if last is None or (ctx.ref.eval_set is None and not ctx.ref.extra):
-        why = (f"no artifact that passed is more faithful than {first.name}" if last is None
-               else "it needs --eval or --agreement-data rows to choose its delta on")
+        why = (f"no artifact that passed is more faithful than {first.name if first else 'the draft'}"
+               if last is None else "it needs --eval or --agreement-data rows to choose its delta on")
         ctx.report.warnings.append(f"cascade: not built ({why})")
         return []
-    stages = (stage_of(first, 0.0), stage_of(last, 0.0))
-    opened = open_cascade(ctx.out, CascadeSpec(stages), ctx.ref.task, ctx.ref.pad, threads=ctx.args.threads or None,
-                          fix="re-run `bertedge export`")
-    calibration, count = calibrate_delta(ctx.ref, opened)
+    chain = [*([copy_draft(ctx)] if ctx.args.draft is not None else []),
+             *([of_artifact(ctx, first.name)] if first is not None else []), of_artifact(ctx, last.name)]
+    opened = open_cascade(ctx.out, CascadeSpec(tuple(p.stage for p in chain)), ctx.ref.task, ctx.ref.pad,
+                          threads=ctx.args.threads or None, fix="re-run `bertedge export`")
+    found, count = calibrate_deltas(ctx.ref, opened)
     report = ArtifactReport.of_kind(CASCADE)
-    report.quantization = {"stages": {a.name: a.quantization for a in (first, last)}}
-    report.cascade = CascadeReport(opened.spec.to_dict()["stages"], count, calibration)
-    report.size_mb = round(sum(size_mb(ctx.out, a.name) for a in (first, last)), 3)
-    if calibration.delta is None:
-        report.file = ""
-        report.notes = (f"no delta meets the budgets on the choosing half (escalating every row keeps "
-                        f"{calibration.choose.agreement:.4f} of its answers)")
+    report.quantization = {"stages": {p.name: p.quantization for p in chain}}
+    report.cascade = CascadeReport(opened.spec.to_dict()["stages"], count, found.steps[0], list(found.steps[1:]),
+                                   draft=str(ctx.args.draft) if ctx.args.draft is not None else None,
+                                   draft_files=[f for p in chain[:1] if p.name.startswith("draft ") for f in p.stage.files])
+    report.size_mb = round(sum(p.size_mb for p in chain), 3)
+    if found.deltas is None:
+        for name in report.cascade.draft_files:
+            (ctx.out / name).unlink(missing_ok=True)
+        report.file, report.cascade.draft_files = "", []
+        failed = len(chain) - len(found.steps)  # calibrate_chain stops at the first step that fails
+        report.notes = (f"no delta for stage {failed} meets the budgets on the choosing half (escalating every "
+                        f"row keeps {found.steps[0].choose.agreement:.4f} of the answers)")
         return [report]
-    opened.spec = CascadeSpec((stage_of(first, calibration.delta), stages[1]))
+    opened.spec = CascadeSpec(tuple(replace(p.stage, delta=d) for p, d in zip(chain, (*found.deltas, 0.0), strict=True)))
     report.cascade.stages = opened.spec.to_dict()["stages"]
     (ctx.out / SPEC_FILE).write_text(json.dumps(opened.spec.to_dict(), indent=2) + "\n", encoding="utf-8")
-    ctx.tentative.discard(first.name)  # its files stay: the cascade ships them
+    ctx.tentative.difference_update(p.name for p in chain)  # their files stay: the cascade ships them
     timer = CascadeTimer(opened, real_rows(ctx.ref), ctx.args.timing_seconds, ctx.args.seed)
     ctx.ref.check(report, opened.run_batch, lossy=True, timer=timer)
     report.cascade.escalated = dict(timer.escalated)
     report.cascade.first_stage_ms = {f"{b}x{n}": round(timer.first_stage(b, n), 3) for b, n in ctx.ref.shapes}
-    report.passed = report.passed and calibration.confirmed
-    report.notes = "; ".join(x for x in (report.notes, describe(report, first.name)) if x)
+    report.passed = report.passed and all(step.confirmed for step in found.steps)
+    report.notes = "; ".join(x for x in (report.notes, describe(report, chain[0].name)) if x)
     ctx.timers[report.name] = timer
     return [report]
 
 
 def pick_stages(artifacts: Sequence[ArtifactReport]) -> tuple[ArtifactReport | None, ArtifactReport | None]:
-    """(stage 1, last stage), see the module docstring; None where there is none."""
+    """(stage 1, last stage) of the export's own artifacts, see the module docstring; None where
+    there is none (with no stage 1, any artifact that passed may be the last)."""
     def invariant(a: ArtifactReport) -> bool:
         return a.batch_invariance is not None and a.batch_invariance.passed
 
     firsts = [a for a in artifacts if artifact_kind(a.name).first_stage and a.validated and a.file and invariant(a)
               and a.cost_ms is not None]
-    if not firsts:
-        return None, None
-    first = min(firsts, key=lambda a: float(a.cost_ms or 0.0))
-    lasts = [a for a in artifacts if a.passed and a.file and a.cost_ms is not None and a.name != first.name
+    first = min(firsts, key=lambda a: float(a.cost_ms or 0.0)) if firsts else None
+    lasts = [a for a in artifacts if a.passed and a.file and a.cost_ms is not None and a is not first
              and artifact_kind(a.name).cpu_candidate and artifact_kind(a.name).engine != CASCADE
-             and (not artifact_kind(a.name).lossy or a.label_agreement > first.label_agreement)]
+             and (first is None or not artifact_kind(a.name).lossy or a.label_agreement > first.label_agreement)]
     return first, min(lasts, key=lambda a: float(a.cost_ms or 0.0)) if lasts else None
-
-
-def stage_of(a: ArtifactReport, delta: float) -> CascadeStage:
-    """The stage that runs artifact `a`'s files in the export folder."""
-    kind = artifact_kind(a.name)
-    return CascadeStage(a.name, kind.engine, kind.files, delta)
 
 
 def describe(report: ArtifactReport, first: str) -> str:
@@ -118,25 +122,27 @@ def describe(report: ArtifactReport, first: str) -> str:
 # ----------------------------------------------------------------------------- calibration
 
 
-def calibrate_delta(ref: Reference, opened: OpenedCascade) -> tuple[Calibration, int]:
-    """Calibrate stage 1's delta on the --eval examples and the --agreement-data rows; the row count."""
+def calibrate_deltas(ref: Reference, opened: OpenedCascade) -> tuple[ChainCalibration, int]:
+    """Calibrate every stage's delta but the last's (`calibrate_chain`, from the back) on the
+    --eval examples and the --agreement-data rows; the number of rows."""
     task, labels, args = ref.task, ref.labels, ref.args
-    reference: list[Any] = []
-    first: list[Any] = []
-    last: list[Any] = []
-    margins: list[float] = []
+    answers: list[list[Any]] = [[] for _ in range(len(opened.runners) + 1)]  # the reference's, then each stage's
+    margins: list[list[float]] = [[] for _ in opened.runners[:-1]]
     eval_set = ref.eval_set
     if eval_set is not None:
-        outs = [[run(b) for b in ref.real] for run in (opened.runners[0], opened.runners[-1])]
-        for answers, got in zip((reference, first, last), (ref.ref_real, *outs), strict=True):
-            answers += example_predictions(got, eval_set, task, labels)
-        margins += example_margins(outs[0], ref)
-    gold: list[Any] = list(range(len(reference)))  # --eval examples by index; metric() scores them
-    outs = [[run(b) for b in ref.extra] for run in (opened.runners[0], opened.runners[-1])]
-    for answers, got in zip((reference, first, last), (ref.ref_extra, *outs), strict=True):
-        answers += [a for o, b in zip(got, ref.extra, strict=True) for a in row_answers(o, b, task.output_names, task.per_token_outputs)]
-    margins += [float(m) for o, b in zip(outs[0], ref.extra, strict=True) for m in task.margin(o, b)]
-    gold += [None] * (len(reference) - len(gold))
+        outs = [[run(b) for b in ref.real] for run in opened.runners]
+        for found, got in zip(answers, (ref.ref_real, *outs), strict=True):
+            found += example_predictions(got, eval_set, task, labels)
+        for found, got in zip(margins, outs, strict=False):
+            found += example_margins(got, ref)
+    gold: list[Any] = list(range(len(answers[0])))  # --eval examples by index; metric() scores them
+    outs = [[run(b) for b in ref.extra] for run in opened.runners]
+    for found, got in zip(answers, (ref.ref_extra, *outs), strict=True):
+        found += [a for o, b in zip(got, ref.extra, strict=True)
+                  for a in row_answers(o, b, task.output_names, task.per_token_outputs)]
+    for found, got in zip(margins, outs, strict=False):
+        found += [float(m) for o, b in zip(got, ref.extra, strict=True) for m in task.margin(o, b)]
+    gold += [None] * (len(answers[0]) - len(gold))
 
     def metric(predictions: Sequence[Any], examples: Sequence[Any]) -> float:
         assert eval_set is not None
@@ -144,7 +150,9 @@ def calibrate_delta(ref: Reference, opened: OpenedCascade) -> tuple[Calibration,
         return float(task.score(list(predictions), subset, labels)[task.metric])
 
     budgets = Budgets(args.min_agreement, args.max_accuracy_drop)
-    return calibrate(reference, np.asarray(margins), first, last, budgets, gold, metric, seed=args.seed), len(reference)
+    found_chain = calibrate_chain(answers[0], [np.asarray(m) for m in margins], answers[1:], budgets, gold, metric,
+                                  seed=args.seed)
+    return found_chain, len(answers[0])
 
 
 def example_margins(outputs: Sequence[Outputs], ref: Reference) -> list[float]:

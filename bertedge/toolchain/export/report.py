@@ -43,9 +43,12 @@ class CascadeReport:
 
     stages: list[dict[str, Any]]  # cascade.json: artifact, engine, files (in the export folder), delta
     rows: int  # rows delta was calibrated on: --eval examples and --agreement-data rows
-    calibration: Calibration  # the curve on all rows, the choosing half and the confirming half
+    calibration: Calibration  # stage 1's: the curve on all rows, the choosing and the confirming half
+    later: list[Calibration] = field(default_factory=list)  # a chain's later steps, stage 2 first
     escalated: dict[str, float] = field(default_factory=dict)  # "BxS" -> share of the timed texts escalated
     first_stage_ms: dict[str, float] = field(default_factory=dict)  # "BxS" -> stage 1 alone, same texts, beside it
+    draft: str | None = None  # the student's export folder stage 1 came from (--draft)
+    draft_files: list[str] = field(default_factory=list)  # its files, copied into this export folder
 
 
 @dataclass
@@ -75,6 +78,10 @@ class ArtifactReport:
     validated: bool = False
     notes: str = ""
     seconds: float = 0.0
+
+    def files(self) -> tuple[str, ...]:
+        """Its files in the export folder: its kind's, and a cascade's copied draft stage."""
+        return artifact_kind(self.name).files + tuple(self.cascade.draft_files if self.cascade else ())
 
     @classmethod
     def of_kind(cls, name: str, optimization: str = "none") -> ArtifactReport:

@@ -26,6 +26,7 @@ from bertedge.runtime.outputs import atomic_output
 from bertedge.toolchain.export import candidates
 from bertedge.toolchain.export.args import ExportArgs, check_targets
 from bertedge.toolchain.export.compare import Feeds
+from bertedge.toolchain.export.draft import check_draft
 from bertedge.toolchain.export.gate import (
     BuildContext,
     build_reference,
@@ -61,6 +62,8 @@ def export(args: ExportArgs) -> ExportReport:
     with atomic_output(args.out, folder=True, what="the export") as tmp:
         source = load_source(args.model_dir)
         check_targets(args.targets, source.info)
+        if args.draft is not None:  # a student that cannot start the cascade is refused before any work
+            check_draft(args.draft, args.model_dir, source.info)
         eval_set, calibration = load_eval(args, source), load_calibration(args, source)
         report = build(args, source, eval_set, calibration, tmp, load_agreement_texts(args, source))
         report.seconds = round(time.perf_counter() - start, 3)
@@ -141,5 +144,5 @@ def record_checksums(report: ExportReport, out: Path) -> None:
     them (`ExportReport.metadata_sha256`): `package` can tell a file swapped after export."""
     for a in report.artifacts:
         if a.file:
-            a.sha256 = {name: sha256_of(out / name) for name in artifact_kind(a.name).files if (out / name).is_file()}
+            a.sha256 = {name: sha256_of(out / name) for name in a.files() if (out / name).is_file()}
     report.metadata_sha256 = {name: sha256_of(out / name) for name in COPIED_FILES if (out / name).is_file()}
