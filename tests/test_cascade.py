@@ -600,3 +600,19 @@ def test_a_draft_students_artifact_starts_a_three_stage_chain(tiny_bert: Path, s
     (other / "tokenizer.json").write_text((other / "tokenizer.json").read_text().replace('"[UNK]"', '"[unk]"'))
     with pytest.raises(BertedgeError, match="--draft .*its tokenizer.json is not the teacher's"):
         export(ExportArgs(tiny_bert, tmp_path / "refused", eval_file=dev, draft=other, **common))
+
+
+def test_a_cascade_no_delta_can_save_is_reported_without_a_file(tiny_bert: Path, sentiment_csv: tuple[Path, Path],
+                                                                 tmp_path: Path) -> None:
+    train, dev = sentiment_csv
+    report = export(ExportArgs(tiny_bert, tmp_path / "export", optimization=Optimization.NONE,
+                               quantize=Quantization.STATIC, eval_file=dev, calibration=train, calibration_rows=40,
+                               sensitivity=False, timing_seconds=0.02, timing_rounds=0, threads=1, openvino="off",
+                               max_accuracy_drop=-100.0))  # a budget no artifact can keep, fp32 aside
+    row = report.artifact("cascade")
+    assert row is not None and not row.passed and row.file == "" and row.cascade is not None
+    assert row.cascade.calibration.delta is None and "no delta for stage 1 meets the budgets" in row.notes
+    assert not (tmp_path / "export" / "cascade.json").exists() and report.recommended == "fp32"
+    for force in (False, True):
+        with pytest.raises(BertedgeError, match=r"artifact 'cascade' left no file in the export \(no delta for stage 1"):
+            package(PackageArgs(export_dir=tmp_path / "export", out=tmp_path / "b", artifact="cascade", force=force))

@@ -235,6 +235,9 @@ def choose_artifact(report: dict[str, Any], name: str | None, force: bool) -> di
     if record is None:
         raise BertedgeError(f"no artifact named {str(wanted)[:80]!r} in the export",
                             f"use --artifact with one of: {names}")
+    if not record.get("file"):
+        raise BertedgeError(f"artifact '{record['name']}' left no file in the export ({str(record.get('notes'))[:200]})",
+                            f"pick one with --artifact ({listing(passing, ', ') or 'none passed'})")
     if not record.get("passed") and not force:
         why = "failed validation" if record.get("validated") else "was not validated"
         raise BertedgeError(

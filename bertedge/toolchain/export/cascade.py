@@ -36,7 +36,7 @@ from bertedge.runtime.cascade import CascadeSpec, CascadeStats
 from bertedge.runtime.stages import SPEC_FILE, OpenedCascade, open_cascade
 from bertedge.toolchain.cascade import Budgets, ChainCalibration, calibrate_chain
 from bertedge.toolchain.export.compare import Feeds, Outputs, cost_ms, rows, stack
-from bertedge.toolchain.export.draft import copy_draft, of_artifact
+from bertedge.toolchain.export.draft import StagePlan, copy_draft, of_artifact
 from bertedge.toolchain.export.gate import BuildContext, Reference, time_run
 from bertedge.toolchain.export.report import ArtifactReport, CascadeReport
 from bertedge.toolchain.export.source import example_predictions
@@ -47,35 +47,20 @@ TIMED_ROWS = 256  # real texts per timed pass at each shape (2 batches at least)
 def build_cascade(ctx: BuildContext) -> list[ArtifactReport]:
     """cascade.json (with --cascade, the default): stage 1 (with --draft: the student's, then the
     teacher's static INT8 when there is one), a more faithful last stage, and their deltas."""
-    if not ctx.args.cascade:
+    chain = plan_chain(ctx)
+    if not chain:
         return []
-    first, last = pick_stages(ctx.report.artifacts)
-    if first is None and ctx.args.draft is None:
-        return []
-    if last is None or (ctx.ref.eval_set is None and not ctx.ref.extra):
-        why = (f"no artifact that passed is more faithful than {first.name if first else 'the draft'}"
-               if last is None else "it needs --eval or --agreement-data rows to choose its delta on")
-        ctx.report.warnings.append(f"cascade: not built ({why})")
-        return []
-    chain = [*([copy_draft(ctx)] if ctx.args.draft is not None else []),
-             *([of_artifact(ctx, first.name)] if first is not None else []), of_artifact(ctx, last.name)]
     opened = open_cascade(ctx.out, CascadeSpec(tuple(p.stage for p in chain)), ctx.ref.task, ctx.ref.pad,
                           threads=ctx.args.threads or None, fix="re-run `bertedge export`")
     found, count = calibrate_deltas(ctx.ref, opened)
     report = ArtifactReport.of_kind(CASCADE)
     report.quantization = {"stages": {p.name: p.quantization for p in chain}}
+    report.size_mb = round(sum(p.size_mb for p in chain), 3)
     report.cascade = CascadeReport(opened.spec.to_dict()["stages"], count, found.steps[0], list(found.steps[1:]),
                                    draft=str(ctx.args.draft) if ctx.args.draft is not None else None,
-                                   draft_files=[f for p in chain[:1] if p.name.startswith("draft ") for f in p.stage.files])
-    report.size_mb = round(sum(p.size_mb for p in chain), 3)
+                                   draft_files=[f for p in chain if p.name.startswith("draft ") for f in p.stage.files])
     if found.deltas is None:
-        for name in report.cascade.draft_files:
-            (ctx.out / name).unlink(missing_ok=True)
-        report.file, report.cascade.draft_files = "", []
-        failed = len(chain) - len(found.steps)  # calibrate_chain stops at the first step that fails
-        report.notes = (f"no delta for stage {failed} meets the budgets on the choosing half (escalating every "
-                        f"row keeps {found.steps[0].choose.agreement:.4f} of the answers)")
-        return [report]
+        return [not_calibrated(ctx, report, len(chain) - len(found.steps))]
     opened.spec = CascadeSpec(tuple(replace(p.stage, delta=d) for p, d in zip(chain, (*found.deltas, 0.0), strict=True)))
     report.cascade.stages = opened.spec.to_dict()["stages"]
     (ctx.out / SPEC_FILE).write_text(json.dumps(opened.spec.to_dict(), indent=2) + "\n", encoding="utf-8")
@@ -88,6 +73,33 @@ def build_cascade(ctx: BuildContext) -> list[ArtifactReport]:
     report.notes = "; ".join(x for x in (report.notes, describe(report, chain[0].name)) if x)
     ctx.timers[report.name] = timer
     return [report]
+
+
+def plan_chain(ctx: BuildContext) -> list[StagePlan]:
+    """The stages, first to last ([] when there is no cascade to build; the report says why)."""
+    if not ctx.args.cascade:
+        return []
+    first, last = pick_stages(ctx.report.artifacts)
+    if first is None and ctx.args.draft is None:
+        return []
+    if last is None or (ctx.ref.eval_set is None and not ctx.ref.extra):
+        why = (f"no artifact that passed is more faithful than {first.name if first else 'the draft'}"
+               if last is None else "it needs --eval or --agreement-data rows to choose its delta on")
+        ctx.report.warnings.append(f"cascade: not built ({why})")
+        return []
+    return [*([copy_draft(ctx)] if ctx.args.draft is not None else []),
+            *([of_artifact(ctx, first.name)] if first is not None else []), of_artifact(ctx, last.name)]
+
+
+def not_calibrated(ctx: BuildContext, report: ArtifactReport, stage: int) -> ArtifactReport:
+    """The row of a cascade no delta of stage `stage` (1-based) made meet the budgets: no file."""
+    assert report.cascade is not None
+    for name in report.cascade.draft_files:
+        (ctx.out / name).unlink(missing_ok=True)
+    report.file, report.cascade.draft_files = "", []
+    report.notes = (f"no delta for stage {stage} meets the budgets on the choosing half (escalating every row "
+                    f"keeps {report.cascade.calibration.choose.agreement:.4f} of the answers)")
+    return report
 
 
 def pick_stages(artifacts: Sequence[ArtifactReport]) -> tuple[ArtifactReport | None, ArtifactReport | None]:
