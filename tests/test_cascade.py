@@ -289,7 +289,7 @@ def test_calibration_refuses_mismatched_inputs() -> None:
 
 
 def test_importing_the_cascade_leaves_torch_out() -> None:
-    code = ("import sys, bertedge.runtime.cascade, bertedge.toolchain.cascade; "
+    code = ("import sys, bertedge.runtime.cascade, bertedge.runtime.stages, bertedge.toolchain.cascade; "
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"

@@ -1,6 +1,7 @@
 """The packaged bundle: everything `predict` needs in one folder (or one .tar.gz / .zip).
 
-A bundle holds the model (`model.onnx`, or OpenVINO's `model.xml` + `model.bin`),
+A bundle holds the model (`model.onnx`, OpenVINO's `model.xml` + `model.bin`, or a cascade's
+stages: `stage1.*`, `stage2.*`, ... named in the manifest's `cascade` field, see `stages`),
 `tokenizer.json` and `manifest.json`: task, labels, max length, model type, graph inputs,
 quantization, provenance (the artifact's validation figures), the bertedge version, and the
 size and SHA-256 of every file. Opening a bundle verifies all of it, and checks the manifest
