@@ -14,6 +14,11 @@ settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True
 settings.register_profile("explore", deadline=None, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+# Export times every artifact for 1 s per shape by default: real figures, ~25 s of a tiny export.
+# No test asserts a timing, so the suite (and its subprocesses) time each for 0.02 s: every
+# timing path still runs, at least three calls each. Set it in the environment to override.
+os.environ.setdefault("BERTEDGE_TIMING_SECONDS", "0.02")
+
 
 @pytest.fixture(autouse=True)
 def offline_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

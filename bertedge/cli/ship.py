@@ -35,7 +35,8 @@ from bertedge.cli.common import columns_from, csv_list, data_options, user_error
 @click.option("--invariance-tol", default=1e-5, show_default=True, help="Max |probability difference| for batch invariance.")
 @click.option("--target", "targets", default="", help="Shapes to time every artifact at, e.g. 1x32,32x128 "
               "(default: batch 1 and 32 at the data's median length); the fastest passer is recommended.")
-@click.option("--timing-seconds", default=1.0, show_default=True, help="Timed seconds per artifact and shape.")
+@click.option("--timing-seconds", default=None, type=float,
+              help="Timed seconds per artifact and shape (default: $BERTEDGE_TIMING_SECONDS, else 1).")
 @click.option("--timing-rounds", default=3, show_default=True,
               help="The artifacts that passed are timed again side by side in this many rounds (0: off).")
 @click.option("--threads", default=0, show_default=True, help="Intra-op threads while timing (0: onnxruntime picks).")
@@ -90,6 +91,7 @@ def export_cmd(**opts: Any) -> None:
         parse_targets,
         render,
     )
+    from bertedge.toolchain.export.args import default_timing_seconds
 
     report = export(ExportArgs(
         model_dir=opts["model_dir"], out=opts["out"], optimization=Optimization(opts["opt"]),
@@ -103,11 +105,13 @@ def export_cmd(**opts: Any) -> None:
         int8_operators=tuple(csv_list(opts["int8_ops"])), search_all=opts["search_all"],
         require_int8=opts["require_int8"], atol=opts["atol"], batch_size=opts["batch_size"],
         batch_invariance=opts["batch_invariance"], invariance_tol=opts["invariance_tol"],
-        targets=parse_targets(opts["targets"]), timing_seconds=opts["timing_seconds"],
+        targets=parse_targets(opts["targets"]),
+        timing_seconds=default_timing_seconds() if opts["timing_seconds"] is None else opts["timing_seconds"],
         timing_rounds=opts["timing_rounds"], threads=opts["threads"],
         sensitivity=opts["sensitivity"], max_fp32_nodes=opts["max_fp32_nodes"],
         sensitivity_seconds=opts["sensitivity_seconds"],
-        calibrate_method=opts["calibrate_method"], openvino=opts["openvino"], cascade=opts["cascade"], draft=opts["draft"], seed=opts["seed"],
+        calibrate_method=opts["calibrate_method"], openvino=opts["openvino"], cascade=opts["cascade"],
+        draft=opts["draft"], seed=opts["seed"],
         overwrite=opts["overwrite"],
     ))
     console = Console(width=max(Console().width, 140))

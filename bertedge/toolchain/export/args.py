@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -13,6 +14,24 @@ from bertedge.runtime.options import finite
 from bertedge.toolchain import quantize as q
 
 OPENVINO_CHOICES = ("auto", "on", "off")
+TIMING_ENV = "BERTEDGE_TIMING_SECONDS"  # the default of --timing-seconds (smoke runs and tests: 0.02)
+
+
+def default_timing_seconds() -> float:
+    """Seconds of timed calls per artifact and shape: $BERTEDGE_TIMING_SECONDS, else 1.
+
+    A short budget still times every artifact (at least three calls each); only the figures
+    get noisier, which suits a smoke run or a test suite, never a recommendation you ship.
+
+    >>> import os; os.environ.pop(TIMING_ENV, None) and None; default_timing_seconds()
+    1.0
+    """
+    value = os.environ.get(TIMING_ENV, "").strip()
+    try:
+        return float(value) if value else 1.0
+    except ValueError:
+        raise BertedgeError(f"${TIMING_ENV}={value[:40]!r} is not a number of seconds",
+                            f"unset {TIMING_ENV} or set it to e.g. 0.5") from None
 
 
 class Optimization(str, Enum):
@@ -59,7 +78,7 @@ class ExportArgs:
     batch_invariance: bool = True  # lossy artifacts must answer a text the same alone, in a batch, padded
     invariance_tol: float = 1e-5  # max |probability difference| the batch-invariance check allows
     targets: tuple[tuple[int, int], ...] = ()  # (batch, seq) shapes timed; () = 1 and 32 at typical length
-    timing_seconds: float = 1.0  # seconds of timed calls per artifact and target shape
+    timing_seconds: float = field(default_factory=default_timing_seconds)  # timed seconds per artifact and shape
     timing_rounds: int = 3  # the passers are timed again in this many interleaved rounds (0: no re-timing)
     threads: int = 0  # intra-op threads while timing (0: onnxruntime picks)
     sensitivity: bool = True  # keep the most error-prone nodes in fp32 when no invariant INT8 passes
