@@ -33,8 +33,10 @@ class Terminated(SystemExit):
 
 
 @contextlib.contextmanager
-def terminate_cleanly() -> Iterator[None]:
-    """While inside, SIGTERM raises `Terminated` (exit status 143) instead of killing the process.
+def terminate_cleanly(signals: tuple[int, ...] = (signal.SIGTERM,)) -> Iterator[None]:
+    """While inside, each of `signals` (SIGTERM; with SIGINT, Ctrl-C too) raises `Terminated`
+    (exit status 128 + the signal: 143, 130) instead of killing the process or raising a
+    KeyboardInterrupt that a library in between may swallow.
 
     Signal handlers can only be set from the main thread; elsewhere this does nothing.
     """
@@ -45,11 +47,12 @@ def terminate_cleanly() -> Iterator[None]:
     def handler(signum: int, frame: object) -> None:
         raise Terminated(128 + signum)
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {s: signal.signal(s, handler) for s in signals}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, before in previous.items():
+            signal.signal(s, before)
 
 
 def write_error(e: OSError, dest: Path, what: str = "the output") -> BertedgeError:

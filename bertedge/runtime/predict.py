@@ -31,6 +31,7 @@ from bertedge.runtime.records import (
     InputRecord,
     batched,
     input_format_of,
+    input_problem,
     read_records,
     records_from_texts,
 )
@@ -97,24 +98,11 @@ class PredictArgs:
         if self.texts and self.input is not None:
             problems.append("texts were given both as arguments and with --input")
         if isinstance(self.input, Path):
-            problems += input_problems(self.input)
+            problems += [p for p in [input_problem(self.input)] if p]
         if self.out is not None and self.out.exists() and not self.overwrite:
             problems.append(f"'{self.out}' exists; pass --overwrite to replace it")
         if problems:
             raise BertedgeError("; ".join(problems), "see `bertedge predict --help`")
-
-
-def input_problems(path: Path) -> list[str]:
-    """What stops `path` from being read as input: missing, or a folder (pipes and devices are fine).
-
-    >>> input_problems(Path("/dev/null")), input_problems(Path("/"))
-    ([], ["input '/' is a folder; pass a file (--engine ray reads folders)"])
-    """
-    if path.is_dir():
-        return [f"input '{path}' is a folder; pass a file (--engine ray reads folders)"]
-    if not path.exists():
-        return [f"input file '{path}' does not exist"]
-    return []
 
 
 class StdoutError(BertedgeError):

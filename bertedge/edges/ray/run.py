@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -82,7 +83,7 @@ def predict_dataset(args: DistributedArgs, log: TextIO | None = None) -> Distrib
 @contextlib.contextmanager
 def ray_session(args: DistributedArgs) -> Iterator[None]:
     """Start a local Ray (or join `address`) unless one is up; shut down the one it started on
-    the way out, whatever happens. SIGTERM is handled here, after `ray.init` (which installs its
+    the way out, whatever happens. SIGTERM and SIGINT are handled here, after `ray.init` (which installs its
     own handler, under which the driver aborts and leaves Ray's agents running).
     """
     import ray
@@ -98,7 +99,7 @@ def ray_session(args: DistributedArgs) -> Iterator[None]:
         import ray.data  # noqa: F401  (configures its loggers, which are quieted next)
 
         ray_data_log.setLevel(logging.WARNING)  # Ray Data's per-stage INFO lines drown the progress
-        with terminate_cleanly():
+        with terminate_cleanly((signal.SIGTERM, signal.SIGINT)):  # Ctrl-C too: Ray Data may swallow KeyboardInterrupt
             yield
     except (Terminated, KeyboardInterrupt):
         if owned:
