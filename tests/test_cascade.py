@@ -616,3 +616,23 @@ def test_a_cascade_no_delta_can_save_is_reported_without_a_file(tiny_bert: Path,
     for force in (False, True):
         with pytest.raises(BertedgeError, match=r"artifact 'cascade' left no file in the export \(no delta for stage 1"):
             package(PackageArgs(export_dir=tmp_path / "export", out=tmp_path / "b", artifact="cascade", force=force))
+
+
+def test_serve_answers_a_cascade_and_counts_texts_by_stage(bundles: Bundles, tmp_path: Path) -> None:
+    """serve runs a cascade bundle unchanged (through Predictor): each answer names its stage and
+    /metrics counts the texts each stage answered."""
+    from fastapi.testclient import TestClient
+
+    from bertedge.edges.serve import ServeConfig, create_app
+
+    alone_first = Predictor(bundles.first, threads=1).predict(TEXTS)
+    predictor = Predictor(with_delta(bundles.cascade, tmp_path / "split", margin_split(alone_first)), threads=1)
+    want = [r["stage"] for r in predictor.predict(TEXTS)]
+    with TestClient(create_app(predictor, ServeConfig(max_texts=len(TEXTS), max_wait_ms=2))) as client:
+        response = client.post("/v1/predict", json={"texts": TEXTS})
+        assert response.status_code == 200, response.text
+        assert [r["stage"] for r in response.json()["predictions"]] == want
+        metrics = client.get("/metrics").text
+    for stage in (1, 2):
+        line = f'bertedge_cascade_stage_texts_total{{stage="{stage}"}} {float(want.count(stage))}'
+        assert line in metrics, [m for m in metrics.splitlines() if "cascade" in m]

@@ -201,8 +201,8 @@ def serve(**opts: Any) -> None:
 
 @click.command()
 @click.argument("model_or_bundle", type=click.Path(path_type=Path))
-@click.option("--backends", default="", help="Comma-separated: torch, fp32, fused, int8, int8-static, int8-openvino, cuda, cuda-fp16, "
-              "tensorrt (default: every one the folder has, GPU ones when their provider works).")
+@click.option("--backends", default="", help="Comma-separated: torch, an artifact kind of the folder (fp32, fused, int8, int8-static, "
+              "int8-openvino, cascade, ...), cuda, cuda-fp16, tensorrt (default: every one the folder has, GPU ones when their provider works).")
 @click.option("--batch-sizes", default="1,8,32", show_default=True, help="Sequences per call.")
 @click.option("--seq-lens", default=None, help="Tokens per sequence [default: 16,64,128,256 up to the model's limit].")
 @click.option("--threads", default=0, show_default=True, help=THREADS_HELP)

@@ -68,6 +68,9 @@ ARTIFACT_KINDS: dict[str, ArtifactKind] = {k.name: k for k in (
                  "onnxruntime static INT8 (QDQ, calibrated scales)", first_stage=True),
     ArtifactKind("int8-openvino", ("model-int8-openvino.xml", "model-int8-openvino.bin"), OPENVINO,
                  "int8", True, True, "NNCF static INT8, OpenVINO IR", first_stage=True),
+    ArtifactKind("int8-openvino-fast", ("model-int8-openvino-fast.xml", "model-int8-openvino-fast.bin"), OPENVINO,
+                 "int8", True, True, "the OpenVINO ladder's fastest batch-invariant recipe (a cascade's stage 1)",
+                 first_stage=True),
     ArtifactKind("fp16", ("model-fp16.onnx",), ONNXRUNTIME, "fp16", True, False,
                  "ONNX fp16 (for the CUDA execution provider)"),
     ArtifactKind("cascade", ("cascade.json",), CASCADE, "int8", True, True,
@@ -83,7 +86,7 @@ def artifact_kind(name: str) -> ArtifactKind:
     >>> artifact_kind("int3")
     Traceback (most recent call last):
     ...
-    bertedge.errors.BertedgeError: unknown artifact kind 'int3' (known: fp32, fused, int8, int8-static, int8-openvino, fp16, cascade) -- pick one of the known kinds
+    bertedge.errors.BertedgeError: unknown artifact kind 'int3' (known: fp32, fused, int8, int8-static, int8-openvino, int8-openvino-fast, fp16, cascade) -- pick one of the known kinds
     """
     try:
         return ARTIFACT_KINDS[name]

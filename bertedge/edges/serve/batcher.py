@@ -368,6 +368,9 @@ class Batcher:
         self.metrics.inference.observe(seconds)
         self.metrics.texts.inc(texts)
         self.metrics.truncated.inc(sum(bool(r.get("truncated")) for r in results))
+        for r in results:  # only a cascade bundle's results carry a stage
+            if isinstance(r.get("stage"), int):
+                self.metrics.stage_texts.labels(str(r["stage"])).inc()
 
 
 def request_error(results: list[Result]) -> BatchError | None:

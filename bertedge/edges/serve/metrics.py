@@ -43,6 +43,9 @@ class Metrics:
         self.queue_depth = Gauge("bertedge_queue_depth", "Texts waiting for a batch", registry=r)
         self.texts = Counter("bertedge_texts", "Texts predicted", registry=r)
         self.truncated = Counter("bertedge_truncated_texts", "Texts cut to max_length tokens", registry=r)
+        self.stage_texts = Counter("bertedge_cascade_stage_texts", "A cascade bundle's texts by the stage "
+                                   "that answered them (1: the fast stage; higher: escalated)", ["stage"],
+                                   registry=r)
         self.ready = Gauge("bertedge_ready", "1 once the bundle is verified and warmed up", registry=r)
         self.shed = Counter("bertedge_shed_requests", "Requests refused with 503 because the queue was full",
                             registry=r)

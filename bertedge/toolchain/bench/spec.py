@@ -105,8 +105,8 @@ def known_backends() -> tuple[Backend, ...]:
     Read from `bertedge.runtime.artifacts.ARTIFACT_KINDS` on each call, so a new kind is a new
     backend with no change here.
 
-    >>> [b.name for b in known_backends()]
-    ['torch', 'fp32', 'fused', 'int8', 'int8-static', 'int8-openvino', 'cascade', 'cuda', 'cuda-fp16', 'tensorrt']
+    >>> print(", ".join(b.name for b in known_backends()))
+    torch, fp32, fused, int8, int8-static, int8-openvino, int8-openvino-fast, cascade, cuda, cuda-fp16, tensorrt
     """
     where = {ONNXRUNTIME: "CPU EP", CASCADE: "each stage on its engine"}
     cpu = tuple(Backend(k.name, k.engine, k.name, CPU if k.engine == ONNXRUNTIME else "", k.precision,

@@ -22,7 +22,12 @@ from bertedge.toolchain.export.args import Optimization
 from bertedge.toolchain.export.cascade import build_cascade
 from bertedge.toolchain.export.gate import BuildContext, size_mb
 from bertedge.toolchain.export.graphs import export_fp32, fuse, to_fp16
-from bertedge.toolchain.export.int8 import build_int8, build_int8_static, build_openvino
+from bertedge.toolchain.export.int8 import (
+    build_int8,
+    build_int8_static,
+    build_openvino,
+    build_openvino_fast,
+)
 from bertedge.toolchain.export.report import ArtifactReport
 
 CUDA = "CUDAExecutionProvider"
@@ -82,6 +87,7 @@ CANDIDATES: list[Candidate] = [
     Candidate("int8", build_int8),
     Candidate("int8-static", build_int8_static),
     Candidate("int8-openvino", build_openvino),
+    Candidate("int8-openvino-fast", build_openvino_fast),  # after its ladder: a cascade's stage 1
     Candidate("fp16", build_fp16),
     Candidate("cascade", build_cascade),  # last: its stages are the artifacts above
 ]

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -283,6 +284,7 @@ class BuildContext:
     report: ExportReport  # artifacts built so far, the INT8 search rows, the sensitivity table
     timers: dict[str, Timer] = field(default_factory=dict)  # artifacts `retime` times their own way (a cascade)
     tentative: set[str] = field(default_factory=set)  # failed artifacts kept only while a cascade may use them
+    searches: dict[str, Any] = field(default_factory=dict)  # kind -> its INT8 ladder (quantize.SearchResult)
 
     def path(self, name: str) -> Path:
         """Where the artifact kind `name` keeps its graph in the folder."""

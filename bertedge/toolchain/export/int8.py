@@ -141,6 +141,7 @@ def build_openvino(ctx: BuildContext) -> list[ArtifactReport]:
         ov.quantize(source, path, calibration, recipe)
 
     result = q.search(src, dst, recipes, check, unpadded, build=build)
+    ctx.searches[name] = result
     artifact = outcome(ctx, name, "none", result, extra={"openvino": version})
     invariant = artifact.batch_invariance is not None and artifact.batch_invariance.passed
     if not artifact.passed and artifact.file and args.cascade and invariant:
@@ -149,6 +150,33 @@ def build_openvino(ctx: BuildContext) -> list[ArtifactReport]:
         ov.remove(dst)
         artifact.file, artifact.notes = "", f"{artifact.notes}; files removed"
     return [artifact]
+
+
+def build_openvino_fast(ctx: BuildContext) -> list[ArtifactReport]:
+    """int8-openvino-fast: the OpenVINO ladder keeps its most faithful recipe, but a cascade's stage 1
+    wants its fastest batch-invariant one (later stages fix what it gets wrong). When a cascade may
+    be built and the two differ, that recipe is built again and gated like any artifact; when it
+    fails the budgets alone it stays only while a cascade may start with it."""
+    from bertedge.runtime.sessions import openvino_version
+    from bertedge.toolchain import openvino_int8 as ov
+
+    result = ctx.searches.get("int8-openvino")
+    if result is None or not ctx.args.cascade:
+        return []
+    invariant = [(a.verdict.cost_ms, i) for i, a in enumerate(result.attempts)
+                 if a.verdict is not None and a.verdict.cost_ms and a.verdict.batch_invariance is not None
+                 and a.verdict.batch_invariance.passed]
+    kept = ctx.report.artifact("int8-openvino")
+    if not invariant or (min(invariant)[1] == result.chosen and kept is not None and kept.file):
+        return []  # none, or the kept IR is already the fastest batch-invariant one
+    recipe: ov.Recipe = result.attempts[min(invariant)[1]].config
+    name = "int8-openvino-fast"
+    ov.quantize(ctx.path("fp32"), ctx.path(name), rows(ctx.calibration), recipe)
+    report = ctx.validate(name, notes=f"the int8-openvino ladder's fastest batch-invariant recipe ({recipe.label()})")
+    report.quantization = {**recipe.to_dict(), "openvino": openvino_version()}
+    if not report.passed and report.file:
+        ctx.tentative.add(name)  # `stage.build` removes it unless a cascade starts with it
+    return [report]
 
 
 def outcome(ctx: BuildContext, name: str, optimization: str, result: q.SearchResult[Any, ArtifactReport],
