@@ -373,7 +373,8 @@ def main(argv: list[str]) -> dict[str, Any]:
     args = parse(argv)
     say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     cpu = cpu_info()
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+                if k != "results_dir"}  # where it was written: no machine's path in the record
     for k, v in settings.items():
         say(f"{k:16s} {v}")
     columns = Columns(text=tuple(args.text_column.split(",")), label=tuple(args.label_column.split(",")))

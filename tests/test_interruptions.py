@@ -26,7 +26,7 @@ from test_ray_hardening import leftovers, texts
 from bertedge.runtime.bundle import verify_bundle
 
 CLI = str(Path(sys.executable).parent / "bertedge")
-ROWS = 6000
+ROWS = 60_000  # about 2 s of `predict` on the tiny model: most drawn moments land inside it
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +54,8 @@ def interrupted(command: list[str], after_s: float, signum: int) -> tuple[int, s
 def check_ended(code: int, stderr: str, signum: int) -> None:
     assert "Traceback" not in stderr, stderr[-4000:]
     assert code in (0, 128 + signum, -signum), (code, stderr[-2000:])
-    if code == 128 + signum:  # SIGTERM seen by bertedge: one closing line
-        assert stderr.strip().splitlines()[-1], stderr
+    if code == 128 + signum:  # SIGTERM handled by bertedge: one closing line naming what was not written
+        assert stderr.strip().splitlines()[-1].startswith("stopped by SIGTERM: "), stderr
 
 
 def predictions_whole(out: Path) -> bool:
@@ -63,11 +63,11 @@ def predictions_whole(out: Path) -> bool:
     return len(lines) == ROWS and all("label" in json.loads(x) for x in lines)
 
 
-MOMENTS = st.tuples(st.floats(0.2, 4.0), st.sampled_from([signal.SIGTERM, signal.SIGKILL]))
+SIGNALS = st.sampled_from([signal.SIGTERM, signal.SIGKILL])
 
 
-@settings(max_examples=5)
-@given(moment=MOMENTS)
+@settings(max_examples=6)
+@given(moment=st.tuples(st.floats(0.02, 0.4), SIGNALS))  # `package` of the tiny export takes ~0.3 s
 def test_package_interrupted_anywhere_then_rerun(work: dict[str, Path], moment: tuple[float, int]) -> None:
     after_s, signum = moment
     folder = work["scratch"] / f"package-{time.monotonic_ns()}"
@@ -78,16 +78,16 @@ def test_package_interrupted_anywhere_then_rerun(work: dict[str, Path], moment: 
     check_ended(code, stderr, signum)
     if out.exists():  # the whole bundle or nothing under its name
         verify_bundle(out)
-    if code == 0 or signum == signal.SIGTERM:
-        assert leftovers(folder) == []  # SIGTERM cleans up at once; SIGKILL leaves it to the retry
+    if code in (0, 128 + signum):
+        assert leftovers(folder) == []  # a handled SIGTERM cleans up at once; a kill leaves it to the retry
     again = subprocess.run([*command, "--overwrite"], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     verify_bundle(out)
     assert leftovers(folder) == []
 
 
-@settings(max_examples=5)
-@given(moment=MOMENTS)
+@settings(max_examples=6)
+@given(moment=st.tuples(st.floats(0.05, 2.5), SIGNALS))
 def test_predict_out_interrupted_anywhere_then_rerun(work: dict[str, Path], moment: tuple[float, int]) -> None:
     after_s, signum = moment
     folder = work["scratch"] / f"predict-{time.monotonic_ns()}"
@@ -98,7 +98,7 @@ def test_predict_out_interrupted_anywhere_then_rerun(work: dict[str, Path], mome
     check_ended(code, stderr, signum)
     if out.exists():
         assert predictions_whole(out)  # never a partial file under the output's name
-    if code == 0 or signum == signal.SIGTERM:
+    if code in (0, 128 + signum):
         assert leftovers(folder) == []
     again = subprocess.run([*command, "--overwrite"], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr

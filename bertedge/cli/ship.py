@@ -114,7 +114,7 @@ def export_cmd(**opts: Any) -> None:
         draft=opts["draft"], seed=opts["seed"],
         overwrite=opts["overwrite"],
     ))
-    console = Console(width=max(Console().width, 140))
+    console = Console()  # the terminal's width; 80 columns in a log
     for table in render(report):
         console.print(table)
     click.echo(f"gate: {report.gate}")

@@ -16,6 +16,7 @@ import fcntl
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -53,6 +54,15 @@ def terminate_cleanly(signals: tuple[int, ...] = (signal.SIGTERM,)) -> Iterator[
     finally:
         for s, before in previous.items():
             signal.signal(s, before)
+
+
+def signal_name(code: object) -> str:
+    """How a stop's exit status reads in its one line.
+
+    >>> signal_name(143), signal_name(130)
+    ('SIGTERM', 'an interrupt')
+    """
+    return "SIGTERM" if code == 128 + signal.SIGTERM else "an interrupt"
 
 
 def write_error(e: OSError, dest: Path, what: str = "the output") -> BertedgeError:
@@ -118,13 +128,15 @@ def replace(built: Path, dest: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output(dest: Path, *, folder: bool, what: str = "the output") -> Iterator[Path]:
+def atomic_output(dest: Path, *, folder: bool, what: str = "the output", announce: bool = True) -> Iterator[Path]:
     """Yield a hidden path beside `dest` to build into; on success it replaces `dest`.
 
     Args:
         dest: the output the user named (a folder when `folder`, else a file).
         folder: build a folder (the yielded path exists and is empty) or a file (it does not exist).
         what: how errors name the output ("the bundle", "the predictions", ...).
+        announce: on SIGTERM, say on stderr in one line that `dest` was not written (off for a
+            caller that says so itself, after its own cleanup).
 
     Raises:
         BertedgeError: another process holds the lock, or the place cannot be written (full disk,
@@ -132,19 +144,25 @@ def atomic_output(dest: Path, *, folder: bool, what: str = "the output") -> Iter
         Terminated: SIGTERM arrived (the partial output is removed first).
     """
     dest = Path(dest)
-    with lock(dest, what), terminate_cleanly():
-        remove_stale_partials(dest)
-        try:
-            tmp = Path(tempfile.mkdtemp(prefix=f"{partial_prefix(dest)}{os.getpid()}-", dir=dest.parent))
-        except OSError as e:
-            raise write_error(e, dest, what) from None
-        target = tmp if folder else tmp / dest.name
-        try:
-            yield target
-            replace(target, dest)
-        except OSError as e:
-            if e.errno in WRITE_ERRORS:
+    try:
+        with lock(dest, what), terminate_cleanly():
+            remove_stale_partials(dest)
+            try:
+                tmp = Path(tempfile.mkdtemp(prefix=f"{partial_prefix(dest)}{os.getpid()}-", dir=dest.parent))
+            except OSError as e:
                 raise write_error(e, dest, what) from None
-            raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            target = tmp if folder else tmp / dest.name
+            try:
+                yield target
+                replace(target, dest)
+            except OSError as e:
+                if e.errno in WRITE_ERRORS:
+                    raise write_error(e, dest, what) from None
+                raise
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    except Terminated as e:  # anywhere while the handler was set: one line, then the exit status
+        if announce:
+            sys.stderr.write(f"stopped by {signal_name(e.code)}: {what} '{dest}' not written\n")
+            sys.stderr.flush()
+        raise

@@ -25,7 +25,7 @@ from bertedge.edges.ray.args import BundleTransport, DistributedArgs, Distribute
 from bertedge.edges.ray.inputs import parse_files, read_special, resolve_id_column
 from bertedge.edges.ray.writer import write_errors, write_output
 from bertedge.errors import BertedgeError
-from bertedge.runtime.outputs import Terminated, atomic_output, terminate_cleanly
+from bertedge.runtime.outputs import Terminated, atomic_output, signal_name, terminate_cleanly
 
 WINDOW_BATCHES = 8  # rows per actor call = 8 inference batches, as the local engine's read window
 BLOCKS_PER_ACTOR = 8  # input blocks per actor: load balance and a small retry unit
@@ -62,7 +62,8 @@ def predict_dataset(args: DistributedArgs, log: TextIO | None = None) -> Distrib
     special = read_special(args.files)
     id_column, int_ids = resolve_id_column(args.files, special, args.id_column, args.max_line_bytes)
     try:
-        with atomic_output(args.output, folder=not args.single_file_output, what="the predictions") as target, \
+        with atomic_output(args.output, folder=not args.single_file_output, what="the predictions",
+                           announce=False) as target, \
                 ray_session(args):
             try:
                 return run_job(args, special, id_column, int_ids, target, log, started,
@@ -74,7 +75,7 @@ def predict_dataset(args: DistributedArgs, log: TextIO | None = None) -> Distrib
                 raise BertedgeError(cause.problem, cause.fix) from None
     except (Terminated, KeyboardInterrupt) as e:  # after Ray's shutdown, so this is the last line
         code = e.code if isinstance(e, Terminated) and isinstance(e.code, int) else 130
-        log.write(f"stopped by {'SIGTERM' if code == 143 else 'an interrupt'}: no output written"
+        log.write(f"stopped by {signal_name(code)}: no output written"
                   f"{'' if ray.is_initialized() else ', Ray shut down'}\n")
         log.flush()
         raise Terminated(code) from None

@@ -135,7 +135,7 @@ def write_errors(rows: list[dict[str, Any]], path: Path) -> Path | None:
     if not rows:
         path.unlink(missing_ok=True)
         return None
-    with atomic_output(path, folder=False, what="the error rows") as target:
+    with atomic_output(path, folder=False, what="the error rows", announce=False) as target:
         with target.open("w", encoding="utf-8") as f:
             f.writelines(json_line(r) for r in rows)
     return path

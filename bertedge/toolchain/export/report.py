@@ -164,38 +164,53 @@ class ExportReport:
 
 
 def render(report: ExportReport) -> list[Any]:
-    """Rich tables for the terminal: artifacts, the INT8 candidates tried, the sensitive nodes."""
+    """What export prints, sized for an 80-column log: the artifacts (one short line each, their
+    notes below the table), the INT8 candidates tried, the cascade's curve, the sensitive nodes.
+    Every figure is also in export-report.json, with the details the terminal leaves out."""
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=f"bertedge export: {report.task} ({report.seconds:.1f} s)")
-    for col in ("artifact", "file", "MB", "max|Δ| real", "agreement", "metric", "batch-invariant",
-                f"p50 ms {'/'.join(report.targets)}", "passed", "notes"):
+    metric = next((a.metric.name for a in report.artifacts if a.metric is not None), "metric")
+    table = compact(Table(title=f"bertedge export: {report.task} ({report.seconds:.1f} s); "
+                                f"p50 ms at {' / '.join(report.targets)}"))
+    for col in ("artifact", "MB", "agreement", metric, "invariant", "p50 ms", "ok"):
         table.add_column(col, overflow="fold")
     for a in report.artifacts:
-        mark = "[green]yes[/]" if a.passed else ("[yellow]not validated[/]" if not a.validated else "[red]no[/]")
+        mark = "[green]yes[/]" if a.passed else ("[yellow]-[/]" if not a.validated else "[red]no[/]")
         star = " *" if a.name == report.recommended else ""
-        table.add_row(a.name + star, a.file, f"{a.size_mb:.2f}", _num(a.max_abs_diff_real),
-                      agreement_text(a.label_agreement, a.answers_changed), metric_text(a.metric),
-                      invariance_text(a.batch_invariance), timings_text(a.timings_ms), mark, a.notes)
-    tables: list[Any] = [table]
+        table.add_row(a.name + star, f"{a.size_mb:.1f}", agreement_text(a.label_agreement, a.answers_changed, True),
+                      "-" if a.metric is None else f"{a.metric.value * 100:.2f}",
+                      "-" if a.batch_invariance is None else ("yes" if a.batch_invariance.passed else "no"),
+                      "/".join(f"{v:.3g}" for v in a.timings_ms.values()) or "-", mark)
+    notes = Text("\n".join(f"{a.name}: {a.notes}" for a in report.artifacts if a.notes and a.passed))
+    tables: list[Any] = [table, notes] if notes.plain else [table]
     if report.int8_search:
-        search = Table(title="INT8 candidates (all validated; the fastest passer is kept)")
-        for col in ("candidate", "agreement", "metric", "batch-invariant", "p50 ms", "passed", "s"):
+        search = compact(Table(title="INT8 candidates (all validated; the fastest passer is kept)"))
+        for col in ("candidate", "agreement", "invariant", "p50 ms", "ok", "s"):
             search.add_column(col, overflow="fold")
         for t in report.int8_search:
-            search.add_row(t.candidate, agreement_text(t.agreement, t.answers_changed), metric_text(t.metric),
-                           invariance_text(t.batch_invariance), timings_text(t.timings_ms),
-                           "yes" if t.passed else ("error" if t.error else "no"), f"{t.seconds:.1f}")
+            search.add_row(t.candidate, agreement_text(t.agreement, t.answers_changed, True),
+                           "-" if t.batch_invariance is None else ("yes" if t.batch_invariance.passed else "no"),
+                           "/".join(f"{v:.3g}" for v in (t.timings_ms or {}).values()) or "-",
+                           "yes" if t.passed else ("error" if t.error else "no"), f"{t.seconds:.0f}")
         tables.append(search)
     tables += [cascade_table(a) for a in report.artifacts if a.cascade is not None]
     if report.sensitivity:
-        nodes = Table(title="INT8 sensitivity: share of the output error per node (top 8)")
+        nodes = compact(Table(title="INT8 sensitivity: share of the output error per node (top 8)"))
         for col in ("node", "share", "error, node in fp32", "error, all INT8"):
             nodes.add_column(col, overflow="fold")
         for r in report.sensitivity[:8]:
             nodes.add_row(r.node, f"{r.share:.3f}", f"{r.error_with_node_fp32:.2e}", f"{r.error_all_int8:.2e}")
         tables.append(nodes)
     return tables
+
+
+def compact(table: Any) -> Any:
+    """A rich Table without side borders or column rules: more of 80 columns left for figures."""
+    from rich import box
+
+    table.box, table.show_edge, table.padding = box.SIMPLE_HEAD, False, (0, 1)
+    return table
 
 
 def cascade_table(a: ArtifactReport, points: int = 10) -> Any:
@@ -206,8 +221,8 @@ def cascade_table(a: ArtifactReport, points: int = 10) -> Any:
     cal = a.cascade.calibration
     stages = " -> ".join(str(s["artifact"]) for s in a.cascade.stages)
     chosen = "none met the budgets" if cal.delta is None else f"{cal.delta:.4g}"
-    table = Table(title=f"cascade {stages}: delta {chosen} (rows: {a.cascade.rows}; "
-                        f"confirmed on the other half: {'yes' if cal.confirmed else 'no'})")
+    table = compact(Table(title=f"cascade {stages}: delta {chosen} (rows: {a.cascade.rows}; "
+                                f"confirmed on the other half: {'yes' if cal.confirmed else 'no'})"))
     for col in ("delta", "escalated", "agreement", "metric"):
         table.add_column(col)
     curve = list(cal.curve)
@@ -215,20 +230,20 @@ def cascade_table(a: ArtifactReport, points: int = 10) -> Any:
     picks |= {i for i, p in enumerate(curve) if p.delta == cal.delta}
     for p in [curve[i] for i in sorted(picks)]:
         mark = " *" if cal.delta is not None and p.delta == cal.delta else ""
-        table.add_row(f"{p.delta:.4g}{mark}", f"{p.escalated:.3f}", agreement_text(p.agreement, p.changed),
+        table.add_row(f"{p.delta:.4g}{mark}", f"{p.escalated:.3f}", agreement_text(p.agreement, p.changed, True),
                       "-" if p.metric is None else f"{p.metric:.4f}")
     return table
 
 
-def agreement_text(agreement: float | None, changed: int | None) -> str:
-    """'0.9931 (6 changed)': the share, and how many answers that is.
+def agreement_text(agreement: float | None, changed: int | None, short: bool = False) -> str:
+    """'0.9931 (6 changed)' (short: '0.9931 (6)'): the share, and how many answers that is.
 
-    >>> agreement_text(0.99312, 6), agreement_text(None, None)
-    ('0.9931 (6 changed)', '-')
+    >>> agreement_text(0.99312, 6), agreement_text(0.99312, 6, short=True), agreement_text(None, None)
+    ('0.9931 (6 changed)', '0.9931 (6)', '-')
     """
     if agreement is None:
         return "-"
-    return f"{agreement:.4f}" + (f" ({changed} changed)" if changed is not None else "")
+    return f"{agreement:.4f}" + (f" ({changed}{'' if short else ' changed'})" if changed is not None else "")
 
 
 def invariance_text(inv: BatchInvariance | None) -> str:
