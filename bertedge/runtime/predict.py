@@ -97,8 +97,8 @@ class PredictArgs:
         problems = []
         if self.texts and self.input is not None:
             problems.append("texts were given both as arguments and with --input")
-        if isinstance(self.input, Path):
-            problems += [p for p in [input_problem(self.input)] if p]
+        if isinstance(self.input, Path) and (problem := input_problem(self.input)) is not None:
+            problems.append(problem)
         if self.out is not None and self.out.exists() and not self.overwrite:
             problems.append(f"'{self.out}' exists; pass --overwrite to replace it")
         if problems:

@@ -166,10 +166,13 @@ def build_openvino_fast(ctx: BuildContext) -> list[ArtifactReport]:
     invariant = [(a.verdict.cost_ms, i) for i, a in enumerate(result.attempts)
                  if a.verdict is not None and a.verdict.cost_ms and a.verdict.batch_invariance is not None
                  and a.verdict.batch_invariance.passed]
+    if not invariant:
+        return []
+    fastest = min(invariant)[1]
     kept = ctx.report.artifact("int8-openvino")
-    if not invariant or (min(invariant)[1] == result.chosen and kept is not None and kept.file):
-        return []  # none, or the kept IR is already the fastest batch-invariant one
-    recipe: ov.Recipe = result.attempts[min(invariant)[1]].config
+    if fastest == result.chosen and kept is not None and kept.file:
+        return []  # the kept IR is already the fastest batch-invariant one
+    recipe: ov.Recipe = result.attempts[fastest].config
     name = "int8-openvino-fast"
     ov.quantize(ctx.path("fp32"), ctx.path(name), rows(ctx.calibration), recipe)
     report = ctx.validate(name, notes=f"the int8-openvino ladder's fastest batch-invariant recipe ({recipe.label()})")
