@@ -92,6 +92,7 @@ def export_cmd(**opts: Any) -> None:
         render,
     )
     from bertedge.toolchain.export.args import default_timing_seconds
+    from bertedge.toolchain.export.plot import TRADEOFF_FILE
 
     report = export(ExportArgs(
         model_dir=opts["model_dir"], out=opts["out"], optimization=Optimization(opts["opt"]),
@@ -117,6 +118,8 @@ def export_cmd(**opts: Any) -> None:
     console = Console()  # the terminal's width; 80 columns in a log
     for table in render(report):
         console.print(table)
+    if (opts["out"] / TRADEOFF_FILE).is_file():
+        click.echo(f"trade-off picture: {opts['out'] / TRADEOFF_FILE}")
     click.echo(f"gate: {report.gate}")
     for warning in report.warnings:
         click.echo(f"warning: {warning}", err=True)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -57,6 +57,7 @@ class CurvePoint:
     agreement: float  # share of rows whose answer equals the reference's
     changed: int  # rows whose answer differs from the reference's
     metric: float | None  # on the rows with gold answers (None: there are none)
+    cost_ms: dict[str, float] = field(default_factory=dict)  # "BxS" -> ms, estimated once export timed the stages
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,12 @@ class Calibration:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Calibration:
+        """The record `to_dict` wrote (export-report.json's `calibration`)."""
+        return cls(d["delta"], d["confirmed"], tuple(CurvePoint(**p) for p in d["curve"]),
+                   HalfFigures(**d["choose"]), HalfFigures(**d["confirm"]))
 
 
 @dataclass(frozen=True)

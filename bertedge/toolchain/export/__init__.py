@@ -11,6 +11,7 @@ a cascade of them).
     cascade     the cascade candidate: its stages, delta calibration and real-text timing
     draft       --draft: a distilled student's artifact as the cascade's first stage
     candidates  CANDIDATES: one build function per artifact kind (bertedge.runtime.artifacts)
+    plot        export-tradeoff.png: every candidate's agreement against its time, per target shape
     stage       export(ExportArgs) -> ExportReport: every candidate, gated, into an atomic folder
 """
 

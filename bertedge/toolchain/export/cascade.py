@@ -131,6 +131,51 @@ def describe(report: ArtifactReport, first: str) -> str:
     return text
 
 
+# ----------------------------------------------------------------------------- cost along the curve
+
+
+def price_curves(artifacts: Sequence[ArtifactReport]) -> None:
+    """Put `cost_ms` on every point of each cascade's delta curve, once every stage is timed
+    (after `retime`): "BxS" -> ms per call at that delta, estimated from the stages' own timings as
+    stage 1's ms (alone, on the cascade's timed texts) + the escalated share x the later stages' ms
+    (escalations pooled into full batches, as `predict` pools them). A chain of three or more
+    stages moves stage 1's delta only: its later stages stay at their chosen deltas (`tail_ms`).
+    The curve gets no cost where a stage has no timing or a later delta was not found."""
+    timings = {a.name: a.timings_ms for a in artifacts}
+    for a in artifacts:
+        if a.cascade is None:
+            continue
+        c, tail = a.cascade, tail_ms(a.cascade, timings)
+        first = c.first_stage_ms or timings.get(str(c.stages[0]["artifact"]), {})
+        curve = tuple(replace(p, cost_ms={k: round(first[k] + p.escalated * v, 3) for k, v in tail.items()
+                                          if k in first}) for p in c.calibration.curve)
+        c.calibration = replace(c.calibration, curve=curve)
+
+
+def tail_ms(c: CascadeReport, timings: dict[str, dict[str, float]]) -> dict[str, float]:
+    """"BxS" -> ms of what stage 1 escalates to: stage 2 alone in a two-stage cascade; in a chain,
+    stage 2 + its escalated share (on all rows, at its chosen delta) x the stages after it."""
+    later = [timings.get(str(s["artifact"]), {}) for s in c.stages[1:]]
+    if len(c.later) != len(later) - 1 or any(step.delta is None for step in c.later):
+        return {}
+    shares = [next((p.escalated for p in step.curve if p.delta == step.delta), step.choose.escalated)
+              for step in c.later]
+    return {shape: chain_ms([ms[shape] for ms in later], shares)
+            for shape in later[0] if all(shape in ms for ms in later)}
+
+
+def chain_ms(stage_ms: Sequence[float], shares: Sequence[float]) -> float:
+    """ms of stages run one after the other, each on its share of the texts before it.
+
+    >>> chain_ms([4.0], []), chain_ms([4.0, 10.0, 100.0], [0.5, 0.1])
+    (4.0, 14.0)
+    """
+    total = stage_ms[-1]
+    for ms, share in zip(reversed(stage_ms[:-1]), reversed(shares), strict=True):
+        total = ms + share * total
+    return float(total)
+
+
 # ----------------------------------------------------------------------------- calibration
 
 

@@ -7,7 +7,7 @@ sensitivity table (`bertedge.toolchain.quantize.NodeSensitivity`).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from bertedge.runtime.artifacts import ONNXRUNTIME, artifact_kind
@@ -159,6 +159,41 @@ class ExportReport:
         d["int8_search"] = [r.to_dict() for r in self.int8_search]
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ExportReport:
+        """The report `to_dict` wrote, read back (export-report.json, for the plot or a re-render)."""
+        return cls(**{**_known(cls, d), "artifacts": [_artifact(a) for a in d.get("artifacts", [])],
+                      "int8_search": [_candidate(r) for r in d.get("int8_search", [])],
+                      "sensitivity": [NodeSensitivity(**_known(NodeSensitivity, r)) for r in d.get("sensitivity", [])]})
+
+
+def _known(cls: Any, d: dict[str, Any]) -> dict[str, Any]:
+    """The entries of `d` that are fields of the dataclass `cls`."""
+    return {f.name: d[f.name] for f in fields(cls) if f.name in d}
+
+
+def _artifact(d: dict[str, Any]) -> ArtifactReport:
+    c = d.get("cascade")
+    cascade = None if c is None else CascadeReport(**{
+        **_known(CascadeReport, c), "calibration": Calibration.from_dict(c["calibration"]),
+        "later": [Calibration.from_dict(x) for x in c.get("later", [])]})
+    return ArtifactReport(**{**_known(ArtifactReport, d), "metric": _metric(d.get("metric")),
+                             "batch_invariance": _invariance(d.get("batch_invariance")), "cascade": cascade})
+
+
+def _candidate(d: dict[str, Any]) -> CandidateRow:
+    names = {f.name for f in fields(CandidateRow)} | {"candidate"}
+    return CandidateRow(**{**_known(CandidateRow, d), "recipe": {k: v for k, v in d.items() if k not in names},
+                           "metric": _metric(d.get("metric")), "batch_invariance": _invariance(d.get("batch_invariance"))})
+
+
+def _metric(d: dict[str, Any] | None) -> Metric | None:
+    return None if d is None else Metric(**d)
+
+
+def _invariance(d: dict[str, Any] | None) -> BatchInvariance | None:
+    return None if d is None else BatchInvariance(**d)
+
 
 # ----------------------------------------------------------------------------- rendering
 
@@ -209,7 +244,7 @@ def compact(table: Any) -> Any:
     """A rich Table without side borders or column rules: more of 80 columns left for figures."""
     from rich import box
 
-    table.box, table.show_edge, table.padding = box.SIMPLE_HEAD, False, (0, 1)
+    table.box, table.show_edge, table.padding = box.SIMPLE_HEAD, False, (0, 1, 0, 0)
     return table
 
 
@@ -223,7 +258,7 @@ def cascade_table(a: ArtifactReport, points: int = 10) -> Any:
     chosen = "none met the budgets" if cal.delta is None else f"{cal.delta:.4g}"
     table = compact(Table(title=f"cascade {stages}: delta {chosen} (rows: {a.cascade.rows}; "
                                 f"confirmed on the other half: {'yes' if cal.confirmed else 'no'})"))
-    for col in ("delta", "escalated", "agreement", "metric"):
+    for col in ("delta", "escalated", "agreement", "metric", "ms (estimated)"):
         table.add_column(col)
     curve = list(cal.curve)
     picks = {round(i * (len(curve) - 1) / max(points - 1, 1)) for i in range(points)} if curve else set()
@@ -231,7 +266,8 @@ def cascade_table(a: ArtifactReport, points: int = 10) -> Any:
     for p in [curve[i] for i in sorted(picks)]:
         mark = " *" if cal.delta is not None and p.delta == cal.delta else ""
         table.add_row(f"{p.delta:.4g}{mark}", f"{p.escalated:.3f}", agreement_text(p.agreement, p.changed, True),
-                      "-" if p.metric is None else f"{p.metric:.4f}")
+                      "-" if p.metric is None else f"{p.metric:.4f}",
+                      "/".join(f"{v:.3g}" for v in p.cost_ms.values()) or "-")
     return table
 
 

@@ -25,6 +25,7 @@ from bertedge.runtime.meta import ModelMeta, write_meta
 from bertedge.runtime.outputs import atomic_output
 from bertedge.toolchain.export import candidates
 from bertedge.toolchain.export.args import ExportArgs, check_targets
+from bertedge.toolchain.export.cascade import price_curves
 from bertedge.toolchain.export.compare import Feeds
 from bertedge.toolchain.export.draft import check_draft
 from bertedge.toolchain.export.gate import (
@@ -34,6 +35,7 @@ from bertedge.toolchain.export.gate import (
     recommend,
     retime,
 )
+from bertedge.toolchain.export.plot import write_tradeoff
 from bertedge.toolchain.export.report import ExportReport
 from bertedge.toolchain.export.source import (
     EvalSet,
@@ -67,6 +69,7 @@ def export(args: ExportArgs) -> ExportReport:
         eval_set, calibration = load_eval(args, source), load_calibration(args, source)
         report = build(args, source, eval_set, calibration, tmp, load_agreement_texts(args, source))
         report.seconds = round(time.perf_counter() - start, 3)
+        write_tradeoff(report, tmp, args.min_agreement)  # a failed plot is a warning, never a failed export
         (tmp / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
     return report
 
@@ -100,6 +103,7 @@ def build(args: ExportArgs, source: Source, eval_set: EvalSet | None, calibratio
     drop_failed(report, out, ctx.tentative)
     copy_metadata(args.model_dir, source.info, out)
     retime(ref, out, report.artifacts, ctx.timers)
+    price_curves(report.artifacts)  # the cascade's curve, priced with the stages' final timings
     report.recommended = recommend(report.artifacts)
     record_checksums(report, out)
     report.warnings += [f"{a.name}: {a.notes}" for a in report.artifacts if not a.passed]
