@@ -20,9 +20,13 @@ so tokenization is excluded for all alike. Shapes:
                            runs 8 such batches per call, pooling their escalated rows as `predict`
                            does, and its time per batch is that call's time / 8
 Accuracy and label agreement with eager fp32 come from the whole --data file run the way `predict`
-runs it: length-sorted batches of 32, each padded to its longest row. Contenders are interleaved
-over --rounds rounds and the medians reported: ratios from one run hold on a noisy machine,
-absolute times do not.
+runs it: length-sorted batches of 32, each padded to its longest row. Batch invariance is export's
+own check (`bertedge.toolchain.export.compare.batch_invariance`), run on every contender alike:
+each of `--invariance-texts` seeded dev sentences alone, in a batch with 31 others, and padded to
+128 tokens; the worst |probability difference| against the text alone and the answers changed
+are reported beside the speed (a contender can be fast because its answer depends on its batch).
+Contenders are interleaved over --rounds rounds and the medians reported: ratios from one run
+hold on a noisy machine, absolute times do not.
 
     python benchmarks/head_to_head.py --model runs/demo/model --export runs/demo/export \\
         --data dev.tsv --text-column content --threads 2
@@ -40,9 +44,9 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -53,6 +57,9 @@ from bertedge.runtime.meta import read_model_meta
 from bertedge.runtime.sessions import make_session, session_options
 from bertedge.toolchain.bench.inputs import realistic_batch
 
+if TYPE_CHECKING:
+    from bertedge.toolchain.export.report import BatchInvariance
+
 Feeds = dict[str, np.ndarray]
 Call = Callable[[], object]
 EAGER = "torch-eager"
@@ -61,6 +68,7 @@ OPENVINO_PEER = "openvino-nncf-int8"
 BATCH1, BIG = "1xreal", "32x128"
 BIG_BATCHES = 8  # 32x128 batches a pooling contender (a cascade) runs per timed call
 TARGETS = {"vs_best_peer_32x128": 1.2, "vs_best_peer_batch1": 1.1}
+INVARIANCE_WIDTH = 128  # each probed text is also padded to this many tokens (export's check)
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -77,6 +85,7 @@ class Contender:
     logits: np.ndarray | None = None
     # runs several batches in one call, as `predict` does (a cascade pools their escalated rows)
     run_many: Callable[[Sequence[Feeds]], object] | None = None
+    invariance: BatchInvariance | None = None  # alone vs in a batch of 32 vs padded, export's check
 
 
 # ----------------------------------------------------------------------------- contenders
@@ -278,6 +287,21 @@ def measure(contenders: Sequence[Contender], singles: Sequence[Feeds], bigs: Seq
                                                 / len(bigs))
 
 
+def probe_invariance(contenders: Sequence[Contender], probes: Sequence[Feeds], pool: Sequence[Feeds], pad: int,
+                     width: int, args: argparse.Namespace) -> None:
+    """Export's batch-invariance check on every contender, with the same texts, batch mates and
+    positions for all (one seed): each probe alone, among 31 texts of `pool`, padded to `width`."""
+    from bertedge.toolchain.export.compare import batch_invariance
+
+    for c in contenders:
+        c.invariance = batch_invariance(_as_outputs(c), probes, pool, pad, width, per_token=False, seed=args.seed,
+                                        tol=args.invariance_tol)
+
+
+def _as_outputs(c: Contender) -> Callable[[Feeds], dict[str, np.ndarray]]:
+    return lambda feeds: {"logits": c.run(feeds)}
+
+
 def _pooled(run_many: Callable[[Sequence[Feeds]], object], batches: Sequence[Feeds]) -> Call:
     return lambda: run_many(batches)
 
@@ -300,6 +324,7 @@ def summarize(contenders: Sequence[Contender], gold: np.ndarray | None) -> dict[
             "agreement_vs_fp32": float((pred == eager.logits.argmax(-1)).mean()),
             "max_abs_logit_diff_vs_fp32": float(np.abs(c.logits - eager.logits).max()),
             "batch1_p50_ms": ms[BATCH1], "batch32x128_p50_ms": ms[BIG], "batch32x128_sent_s": 32e3 / ms[BIG],
+            "batch_invariance": asdict(c.invariance) if c.invariance is not None else None,
             "rounds_ms": c.ms,
         }
     return out
@@ -335,18 +360,34 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"## Head-to-head: {s['model']}", "",
              f"{result['created']}; {cpu['model']} ({isa}); {s['threads']} threads, inter-op 1; "
              f"medians of {s['rounds']} interleaved rounds; model call only. Agreement and accuracy on "
-             f"{result['data']['rows']} rows of {s['data']} in predict's batching (length-sorted 32s).", "",
+             f"{result['data']['rows']} rows of {s['data']} in predict's batching (length-sorted 32s). "
+             f"Batch-invariant: export's check on {s['invariance_texts']} of those sentences, each alone, in a "
+             f"batch of 32, padded to {result['data']['invariance_width']} tokens; yes when every probability "
+             f"stays within {s['invariance_tol']:g} of the text alone's and no answer changes.", "",
              "| contender | accuracy % | agreement vs fp32 % | max abs logit diff | batch-1 p50 ms (real sentences) "
-             "| 32x128 p50 ms | 32x128 sent/s |", "|---|---|---|---|---|---|---|"]
+             "| 32x128 p50 ms | 32x128 sent/s | batch-invariant: max abs prob diff (answers changed) |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, r in result["contenders"].items():
         acc = "-" if r["accuracy"] is None else f"{r['accuracy'] * 100:.2f}"
         lines.append(f"| {name} | {acc} | {r['agreement_vs_fp32'] * 100:.2f} | {r['max_abs_logit_diff_vs_fp32']:.3f} | "
-                     f"{r['batch1_p50_ms']:.2f} | {r['batch32x128_p50_ms']:.1f} | {r['batch32x128_sent_s']:.1f} |")
+                     f"{r['batch1_p50_ms']:.2f} | {r['batch32x128_p50_ms']:.1f} | {r['batch32x128_sent_s']:.1f} | "
+                     f"{invariance_text(r.get('batch_invariance'))} |")
     for name, checks in result["targets"].items():
         lines += ["", f"### targets: {name}", "", *(f"- {'MET ' if t['met'] else 'MISSED'} {t['target']}: "
                                                     f"{t['value']:.4g} (goal {t['goal']})" for t in checks)]
     lines.append("")
     return "\n".join(lines)
+
+
+def invariance_text(inv: dict[str, Any] | None) -> str:
+    """'yes: 3.0e-07 (0)': whether the check passed, the worst probability difference, answers changed.
+
+    >>> invariance_text({"passed": False, "max_prob_diff": 0.0014, "answers_changed": 2}), invariance_text(None)
+    ('no: 1.4e-03 (2)', '-')
+    """
+    if inv is None:
+        return "-"
+    return f"{'yes' if inv['passed'] else 'no'}: {inv['max_prob_diff']:.1e} ({inv['answers_changed']})"
 
 
 # ----------------------------------------------------------------------------- main
@@ -366,6 +407,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=3.0, help="seconds of 32x128 calls per contender and round")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
+    p.add_argument("--invariance-texts", type=int, default=64,
+                   help="dev sentences each contender answers alone, in a batch of 32 and padded to 128")
+    p.add_argument("--invariance-tol", type=float, default=1e-5,
+                   help="max |probability difference| a batch-invariant contender allows (export's default)")
     p.add_argument("--no-optimum", action="store_true", help="skip the Optimum contenders")
     p.add_argument("--no-openvino", action="store_true", help="skip the OpenVINO + NNCF contender")
     p.add_argument("--calibration-rows", type=int, default=200,
@@ -408,6 +453,10 @@ def main(argv: list[str]) -> dict[str, Any]:
     singles = [pad_batch([encodings[i]], pad) for i in pick]
     bigs = [realistic_batch(tokenizer, examples.texts, 32, 128, args.seed + i) for i in range(BIG_BATCHES)]
     batches, order = runtime_batches(encodings, pad)
+    pool = [pad_batch([e], pad) for e in encodings]  # each sentence unpadded: the probes and their batch mates
+    probes = [pool[int(i)] for i in np.random.default_rng(args.seed + 1).choice(
+        len(pool), size=min(args.invariance_texts, len(pool)), replace=False)]
+    width = min(INVARIANCE_WIDTH, info.max_length)
     with tempfile.TemporaryDirectory(prefix="head_to_head-") as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         work = Path(tmp)
@@ -419,6 +468,8 @@ def main(argv: list[str]) -> dict[str, Any]:
             peer = openvino_nncf(*_openvino_inputs(args, columns, tokenizer, info.max_length, pad), args.threads)
             contenders += [peer] if peer is not None else []
         contenders += bertedge_contenders(args.model, args.export, work, args.threads, args, columns, pad)
+        say("batch invariance ...")
+        probe_invariance(contenders, probes, pool, pad, width, args)
         measure(contenders, singles, bigs, batches, order, len(encodings), args, say)
     gold = np.asarray(examples.labels) if examples.labels is not None else None
     summary = summarize(contenders, gold)
@@ -426,7 +477,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     best = mine[0]  # what export recommends (package ships it); a built cascade is measured beside it
     result = {"created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "settings": settings,
               "cpu": cpu, "best": best, "contenders": summary, "targets": {m: targets(summary, m) for m in mine},
-              "data": {"rows": len(encodings), "max_length": info.max_length}}
+              "data": {"rows": len(encodings), "max_length": info.max_length, "invariance_width": width}}
     args.results_dir.mkdir(parents=True, exist_ok=True)
     path = args.results_dir / f"head_to_head-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}.json"
     path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
