@@ -117,6 +117,7 @@ class Timed:
     """One model's timed artifact: its session, feeds built from its own tokenizer, timing loops."""
 
     def __init__(self, export_dir: Path, report: dict[str, Any], sentences: list[str], args: argparse.Namespace):
+        from bertedge.runtime.artifacts import inference_precision
         from bertedge.runtime.features import load_tokenizer, pad_batch
         from bertedge.runtime.sessions import feed_plan, make_session
 
@@ -125,7 +126,8 @@ class Timed:
         if args.artifact == "same":
             path = same_recipe_int8(export_dir, args.work / f"{export_dir.name}-same-int8.onnx")
             self.artifact = {"name": "same-recipe int8", "file": str(path), "size_mb": round(path.stat().st_size / 1e6, 3)}
-        self.session = make_session(path, threads=args.threads, engine=self.artifact.get("engine", "onnxruntime"))
+        self.session = make_session(path, threads=args.threads, engine=self.artifact.get("engine", "onnxruntime"),
+                                    inference_precision=inference_precision(self.artifact.get("name")))
         self.plan = feed_plan(self.session)
         tok = load_tokenizer(export_dir / "tokenizer.json")
         self.big = self._feeds(realistic_batch(tok, sentences, 32, 128, args.seed))

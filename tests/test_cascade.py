@@ -585,6 +585,7 @@ def test_a_draft_students_artifact_starts_a_three_stage_chain(tiny_bert: Path, s
     assert [s["files"] for s in row.cascade.stages] == [["draft-model-int8-static.onnx"], ["model-int8-static.onnx"],
                                                         ["model.onnx"]]
     assert len(row.cascade.later) == 1 and row.cascade.draft == str(tmp_path / "student-export")
+    assert all(set(p.cost_ms) == set(report.targets) for p in row.cascade.calibration.curve)  # the chain is priced
     assert set(row.sha256) == {"cascade.json", "draft-model-int8-static.onnx"}
     bundle = package(PackageArgs(export_dir=tmp_path / "export", out=tmp_path / "b", artifact="cascade"))
     assert bundle.manifest.model_files == ("stage1.onnx", "stage2.onnx", "stage3.onnx")

@@ -40,6 +40,7 @@ def test_finetune_export_bench_package_predict(tiny_bert: Path, sentiment_csv: t
     out = invoke("export", str(tmp_path / "model"), "--out", str(tmp_path / "export"), "--eval", str(dev),
                  "--bundle", str(tmp_path / "direct.tar.gz"))
     assert (tmp_path / "direct.tar.gz").is_file() and "bundle:" in out
+    assert f"trade-off picture: {tmp_path / 'export' / 'export-tradeoff.png'}" in out
     report = json.loads((tmp_path / "export" / "export-report.json").read_text())
     assert {a["name"] for a in report["artifacts"]} >= {"fp32", "fused", "int8"}
     assert all(a["validated"] for a in report["artifacts"] if a["name"] in ("fp32", "fused"))

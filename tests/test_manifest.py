@@ -168,7 +168,7 @@ def test_the_model_file_carries_its_labels(bundles: dict[str, Path], tmp_path: P
     ("qa", {"stride": 32}, "stride 32 must be less than max_length 32"),
     ("qa", {"stride": 0}, "stride must be a positive integer"),
     ("classification", {"stride": 10**30}, "stride must be a positive integer"),
-    ("classification", {"precision": "int3"}, "precision 'int3' is not one of fp32, int8, fp16"),
+    ("classification", {"precision": "int3"}, "precision 'int3' is not one of fp32, int8, bf16, fp16"),
     ("classification", {"artifact": "int9"}, "artifact 'int9' is not a kind this bertedge knows"),
     ("classification", {"max_length": 10**30}, r"max_length 1000000000000.* is outside 8\.\.128"),
     ("classification", {"max_positions": 10**30}, r"max_positions must be an integer in 8\.\.1048576"),

@@ -41,11 +41,12 @@ class ArtifactKind:
     name: str  # the one name in reports, bench backends, package --artifact and manifests
     files: tuple[str, ...]  # its files in an export folder, graph first
     engine: str  # a key of ENGINES, or CASCADE (its files are a spec naming other kinds' files)
-    precision: str  # "fp32", "fp16" or "int8"
+    precision: str  # "fp32", "fp16", "bf16" or "int8"
     lossy: bool  # judged by the metric and agreement budgets, not by the fp32 tolerance
     cpu_candidate: bool  # timed and recommendable on CPU (fp16 is a GPU artifact)
     description: str = ""
     first_stage: bool = False  # static scales (batch-invariant, the fastest INT8): may start a cascade
+    inference_precision: str = "f32"  # OpenVINO's INFERENCE_PRECISION_HINT for what is not quantized: f32, bf16
 
     @property
     def graph(self) -> str:
@@ -71,6 +72,12 @@ ARTIFACT_KINDS: dict[str, ArtifactKind] = {k.name: k for k in (
     ArtifactKind("int8-openvino-fast", ("model-int8-openvino-fast.xml", "model-int8-openvino-fast.bin"), OPENVINO,
                  "int8", True, True, "the OpenVINO ladder's fastest batch-invariant recipe (a cascade's stage 1)",
                  first_stage=True),
+    ArtifactKind("bf16-openvino", ("model-bf16-openvino.xml", "model-bf16-openvino.bin"), OPENVINO,
+                 "bf16", True, True, "the fp32 graph as an OpenVINO IR, run in bf16 (CPUs with bf16 units)",
+                 inference_precision="bf16"),
+    ArtifactKind("int8-openvino-bf16", ("model-int8-openvino-bf16.xml", "model-int8-openvino-bf16.bin"), OPENVINO,
+                 "int8", True, True, "int8-openvino's NNCF static INT8 IR, what is not quantized run in bf16",
+                 first_stage=True, inference_precision="bf16"),
     ArtifactKind("fp16", ("model-fp16.onnx",), ONNXRUNTIME, "fp16", True, False,
                  "ONNX fp16 (for the CUDA execution provider)"),
     ArtifactKind("cascade", ("cascade.json",), CASCADE, "int8", True, True,
@@ -86,13 +93,24 @@ def artifact_kind(name: str) -> ArtifactKind:
     >>> artifact_kind("int3")
     Traceback (most recent call last):
     ...
-    bertedge.errors.BertedgeError: unknown artifact kind 'int3' (known: fp32, fused, int8, int8-static, int8-openvino, int8-openvino-fast, fp16, cascade) -- pick one of the known kinds
+    bertedge.errors.BertedgeError: unknown artifact kind 'int3' (known: fp32, fused, int8, int8-static, int8-openvino, int8-openvino-fast, bf16-openvino, int8-openvino-bf16, fp16, cascade) -- pick one of the known kinds
     """
     try:
         return ARTIFACT_KINDS[name]
     except KeyError:
         raise BertedgeError(f"unknown artifact kind {name!r} (known: {', '.join(ARTIFACT_KINDS)})",
                             "pick one of the known kinds") from None
+
+
+def inference_precision(artifact: str | None) -> str:
+    """What OpenVINO runs the artifact kind `artifact`'s unquantized ops in: the one place every
+    session (bundle, cascade stage, export's gate, bench) takes it from; f32 for unknown names.
+
+    >>> inference_precision("int8-openvino-bf16"), inference_precision("int8-openvino"), inference_precision(None)
+    ('bf16', 'f32', 'f32')
+    """
+    kind = ARTIFACT_KINDS.get(artifact) if isinstance(artifact, str) else None
+    return kind.inference_precision if kind is not None else "f32"
 
 
 def engine(name: str | None) -> Engine:

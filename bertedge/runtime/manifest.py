@@ -42,7 +42,7 @@ FORMAT = "bertedge-bundle"
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format", "format_version", "task", "labels", "max_length", "model_type",
                  "inputs", "files")
-PRECISIONS = tuple(dict.fromkeys(k.precision for k in ARTIFACT_KINDS.values()))  # fp32, int8, fp16
+PRECISIONS = tuple(dict.fromkeys(k.precision for k in ARTIFACT_KINDS.values()))  # fp32, int8, bf16, fp16
 MAX_FILES = 16  # a bundle is 3 or 4 files; an archive holds at most this many members
 MIN_LABELS = {"classification": 2}  # a classifier needs two classes; NER and QA one label
 OUTPUT_RANK = {"classification": 2, "ner": 3, "qa": 2}  # (batch, labels), (batch, seq, labels), (batch, seq)
@@ -94,7 +94,7 @@ class Manifest:
     inputs: tuple[str, ...]  # the graph's input names
     files: dict[str, FileEntry]  # every file of the bundle but the manifest
     engine: str = ONNXRUNTIME  # a key of bertedge.runtime.artifacts.ENGINES
-    precision: str | None = None  # fp32, fp16 or int8 (None: not recorded)
+    precision: str | None = None  # fp32, fp16, bf16 or int8 (None: not recorded)
     quantization: dict[str, Any] | None = None  # how an INT8 artifact was quantized
     stride: int | None = None  # QA: tokens shared by consecutive windows (0 < stride < max_length)
     max_positions: int | None = None  # the position table's limit in tokens

@@ -24,6 +24,7 @@ import numpy as np
 from tokenizers import Encoding
 
 from bertedge.errors import BertedgeError
+from bertedge.runtime.artifacts import inference_precision
 from bertedge.runtime.bundle import isa_warning, open_bundle
 from bertedge.runtime.features import (
     Features,
@@ -106,7 +107,8 @@ class Predictor:
                 self.cascade = open_cascade(opened.root, self.manifest.cascade, self.meta.task, self.pad_id,
                                             requested, self.runtime.session_threads, spin=self.runtime.spin)
             self.session = self.cascade.sessions[0] if self.cascade is not None else make_session(
-                opened.model_path, requested, self.runtime.session_threads, spin=self.runtime.spin, engine=self.engine)
+                opened.model_path, requested, self.runtime.session_threads, spin=self.runtime.spin, engine=self.engine,
+                inference_precision=inference_precision(self.manifest.artifact))
         self.task = self.meta.task
         self.max_length = self.meta.max_length
         self.task.setup_tokenizer(self.tokenizer, self.max_length, self.meta.stride)

@@ -35,6 +35,9 @@ FEED_SOURCES = {"input_ids": "input_ids", "attention_mask": "attention_mask", "t
 ONNX_INT_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
 ONNXRUNTIME, OPENVINO = "onnxruntime", "openvino"
 ENGINES = (ONNXRUNTIME, OPENVINO)
+F32 = "f32"
+# OpenVINO inference precision -> the CPU plugin's OPTIMIZATION_CAPABILITIES entry that runs it natively
+OV_CAPABILITIES = {"bf16": "BF16", "f16": "FP16"}
 OV_TYPES = {"i64": "tensor(int64)", "i32": "tensor(int32)", "f32": "tensor(float)", "f16": "tensor(float16)"}
 # The GPU build replaces the CPU one (pyproject's [gpu] extra pins the same version: the newest
 # onnxruntime-gpu on the index). Both wheels ship the `onnxruntime` module, so the fix removes both
@@ -133,7 +136,7 @@ def session_options(threads: int | None, optimize: bool = True, spin: bool = Tru
 
 def make_session(model: Path, providers: Sequence[Any] = (CPU,), threads: int | None = None,
                  optimize: bool = True, fix: str = "rebuild the bundle with `bertedge package`",
-                 spin: bool = True, engine: str = ONNXRUNTIME) -> Any:
+                 spin: bool = True, engine: str = ONNXRUNTIME, inference_precision: str = F32) -> Any:
     """An inference session on `model`; warns when a requested accelerator silently fell back to CPU.
 
     Args:
@@ -145,13 +148,15 @@ def make_session(model: Path, providers: Sequence[Any] = (CPU,), threads: int | 
         spin: let idle intra-op threads busy-wait (onnxruntime's default; see `session_options`).
         engine: "onnxruntime" (an `ort.InferenceSession`) or "openvino" (an `OpenVINOSession`
             on the CPU; `providers`, `optimize` and `spin` do not apply).
+        inference_precision: what OpenVINO runs unquantized ops in, the artifact kind's
+            (`bertedge.runtime.artifacts.inference_precision`): "f32" or "bf16" (onnxruntime: f32).
 
     Raises:
         BertedgeError: an unknown engine, a missing OpenVINO install, or the engine cannot load
             or initialise the model.
     """
     if engine == OPENVINO:
-        return OpenVINOSession(model, threads, fix)
+        return OpenVINOSession(model, threads, fix, inference_precision)
     if engine != ONNXRUNTIME:
         raise BertedgeError(f"unknown engine {engine!r} (this bertedge runs {', '.join(ENGINES)})",
                             "upgrade bertedge, or rebuild the bundle with `bertedge package`")
@@ -189,33 +194,70 @@ def openvino_version() -> str | None:
     return str(openvino.get_version()).split("-")[0]
 
 
-def openvino_config(threads: int | None) -> dict[str, Any]:
+def openvino_config(threads: int | None, inference_precision: str = F32) -> dict[str, Any]:
     """The CPU plugin settings of every `OpenVINOSession` (benchmarks profile with the same).
 
-    Latency hint, one stream, fp32 for everything not quantized, `threads` inference threads
-    (None or 0: OpenVINO picks), and dynamic activation quantization off: the CPU plugin applies
-    it to INT8-weight MatMuls by batch size, so a text's probabilities moved by 3e-3 between alone
-    and in a batch.
+    Latency hint, one stream, `inference_precision` for everything not quantized (f32, so a CPU
+    with bf16 units does not silently lower it, unless the artifact kind is a bf16 one), `threads`
+    inference threads (None or 0: OpenVINO picks), and dynamic activation quantization off: the
+    CPU plugin applies it to INT8-weight MatMuls by batch size, so a text's probabilities moved by
+    3e-3 between alone and in a batch.
+
+    >>> openvino_config(2, "bf16")["INFERENCE_PRECISION_HINT"], openvino_config(None)["INFERENCE_PRECISION_HINT"]
+    ('bf16', 'f32')
     """
-    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32",
+    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": inference_precision,
                               "NUM_STREAMS": 1, "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0}
     if threads:
         config["INFERENCE_NUM_THREADS"] = int(threads)
     return config
 
 
+def openvino_runs(inference_precision: str, core: Any = None) -> bool:
+    """Whether OpenVINO's CPU plugin runs `inference_precision` natively on this CPU (f32 always;
+    bf16 where the plugin lists "BF16" in OPTIMIZATION_CAPABILITIES: AVX512_BF16, AMX or AVX2-VNNI-2).
+
+    Asked for bf16 without it, the plugin emulates bf16 on AVX-512 CPUs (slower than f32) and
+    quietly runs f32 on AVX2 ones; `OpenVINOSession` compiles f32 there and says so instead.
+    """
+    wanted = OV_CAPABILITIES.get(inference_precision)
+    if wanted is None:
+        return True
+    if core is None:
+        import openvino as ov
+
+        core = ov.Core()
+    return wanted in {str(c) for c in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")}
+
+
+_told_f32: set[str] = set()  # precisions this process already warned it runs in f32 instead
+
+
+def _runnable_precision(inference_precision: str, core: Any) -> str:
+    """`inference_precision` when this CPU runs it, else f32 with one warning per process."""
+    if openvino_runs(inference_precision, core):
+        return inference_precision
+    if inference_precision not in _told_f32:
+        _told_f32.add(inference_precision)
+        warnings.warn(f"this CPU has no {inference_precision} support in OpenVINO, so the {inference_precision} "
+                      "artifact runs in f32 here: slower than export measured, answers closer to fp32 than it "
+                      "validated", RuntimeWarning, stacklevel=4)
+    return F32
+
+
 class OpenVINOSession:
     """An OpenVINO CPU model behind the calls the runtime makes of an onnxruntime session.
 
     The model (an OpenVINO IR `.xml`, or an `.onnx` file through OpenVINO's ONNX frontend) is
-    compiled for the CPU with a latency hint, `threads` inference threads, fp32 as the precision of
-    everything not quantized (so a CPU with bf16 units does not silently lower it) and no dynamic
-    activation quantization (see below). Each thread gets its own infer request, so `run` is
-    thread-safe.
+    compiled for the CPU with a latency hint, `threads` inference threads, the artifact kind's
+    `inference_precision` for everything not quantized (f32 unless the kind is a bf16 one, so a
+    CPU with bf16 units does not silently lower it; bf16 on a CPU without bf16 runs f32, with a
+    warning) and no dynamic activation quantization (see `openvino_config`). Each thread gets its
+    own infer request, so `run` is thread-safe.
     """
 
     def __init__(self, model: Path, threads: int | None = None,
-                 fix: str = "rebuild the bundle with `bertedge package`") -> None:
+                 fix: str = "rebuild the bundle with `bertedge package`", inference_precision: str = F32) -> None:
         try:
             import openvino as ov
         except ImportError:
@@ -224,7 +266,8 @@ class OpenVINOSession:
         try:
             core = ov.Core()
             graph = core.read_model(str(model))
-            self.compiled = core.compile_model(graph, "CPU", openvino_config(threads))
+            self.inference_precision = _runnable_precision(inference_precision, core)
+            self.compiled = core.compile_model(graph, "CPU", openvino_config(threads, self.inference_precision))
         except Exception as e:  # OpenVINO raises RuntimeError subclasses with multi-line texts
             raise BertedgeError(f"OpenVINO cannot load '{model.name}' ({_first_line(e)})", fix) from None
         # Names from the model as read: a compiled output can carry extra internal tensor names

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from bertedge.errors import BertedgeError
-from bertedge.runtime.artifacts import ARTIFACT_KINDS, CASCADE, ENGINES
+from bertedge.runtime.artifacts import ARTIFACT_KINDS, CASCADE, ENGINES, inference_precision
 from bertedge.runtime.cascade import CascadeSpec, Feeds, Outputs, Runner, graph_runner, run_cascade
 from bertedge.runtime.tasks import Task
 
@@ -119,14 +119,16 @@ class OpenedCascade:
 def open_cascade(root: Path, spec: CascadeSpec, task: Task, pad_id: int, providers: Sequence[Any] = ("CPUExecutionProvider",),
                  threads: int | None = None, spin: bool = True,
                  fix: str = "rebuild the bundle with `bertedge package`") -> OpenedCascade:
-    """Open every stage's graph (`root / stage.files[0]`) on its engine; each must have the task's outputs.
+    """Open every stage's graph (`root / stage.files[0]`) on its engine, in its artifact kind's
+    inference precision; each must have the task's outputs.
 
     Raises:
         BertedgeError: a stage cannot be loaded, or lacks one of the task's outputs.
     """
     from bertedge.runtime.sessions import feed_plan, make_session
 
-    sessions = [make_session(root / s.files[0], providers, threads, spin=spin, engine=s.engine, fix=fix)
+    sessions = [make_session(root / s.files[0], providers, threads, spin=spin, engine=s.engine, fix=fix,
+                             inference_precision=inference_precision(s.artifact))
                 for s in spec.stages]
     names = list(task.output_names)
     for n, session in enumerate(sessions, start=1):

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from bertedge.errors import BertedgeError
-from bertedge.runtime.artifacts import CASCADE
+from bertedge.runtime.artifacts import CASCADE, inference_precision
 from bertedge.runtime.sessions import OPENVINO, make_session
 from bertedge.runtime.tasks import get_task
 from bertedge.toolchain.bench.inputs import Source
@@ -125,11 +125,13 @@ def load_ort(source: Source, backend: Backend, threads: int) -> Loaded:
 
 
 def load_openvino(source: Source, backend: Backend, threads: int) -> Loaded:
-    """The runtime's OpenVINO session (`bertedge.runtime.sessions.OpenVINOSession`) on the file."""
+    """The runtime's OpenVINO session (`bertedge.runtime.sessions.OpenVINOSession`) on the file, in
+    its artifact kind's inference precision."""
     path = source.file_for(backend)
     assert path is not None, "select_backends checks the file exists"
     start = time.perf_counter()
-    session = make_session(path, threads=threads, engine=OPENVINO, fix="run `bertedge export` again")
+    session = make_session(path, threads=threads, engine=OPENVINO, fix="run `bertedge export` again",
+                           inference_precision=inference_precision(backend.kind))
     load_s = time.perf_counter() - start
     names = [i.name for i in session.get_inputs()]
     run, run_outputs = _host_runs(session, names)

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from bertedge.runtime.artifacts import inference_precision
 from bertedge.runtime.tasks import get_task
 from bertedge.toolchain.bench.backends import provider_list
 from bertedge.toolchain.bench.environment import gpu_memory_mb
@@ -32,7 +33,8 @@ def cold_start_spec(backend: Backend, source: Source, threads: int, text: str) -
     return {"engine": backend.engine, "file": str(file) if file else None, "torch_dir": str(source.torch_dir),
             "auto_class": get_task(source.task).hf_auto_class, "tokenizer": str(source.tokenizer),
             "providers": provider_list(backend), "threads": threads, "text": text, "gpu": backend.gpu,
-            "root": str(source.root), "bundle": source.kind == "bundle", "task": source.task}
+            "root": str(source.root), "bundle": source.kind == "bundle", "task": source.task,
+            "inference_precision": inference_precision(backend.kind)}
 
 
 def measure_cold_start(spec: dict[str, Any], runs: int) -> ColdStart:
@@ -106,7 +108,8 @@ def _cold_start_child(spec: dict[str, Any]) -> dict[str, Any]:
             import openvino  # noqa: F401  (imported here so its import counts as import time)
         t1 = time.perf_counter()
         providers = [tuple(p) if isinstance(p, list) else p for p in spec["providers"]]
-        session = open_session(Path(spec["file"]), providers, spec["threads"], engine=spec["engine"])
+        session = open_session(Path(spec["file"]), providers, spec["threads"], engine=spec["engine"],
+                               inference_precision=spec["inference_precision"])
         tokenizer = Tokenizer.from_file(spec["tokenizer"])
         t2 = time.perf_counter()
         enc = tokenizer.encode(spec["text"])

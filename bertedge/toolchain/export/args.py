@@ -85,7 +85,7 @@ class ExportArgs:
     max_fp32_nodes: int = 8  # the most nodes the sensitivity search may keep in fp32
     sensitivity_seconds: float = 600.0  # cap on the sensitivity probing (one quantization per node)
     calibrate_method: str = "minmax"  # static INT8 calibration: minmax, percentile or entropy
-    openvino: str = "auto"  # NNCF INT8 for the OpenVINO engine: auto (when installed and --calibration given), on, off
+    openvino: str = "auto"  # NNCF INT8 for the OpenVINO engine: auto (when installed and --calibration given), on, off; not off: the bf16 kinds too
     cascade: bool = True  # also build a cascade: static INT8 first, a more faithful artifact for low margins
     draft: Path | None = None  # a distilled student's export folder: its artifact starts the cascade
     seed: int = 0  # seeds random inputs and row subsets

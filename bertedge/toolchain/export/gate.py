@@ -52,9 +52,11 @@ Timer = Callable[[int, int], float]  # (batch, sequence) -> p50 milliseconds of 
 
 
 def ort_runner(path: Path, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0,
-               engine: str = ONNXRUNTIME) -> Run:
-    """Run an ONNX file with the engine the runtime will use, feeding the graph's own input names."""
+               engine: str = ONNXRUNTIME, inference_precision: str = "f32") -> Run:
+    """Run a model file as the runtime will (its kind's engine and inference precision), feeding
+    the graph's own input names."""
     session = make_session(path, providers, threads=threads or None, engine=engine,
+                           inference_precision=inference_precision,
                            fix="re-run `bertedge export`; report the error if it persists")
     inputs = [i.name for i in session.get_inputs()]
     outputs = [o.name for o in session.get_outputs()]
@@ -64,6 +66,12 @@ def ort_runner(path: Path, providers: Sequence[str] = ("CPUExecutionProvider",),
         return {n: np.asarray(v, dtype=np.float32) for n, v in zip(outputs, values, strict=True)}
 
     return run
+
+
+def kind_runner(folder: Path, name: str, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0) -> Run:
+    """`ort_runner` on the artifact kind `name`'s graph in `folder`, with its engine and inference precision."""
+    kind = artifact_kind(name)
+    return ort_runner(folder / kind.graph, providers, threads, kind.engine, kind.inference_precision)
 
 
 def time_run(run: Run, feeds: Feeds, seconds: float) -> float:
@@ -79,9 +87,10 @@ def time_run(run: Run, feeds: Feeds, seconds: float) -> float:
 
 
 def cpu_info() -> dict[str, object]:
-    """CPU model and the ISA flags that decide INT8 speed and accuracy (AVX2 / AVX-512 / VNNI)."""
+    """CPU model and the ISA flags that decide INT8 and bf16 speed and accuracy (AVX2 / AVX-512 / VNNI / BF16)."""
     model, flags = cpu_model_and_flags()
-    return {"model": model, **{f: f in flags for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni")}}
+    return {"model": model, **{f: f in flags for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16",
+                                                         "amx_bf16")}}
 
 
 @dataclass
@@ -229,8 +238,8 @@ def retime(ref: Reference, out: Path, artifacts: Sequence[ArtifactReport],
     timers = timers or {}
     unpadded = rows(ref.real)
     feeds = {(b, n): target_feeds(unpadded, b, n, ref.args.seed) for b, n in ref.shapes}
-    runs = {a.name: timers.get(a.name) or feeds_timer(ort_runner(out / a.file, threads=ref.args.threads,
-                                                                 engine=a.engine), feeds, ref.args.timing_seconds)
+    runs = {a.name: timers.get(a.name) or feeds_timer(kind_runner(out, a.name, threads=ref.args.threads),
+                                                      feeds, ref.args.timing_seconds)
             for a in finalists}
     samples: dict[str, dict[str, list[float]]] = {a.name: {f"{b}x{n}": [] for b, n in feeds} for a in finalists}
     for r in range(ref.args.timing_rounds):
@@ -301,7 +310,7 @@ class BuildContext:
         kind = artifact_kind(name)
         report = ArtifactReport.of_kind(name, optimization)
         report.notes = notes
-        run = ort_runner(self.out / kind.graph, providers, threads=self.args.threads, engine=kind.engine)
+        run = kind_runner(self.out, name, providers, threads=self.args.threads)
         self.ref.check(report, run, lossy=kind.lossy)
         report.size_mb = size_mb(self.out, name)
         return report
