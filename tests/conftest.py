@@ -18,6 +18,9 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 # No test asserts a timing, so the suite (and its subprocesses) time each for 0.02 s: every
 # timing path still runs, at least three calls each. Set it in the environment to override.
 os.environ.setdefault("BERTEDGE_TIMING_SECONDS", "0.02")
+# Export measures each artifact's cold start and peak RSS in a fresh process (~1 s each): off in
+# the suite; test_footprint turns it on for one export.
+os.environ.setdefault("BERTEDGE_FOOTPRINT", "0")
 
 
 @pytest.fixture(autouse=True)

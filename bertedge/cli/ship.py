@@ -40,6 +40,9 @@ from bertedge.cli.common import columns_from, csv_list, data_options, user_error
 @click.option("--timing-rounds", default=3, show_default=True,
               help="The artifacts that passed are timed again side by side in this many rounds (0: off).")
 @click.option("--threads", default=0, show_default=True, help="Intra-op threads while timing (0: onnxruntime picks).")
+@click.option("--footprint/--no-footprint", default=None,
+              help="Measure each artifact's cold start and peak RSS in a fresh process, ~1 s each "
+                   "(default: $BERTEDGE_FOOTPRINT, else on).")
 @click.option("--sensitivity/--no-sensitivity", default=True, show_default=True,
               help="When no batch-invariant INT8 passes, keep the most error-prone nodes in fp32.")
 @click.option("--max-fp32-nodes", default=8, show_default=True, help="Most nodes the sensitivity search keeps in fp32.")
@@ -92,7 +95,7 @@ def export_cmd(**opts: Any) -> None:
         parse_targets,
         render,
     )
-    from bertedge.toolchain.export.args import default_timing_seconds
+    from bertedge.toolchain.export.args import default_footprint, default_timing_seconds
     from bertedge.toolchain.export.plot import TRADEOFF_FILE
 
     report = export(ExportArgs(
@@ -110,6 +113,7 @@ def export_cmd(**opts: Any) -> None:
         targets=parse_targets(opts["targets"]),
         timing_seconds=default_timing_seconds() if opts["timing_seconds"] is None else opts["timing_seconds"],
         timing_rounds=opts["timing_rounds"], threads=opts["threads"],
+        footprint=default_footprint() if opts["footprint"] is None else opts["footprint"],
         sensitivity=opts["sensitivity"], max_fp32_nodes=opts["max_fp32_nodes"],
         sensitivity_seconds=opts["sensitivity_seconds"],
         calibrate_method=opts["calibrate_method"], openvino=opts["openvino"], cascade=opts["cascade"],

@@ -147,15 +147,7 @@ def package(args: PackageArgs) -> Bundle:
     """
     report, meta = read_export(args.export_dir)
     record = choose_artifact(report, args.artifact, args.force)
-    engine = str(record.get("engine") or ONNXRUNTIME)
-    check_artifact_files(args.export_dir, report, record, engine)
-    sources, cascade = artifact_sources(args.export_dir, record, engine), None
-    if engine == CASCADE:  # the spec names other artifacts of the export: each is checked and shipped
-        spec, stages = read_export_spec(args.export_dir, report, record)
-        for stage in stages:
-            check_artifact_files(args.export_dir, report, stage, str(stage.get("engine") or ONNXRUNTIME))
-        sources = [args.export_dir / f for s in spec.stages for f in s.files]
-        cascade, engine = bundle_spec(spec), spec.stages[0].engine
+    sources, engine, cascade = artifact_payload(args.export_dir, report, record)
     tokenizer = load_tokenizer_file(args.export_dir / TOKENIZER, EXPORT_AGAIN)
     dest = args.out if args.archive is None else archive_path(args.out, args.archive)
     check_destination(dest, archive=args.archive is not None, overwrite=args.overwrite)
@@ -166,13 +158,7 @@ def package(args: PackageArgs) -> Bundle:
         "forced": bool(args.force and not record.get("passed")),
         "export": {k: report[k] for k in EXPORT_FACTS if k in report},
     }
-    fields: dict[str, Any] = {
-        "task": meta.task.name, "labels": list(meta.labels), "max_length": meta.max_length,
-        "model_type": meta.model_type, "precision": record.get("precision"),
-        "quantization": record.get("quantization"), "provenance": provenance,
-        "stride": meta.stride, "max_positions": meta.max_positions, "engine": engine,
-        "artifact": record.get("name"), "tokenizer_object": tokenizer, "cascade": cascade,
-    }
+    fields = {**bundle_fields(meta, record, engine, cascade), "provenance": provenance, "tokenizer_object": tokenizer}
     with atomic_output(dest, folder=args.archive is None, what="the bundle") as target:
         check_destination(dest, archive=args.archive is not None, overwrite=args.overwrite)  # under the lock
         if args.archive is None:
@@ -181,6 +167,30 @@ def package(args: PackageArgs) -> Bundle:
             built = build_bundle(target.parent / "folder", sources, args.export_dir / TOKENIZER, **fields)
             archive_bundle(built.root, target, args.archive)
     return Bundle(root=dest, manifest=built.manifest)
+
+
+def artifact_payload(export_dir: Path, report: dict[str, Any],
+                     record: dict[str, Any]) -> tuple[list[Path], str, CascadeSpec | None]:
+    """What `package` ships for the export-report `record`, every file checked against the SHA-256
+    export recorded: (its files, graph first or a cascade's stages in order; the bundle's engine,
+    a cascade's first stage's; a cascade's spec with its files named as the bundle holds them)."""
+    engine = str(record.get("engine") or ONNXRUNTIME)
+    check_artifact_files(export_dir, report, record, engine, stacklevel=4)
+    if engine != CASCADE:
+        return artifact_sources(export_dir, record, engine), engine, None
+    spec, stages = read_export_spec(export_dir, report, record)  # other artifacts of the export: each checked
+    for stage in stages:
+        check_artifact_files(export_dir, report, stage, str(stage.get("engine") or ONNXRUNTIME), stacklevel=4)
+    return [export_dir / f for s in spec.stages for f in s.files], spec.stages[0].engine, bundle_spec(spec)
+
+
+def bundle_fields(meta: ModelMeta, record: dict[str, Any], engine: str, cascade: CascadeSpec | None) -> dict[str, Any]:
+    """`build_bundle`'s keywords for the export-report `record` (all but provenance and the tokenizer)."""
+    return {"task": meta.task.name, "labels": list(meta.labels), "max_length": meta.max_length,
+            "model_type": meta.model_type, "precision": record.get("precision"),
+            "quantization": record.get("quantization"), "stride": meta.stride,
+            "max_positions": meta.max_positions, "engine": engine, "artifact": record.get("name"),
+            "cascade": cascade}
 
 
 def check_destination(dest: Path, archive: bool, overwrite: bool) -> None:
@@ -254,9 +264,11 @@ def artifact_sources(export_dir: Path, record: dict[str, Any], engine: str) -> l
     return [model] if len(model_files(engine)) == 1 else [model, model.with_suffix(".bin")]
 
 
-def check_artifact_files(export_dir: Path, report: dict[str, Any], record: dict[str, Any], engine: str) -> None:
+def check_artifact_files(export_dir: Path, report: dict[str, Any], record: dict[str, Any], engine: str,
+                         stacklevel: int = 3) -> None:
     """The artifact's files (and the metadata files beside them) exist and have the SHA-256 export
-    recorded; an old report without checksums is a warning, and its files are trusted."""
+    recorded; an old report without checksums is a warning (at the caller's caller: `stacklevel`),
+    and its files are trusted."""
     sources = artifact_sources(export_dir, record, engine)
     missing = [p.name for p in sources if not p.is_file()]
     if missing:
@@ -266,7 +278,7 @@ def check_artifact_files(export_dir: Path, report: dict[str, Any], record: dict[
     if not isinstance(recorded, dict) or not recorded:
         warnings.warn(f"export-report.json records no SHA-256 for artifact '{record['name']}', so its "
                       "files are packaged unchecked (re-run `bertedge export` to record them)",
-                      RuntimeWarning, stacklevel=3)
+                      RuntimeWarning, stacklevel=stacklevel)
         recorded = {}
     else:
         unlisted = [p.name for p in sources if p.name not in recorded]

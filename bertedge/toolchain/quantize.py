@@ -35,6 +35,7 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry
 
+from bertedge.toolchain.embeddings import embedding_gathers, quantize_embeddings
 from bertedge.toolchain.per_token import per_token_activations
 
 Feeds = dict[str, np.ndarray]
@@ -74,6 +75,7 @@ class Int8Config:
     activations: Activations = Activations.PER_TENSOR  # dynamic only: per batch or per token row
     fp32_nodes: tuple[str, ...] = ()  # single nodes kept in fp32 (the sensitivity search picks them)
     calibrate: str = "minmax"  # static only: minmax, percentile or entropy
+    int8_embeddings: bool = True  # the word-embedding table as int8, one scale per row (`embeddings`)
 
     @property
     def batch_invariant(self) -> bool:
@@ -90,6 +92,7 @@ class Int8Config:
         parts += [f"fp32-nodes={len(self.fp32_nodes)}"] if self.fp32_nodes else []
         parts += ["per-token"] if self.activations is Activations.PER_TOKEN else []
         parts += [self.calibrate] if self.method is Method.STATIC else []
+        parts += [] if self.int8_embeddings else ["fp32-embeddings"]
         return " ".join(parts)
 
     def to_dict(self) -> dict[str, object]:
@@ -150,7 +153,7 @@ def distinct(ladder: Sequence[Int8Config], model: onnx.ModelProto) -> list[Int8C
     for config in ladder:
         excluded = frozenset([*excluded_nodes(model, config.keep_fp32), *config.fp32_nodes]) & _touched(model, config)
         key = (config.method, config.per_channel, config.reduce_range, config.operators, excluded,
-               config.activations, config.calibrate)
+               config.activations, config.calibrate, config.int8_embeddings)
         if key not in seen:
             seen.add(key)
             kept.append(config)
@@ -159,15 +162,17 @@ def distinct(ladder: Sequence[Int8Config], model: onnx.ModelProto) -> list[Int8C
 
 def _touched(model: onnx.ModelProto, config: Int8Config) -> set[str]:
     """Nodes the recipe would quantize: dynamic INT8 only touches ops with a weight initializer
-    (for Gather: an initializer as its data, i.e. an embedding table, not a constant index)."""
+    (for Gather: an initializer as its data, i.e. an embedding table, not a constant index);
+    with `int8_embeddings`, the word-embedding Gathers too."""
     ops = set(config.operators) or set(_DEFAULT_OPS[config.method])
     weights = {i.name for i in model.graph.initializer}
 
     def has_weight(n: onnx.NodeProto) -> bool:
         return n.input[0] in weights if n.op_type == "Gather" else any(i in weights for i in n.input)
 
-    return {n.name for n in model.graph.node if n.op_type in ops
-            and (config.method is Method.STATIC or has_weight(n))}
+    words = {n.name for nodes in embedding_gathers(model).values() for n in nodes} if config.int8_embeddings else set()
+    return words | {n.name for n in model.graph.node if n.op_type in ops
+                    and (config.method is Method.STATIC or has_weight(n))}
 
 
 _DEFAULT_OPS = {Method.DYNAMIC: tuple(IntegerOpsRegistry), Method.STATIC: tuple(QDQRegistry)}
@@ -255,7 +260,8 @@ def _quiet_onnxruntime_advice() -> Iterator[None]:
 
 
 def quantize(src: Path, dst: Path, config: Int8Config, calibration: Sequence[Feeds] = ()) -> None:
-    """Write an INT8 copy of the ONNX graph `src` to `dst`.
+    """Write an INT8 copy of the ONNX graph `src` to `dst` (with `int8_embeddings`, its word-embedding
+    table too: int8 rows, one scale per token id, `bertedge.toolchain.embeddings`).
 
     `DefaultTensorType=FLOAT` works around onnxruntime 1.32 failing on graphs fused by its
     transformer optimizer ("Unable to find data type for weight_name=...").
@@ -276,17 +282,20 @@ def quantize(src: Path, dst: Path, config: Int8Config, calibration: Sequence[Fee
     with _quiet_onnxruntime_advice():
         if config.method is Method.DYNAMIC:
             quantize_dynamic(src, dst, **common)  # type: ignore[arg-type]
-            if config.activations is Activations.PER_TOKEN:
-                quantized = onnx.load(str(dst))
-                per_token_activations(quantized)
-                onnx.save(quantized, str(dst))
-            return
-        if not calibration:
+        elif not calibration:
             raise ValueError("static quantization needs calibration batches")
-        reader = FeedReader(calibration, [i.name for i in model.graph.input])
-        quantize_static(src, dst, reader, quant_format=QuantFormat.QDQ,  # type: ignore[arg-type]
-                        activation_type=QuantType.QUInt8, calibrate_method=CALIBRATE[config.calibrate],
-                        **common)
+        else:
+            reader = FeedReader(calibration, [i.name for i in model.graph.input])
+            quantize_static(src, dst, reader, quant_format=QuantFormat.QDQ,  # type: ignore[arg-type]
+                            activation_type=QuantType.QUInt8, calibrate_method=CALIBRATE[config.calibrate],
+                            **common)
+    if config.activations is Activations.PER_TOKEN or config.int8_embeddings:
+        quantized = onnx.load(str(dst))
+        if config.method is Method.DYNAMIC and config.activations is Activations.PER_TOKEN:
+            per_token_activations(quantized)
+        if config.int8_embeddings:
+            quantize_embeddings(quantized, keep_fp32=exclude)
+        onnx.save(quantized, str(dst))
 
 
 CALIBRATE = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,

@@ -26,6 +26,8 @@ from bertedge.toolchain.bench.spec import Backend
 
 # ----------------------------------------------------------------------------- cold start
 
+PREDICTOR = "predictor"  # a spec's engine for any bundle loaded by `Predictor` (`predictor_spec`)
+
 
 def cold_start_spec(backend: Backend, source: Source, threads: int, text: str) -> dict[str, Any]:
     """What the fresh process needs to load this backend and predict `text` once."""
@@ -35,6 +37,12 @@ def cold_start_spec(backend: Backend, source: Source, threads: int, text: str) -
             "providers": provider_list(backend), "threads": threads, "text": text, "gpu": backend.gpu,
             "root": str(source.root), "bundle": source.kind == "bundle", "task": source.task,
             "inference_precision": inference_precision(backend.kind)}
+
+
+def predictor_spec(bundle: Path, item: str | list[str], threads: int = 0) -> dict[str, Any]:
+    """A spec that loads the bundle as `bertedge predict` does (`Predictor`) and predicts `item`
+    (a text, or a [text, pair] list) once."""
+    return {"engine": PREDICTOR, "bundle": True, "root": str(bundle), "threads": threads, "text": item, "gpu": False}
 
 
 def measure_cold_start(spec: dict[str, Any], runs: int) -> ColdStart:
@@ -97,7 +105,7 @@ def _cold_start_child(spec: dict[str, Any]) -> dict[str, Any]:
         t2 = time.perf_counter()
         with torch.inference_mode():
             model(**tokenizer([spec["text"]], return_tensors="pt"))
-    elif spec["engine"] == "cascade":  # every stage's session, then run_cascade
+    elif spec["engine"] in ("cascade", PREDICTOR):  # a bundle: `Predictor`; a cascade's export folder: its stages
         t1, t2 = _cascade_cold_start(spec)
     else:
         from tokenizers import Tokenizer

@@ -15,6 +15,7 @@ from bertedge.toolchain import quantize as q
 
 OPENVINO_CHOICES = ("auto", "on", "off")
 TIMING_ENV = "BERTEDGE_TIMING_SECONDS"  # the default of --timing-seconds (smoke runs and tests: 0.02)
+FOOTPRINT_ENV = "BERTEDGE_FOOTPRINT"  # the default of --footprint/--no-footprint (the test suite: 0)
 
 
 def default_timing_seconds() -> float:
@@ -32,6 +33,26 @@ def default_timing_seconds() -> float:
     except ValueError:
         raise BertedgeError(f"${TIMING_ENV}={value[:40]!r} is not a number of seconds",
                             f"unset {TIMING_ENV} or set it to e.g. 0.5") from None
+
+
+def default_footprint() -> bool:
+    """Whether export measures each artifact's cold start and peak RSS: $BERTEDGE_FOOTPRINT, else yes.
+
+    About a second per artifact (a fresh process each), so a test suite of tiny exports turns it off.
+
+    >>> import os; saved = os.environ.pop(FOOTPRINT_ENV, None); default_footprint()
+    True
+    >>> os.environ[FOOTPRINT_ENV] = "off"; default_footprint()
+    False
+    >>> _ = os.environ.pop(FOOTPRINT_ENV); os.environ.update({FOOTPRINT_ENV: saved} if saved is not None else {})
+    """
+    value = os.environ.get(FOOTPRINT_ENV, "").strip().lower()
+    if value in ("", "1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise BertedgeError(f"${FOOTPRINT_ENV}={value[:40]!r} is neither 1 nor 0",
+                        f"unset {FOOTPRINT_ENV} or set it to 0 (skip the measure) or 1")
 
 
 class Optimization(str, Enum):
@@ -80,6 +101,7 @@ class ExportArgs:
     targets: tuple[tuple[int, int], ...] = ()  # (batch, seq) shapes timed; () = 1 and 32 at typical length
     timing_seconds: float = field(default_factory=default_timing_seconds)  # timed seconds per artifact and shape
     timing_rounds: int = 3  # the passers are timed again in this many interleaved rounds (0: no re-timing)
+    footprint: bool = field(default_factory=default_footprint)  # cold start and peak RSS of each artifact, fresh process
     threads: int = 0  # intra-op threads while timing (0: onnxruntime picks)
     sensitivity: bool = True  # keep the most error-prone nodes in fp32 when no invariant INT8 passes
     max_fp32_nodes: int = 8  # the most nodes the sensitivity search may keep in fp32

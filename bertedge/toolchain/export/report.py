@@ -62,6 +62,8 @@ class ArtifactReport:
     engine: str = ONNXRUNTIME  # what runs it: onnxruntime, or openvino (`bertedge[openvino]`)
     quantization: dict[str, object] | None = None  # the recipe (INT8 only)
     size_mb: float = 0.0
+    cold_start_s: float | None = None  # fresh process spawn -> first answer, bundled as `package` would (footprint)
+    peak_rss_mb: float | None = None  # that process's peak resident memory; None: --no-footprint or not on CPU
     max_abs_diff_real: float | None = None
     max_abs_diff_random: float | None = None
     label_agreement: float = 0.0
@@ -230,6 +232,8 @@ def render(report: ExportReport) -> list[Any]:
                            "yes" if t.passed else ("error" if t.error else "no"), f"{t.seconds:.0f}")
         tables.append(search)
     tables += [cascade_table(a) for a in report.artifacts if a.cascade is not None]
+    if any(a.cold_start_s is not None for a in report.artifacts):
+        tables.append(footprint_table(report))
     if report.sensitivity:
         nodes = compact(Table(title="INT8 sensitivity: share of the output error per node (top 8)"))
         for col in ("node", "share", "error, node in fp32", "error, all INT8"):
@@ -238,6 +242,19 @@ def render(report: ExportReport) -> list[Any]:
             nodes.add_row(r.node, f"{r.share:.3f}", f"{r.error_with_node_fp32:.2e}", f"{r.error_all_int8:.2e}")
         tables.append(nodes)
     return tables
+
+
+def footprint_table(report: ExportReport) -> Any:
+    """Each measured artifact's size on disk, cold start and peak RSS (a cascade: its stages together)."""
+    from rich.table import Table
+
+    table = compact(Table(title="footprint: a fresh process loads the bundle, answers once"))
+    for col in ("artifact", "MB on disk", "cold start s", "peak RSS MB"):
+        table.add_column(col)
+    for a in report.artifacts:
+        if a.cold_start_s is not None and a.peak_rss_mb is not None:
+            table.add_row(a.name, f"{a.size_mb:.1f}", f"{a.cold_start_s:.2f}", f"{a.peak_rss_mb:.0f}")
+    return table
 
 
 def compact(table: Any) -> Any:

@@ -28,6 +28,7 @@ from bertedge.toolchain.export.args import ExportArgs, check_targets
 from bertedge.toolchain.export.cascade import price_curves
 from bertedge.toolchain.export.compare import Feeds
 from bertedge.toolchain.export.draft import check_draft
+from bertedge.toolchain.export.footprint import measure_footprints
 from bertedge.toolchain.export.gate import (
     BuildContext,
     build_reference,
@@ -106,6 +107,7 @@ def build(args: ExportArgs, source: Source, eval_set: EvalSet | None, calibratio
     price_curves(report.artifacts)  # the cascade's curve, priced with the stages' final timings
     report.recommended = recommend(report.artifacts)
     record_checksums(report, out)
+    measure_footprints(args, report, out, source.info)  # each artifact packaged, loaded in a fresh process
     report.warnings += [f"{a.name}: {a.notes}" for a in report.artifacts if not a.passed]
     int8 = [a for a in report.artifacts if a.precision == "int8"]
     if int8 and not any(a.passed for a in int8):
