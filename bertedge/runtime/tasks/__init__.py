@@ -122,6 +122,7 @@ class Task:
     output_schema: Callable[[Sequence[str], DecodeOptions], Schema]  # (labels, options) -> fields
     # --- examples, whatever the task
     texts: Callable[[Any], list[str]]  # the examples' raw text (bench fills its timed inputs with it)
+    items: Callable[[Any], list[Pair]]  # the examples as the runtime's input items (export's agreement texts)
     # --- cascades: how to tell a confident answer (rows with margin < delta escalate)
     margin: Callable[[Arrays, Arrays], np.ndarray]  # (outputs, feeds) -> one margin in [0, 1] per row
     margin_tokens: Callable[[Encoding], list[int]]  # per token: 1 if it counts toward the margin

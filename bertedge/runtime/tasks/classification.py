@@ -143,6 +143,7 @@ CLASSIFICATION: Task = Task(
     example_item=("a short example text", None),
     output_schema=_schema,
     texts=lambda ex: list(ex.texts),
+    items=lambda ex: list(zip(ex.texts, ex.pairs or [None] * len(ex.texts), strict=True)),
     margin=label_margin,
     margin_tokens=lambda enc: [1] * len(enc.ids),  # unused: the margin reads the logits alone
     check_train=check_trainable,

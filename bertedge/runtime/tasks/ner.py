@@ -472,6 +472,7 @@ NER: Task = Task(
     example_item=("John Smith lives in Paris .", None),
     output_schema=_schema,
     texts=lambda ex: [" ".join(words) for words in ex.words],
+    items=lambda ex: [(" ".join(words), None) for words in ex.words],
     margin=token_margin,
     margin_tokens=lambda enc: [0 if w is None else 1 for w in enc.word_ids],  # specials: no word
 )

@@ -431,6 +431,7 @@ QA: Task = Task(
     example_item=("What is this?", "This is an example context."),
     output_schema=_schema,
     texts=lambda ex: [e.context for e in ex.items],
+    items=lambda ex: [(e.question, e.context) for e in ex.items],
     margin=span_margin,
     margin_tokens=lambda enc: [1 if s == 1 else 0 for s in enc.sequence_ids],  # the context only
 )

@@ -23,6 +23,7 @@ report's warnings say why not.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from bertedge.runtime import sessions
@@ -63,8 +64,8 @@ def build_bf16_openvino(ctx: BuildContext) -> list[ArtifactReport]:
     name = "bf16-openvino"
     if not can_build(ctx, name):
         return []
-    to_ir(ctx.path("fp32"), ctx.path(name))
-    return [gated(ctx, name, "model.onnx as an OpenVINO IR, unquantized ops in bf16")]
+    return [gated(ctx, name, "model.onnx as an OpenVINO IR, unquantized ops in bf16",
+                  lambda: to_ir(ctx.path("fp32"), ctx.path(name)))]
 
 
 def build_int8_openvino_bf16(ctx: BuildContext) -> list[ArtifactReport]:
@@ -77,17 +78,30 @@ def build_int8_openvino_bf16(ctx: BuildContext) -> list[ArtifactReport]:
     if source is None or not source.file:
         ctx.report.warnings.append(f"{name}: not built (it runs {base}'s IR, which this export did not keep)")
         return []
-    for src, dst in zip(ir_files(ctx.path(base)), ir_files(ctx.path(name)), strict=True):
-        shutil.copyfile(src, dst)
-    report = gated(ctx, name, f"{base}'s NNCF static INT8 IR, unquantized ops in bf16")
+
+    def copy() -> None:
+        for src, dst in zip(ir_files(ctx.path(base)), ir_files(ctx.path(name)), strict=True):
+            shutil.copyfile(src, dst)
+
+    report = gated(ctx, name, f"{base}'s NNCF static INT8 IR, unquantized ops in bf16", copy)
     report.quantization = {**(source.quantization or {}), "inference_precision": BF16}
     return [report]
 
 
-def gated(ctx: BuildContext, name: str, notes: str) -> ArtifactReport:
-    """Validate and time kind `name` (in its own inference precision); a failed one stays only
-    while a cascade may start with it (`stage.build` removes it unless one does)."""
-    report = ctx.validate(name, notes=notes)
+def gated(ctx: BuildContext, name: str, notes: str, write: Callable[[], None]) -> ArtifactReport:
+    """Write kind `name`'s files, then validate and time it (in its own inference precision); a
+    failed one stays only while a cascade may start with it (`stage.build` removes it unless one
+    does). When OpenVINO cannot convert or compile it in bf16, the row says so and the export goes on."""
+    try:
+        write()
+        report = ctx.validate(name, notes=notes)
+    except Exception as e:  # OpenVINO's errors are RuntimeError subclasses (or BertedgeError from the session)
+        for path in ir_files(ctx.path(name)):
+            path.unlink(missing_ok=True)
+        report = ArtifactReport.of_kind(name)
+        report.file = ""
+        report.notes = f"not built: OpenVINO failed in bf16 ({type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''})"
+        return report
     if not report.passed and report.file:
         ctx.tentative.add(name)
     return report

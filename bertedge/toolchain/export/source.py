@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tokenizers import Tokenizer
 
 from bertedge.errors import BertedgeError
-from bertedge.runtime.data import BadRows, load_text_classification, seeded_indices, seeded_subset
+from bertedge.runtime.data import BadRows, load_text_classification, seeded_indices
 from bertedge.runtime.features import (
     Features,
     length_sorted_batches,
@@ -24,7 +25,9 @@ from bertedge.runtime.features import (
     pad_id,
 )
 from bertedge.runtime.meta import ModelMeta, read_model_meta
-from bertedge.runtime.tasks import MARGIN_MASK, Task
+from bertedge.runtime.predictor import CHARS_PER_TOKEN_CAP
+from bertedge.runtime.records import Pair
+from bertedge.runtime.tasks import CLASSIFICATION, MARGIN_MASK, Task
 from bertedge.toolchain.export.args import ExportArgs
 from bertedge.toolchain.export.compare import Feeds, Outputs, Run, feed
 from bertedge.toolchain.families import FAMILIES, family
@@ -180,41 +183,68 @@ def example_predictions(outputs: Sequence[Outputs], eval_set: EvalSet, task: Tas
     return list(task.predict(windows, eval_set.features, eval_set.examples, labels))
 
 
+def read_items(path: Path, args: ExportArgs, task: Task) -> list[Pair]:
+    """A --calibration or --agreement-data file as the runtime's input items (text, pair).
+
+    The task's own labelled format is read first (CoNLL for NER, SQuAD for QA, a labelled table
+    for classification: labels read, then unused), else plain text columns without labels, so
+    the same train file that fine-tuned a model can feed its export.
+    """
+    try:
+        items = task.items(task.load(path, args.columns, None, BadRows.SKIP))
+        as_task = f"no {task.name} examples"
+    except BertedgeError as e:
+        items, as_task = [], e.problem
+    if items:
+        return items
+    try:
+        return CLASSIFICATION.items(load_text_classification(path, args.columns, require_labels=False))
+    except BertedgeError as as_text:
+        raise BertedgeError(f"{path}: not {task.name} data ({as_task}) nor text columns ({as_text.problem})",
+                            as_text.fix) from None
+
+
 def load_calibration(args: ExportArgs, source: Source) -> list[Feeds]:
     """Up to --calibration-rows texts (and pairs) from --calibration, tokenized; labels not needed.
 
-    Calibration only needs realistic activations, so any task reads plain text columns here
-    (QA: --text-column question --text-pair-column context).
+    Calibration only needs realistic activations, so each text (QA: question and context) is
+    simply cut to the model's length.
     """
     if args.calibration is None:
         return []
-    examples = load_text_classification(args.calibration, args.columns, require_labels=False)
-    examples = seeded_subset(examples, args.calibration_rows, args.seed)
-    return tokenize(source.tokenizer, examples.texts, examples.pairs, source.info.max_length,
-                    args.batch_size)
+    items = read_items(args.calibration, args, source.info.task)
+    items = [items[i] for i in seeded_indices(len(items), args.calibration_rows, args.seed)]
+    pairs = [p or "" for _, p in items] if any(p is not None for _, p in items) else None
+    return tokenize(source.tokenizer, [t for t, _ in items], pairs, source.info.max_length, args.batch_size)
 
 
 def load_agreement_texts(args: ExportArgs, source: Source) -> list[Feeds]:
-    """Up to --agreement-rows texts of --agreement-data, tokenized, for the agreement budget only.
+    """Up to --agreement-rows texts of --agreement-data, encoded and batched as `predict` does.
 
     A small eval set measures agreement coarsely (872 rows: one answer is 0.11%), so a static
     INT8 recipe can pass or miss by its calibration draw's luck. Unlabelled texts sharpen it at
     no labelling cost. From the --calibration file itself, the rows calibration drew are left
-    out: agreement on the texts the scales were fitted to would flatter static INT8.
+    out: agreement on the texts the scales were fitted to would flatter static INT8. Each text
+    goes through the task's runtime encoding (`Task.encode_items`: NER's word split, QA's windows
+    over the whole context), items the runtime would refuse left out.
     """
     if args.agreement_data is None:
         return []
-    examples = load_text_classification(args.agreement_data, args.columns, require_labels=False)
+    task = source.info.task
+    items = read_items(args.agreement_data, args, task)
     same_file = args.calibration is not None and args.calibration.resolve() == args.agreement_data.resolve()
-    if same_file and 0 < args.calibration_rows < len(examples):
-        drawn = set(seeded_indices(len(examples), args.calibration_rows, args.seed))  # load_calibration's rows
-        examples = examples.subset([i for i in range(len(examples)) if i not in drawn])
+    if same_file and 0 < args.calibration_rows < len(items):
+        drawn = set(seeded_indices(len(items), args.calibration_rows, args.seed))  # load_calibration's rows
+        items = [item for i, item in enumerate(items) if i not in drawn]
     elif same_file:
         raise BertedgeError(f"--agreement-data is the --calibration file and calibration uses all its "
-                            f"{len(examples)} rows", "give --agreement-data other texts, or lower --calibration-rows")
-    examples = seeded_subset(examples, args.agreement_rows, args.seed + 1)
-    return tokenize(source.tokenizer, examples.texts, examples.pairs, source.info.max_length, args.batch_size,
-                    source.info.task)
+                            f"{len(items)} rows", "give --agreement-data other texts, or lower --calibration-rows")
+    items = [items[i] for i in seeded_indices(len(items), args.agreement_rows, args.seed + 1)]
+    items = [item for item in items if task.check_item(item) is None]
+    tokenizer = Tokenizer.from_str(source.tokenizer.to_str())  # the runtime's settings, on a copy
+    task.setup_tokenizer(tokenizer, source.info.max_length, source.stride)
+    features = task.encode_items(tokenizer, items, source.info.max_length * CHARS_PER_TOKEN_CAP)
+    return runtime_batches(features.encodings, pad_id(tokenizer), args.batch_size, task)[0]
 
 
 def torch_runner(source: Source) -> Run:
