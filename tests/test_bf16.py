@@ -195,8 +195,8 @@ def test_pick_stages_reads_the_invariance_tolerance_not_a_fixed_one() -> None:
     for tol, first in ((1e-5, "int8-static"), (LOOSE, "int8-openvino-bf16")):
         fp32 = ArtifactReport.of_kind("fp32")
         fp32.passed, fp32.cost_ms = True, 9.0
-        chosen, last = pick_stages([row("int8-static", 2.0, tol), row("int8-openvino-bf16", 1.0, tol), fp32])
-        assert chosen is not None and chosen.name == first and last is fp32
+        chosen, lasts = pick_stages([row("int8-static", 2.0, tol), row("int8-openvino-bf16", 1.0, tol), fp32])
+        assert chosen is not None and chosen.name == first and lasts == [fp32]
         moved = row("int8-openvino-bf16", 1.0, tol).batch_invariance
         assert moved is not None and 5e-4 < moved.max_prob_diff < 2e-3  # the same figure, judged by tol
 

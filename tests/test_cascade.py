@@ -281,6 +281,18 @@ def test_chain_calibration_goes_from_the_back() -> None:
     assert delta_grid(np.array([]), 200).tolist() == [0.0]
 
 
+def test_ner_agreement_counts_tokens_as_the_gate_does() -> None:
+    """A cascade's agreement counts what the gate counts for the artifacts beside it: NER tokens,
+    not whole sentences (one changed token in each of 10 rows is 75% of 40 tokens, not 0% of rows)."""
+    from bertedge.toolchain.export.cascade import token_labels
+
+    ref, first = [((1, 1, 1, 1),)] * 10, [((1, 1, 1, 0),)] * 10
+    tokens = calibrate(ref, np.full(10, 0.9), first, ref, Budgets(0.7, 100.0), units=token_labels)
+    assert tokens.delta == 0.0 and tokens.curve[0].agreement == 0.75 and tokens.curve[0].changed == 10
+    rows = calibrate(ref, np.full(10, 0.9), first, ref, Budgets(0.7, 100.0))
+    assert rows.curve[0].agreement == 0.0 and rows.delta is not None and rows.delta > 0.9
+
+
 def test_calibration_refuses_mismatched_inputs() -> None:
     with pytest.raises(BertedgeError, match="cannot calibrate"):
         calibrate([0, 1], np.array([0.1]), [0, 1], [0, 1], Budgets())

@@ -7,7 +7,9 @@ way from each distinct stage-1 margin to the next, thinned to at most `max_point
 stage-1 margin is below delta takes the last stage's answer, the others keep stage 1's. The
 curve (delta -> share escalated -> agreement with the reference -> metric) is reported on all
 rows; delta is chosen as the smallest grid point meeting both budgets on one seeded half of the
-rows and confirmed on the other half (both halves' figures are reported).
+rows and confirmed on the other half (both halves' figures are reported). Agreement counts what
+export's gate counts (`units`): a row's answer whole by default, NER's tokens one by one, so a
+cascade's agreement and an artifact's compare like for like.
 
 Chains of more than two stages are calibrated stage by stage from the back (`calibrate_chain`):
 first the last two stages, as a two-stage cascade; then the stage before them against that
@@ -31,6 +33,8 @@ from bertedge.errors import BertedgeError
 from bertedge.runtime.cascade import ALWAYS, escalates
 
 Metric = Callable[[Sequence[Any], Sequence[Any]], float]  # (predictions, gold) -> 0..1, higher is better
+# (answer, reference answer) -> (units equal, units compared): what agreement counts in a row
+Units = Callable[[Any, Any], tuple[int, int]]
 
 
 @dataclass(frozen=True)
@@ -54,8 +58,8 @@ class CurvePoint:
 
     delta: float
     escalated: float  # share of rows the next stage answers
-    agreement: float  # share of rows whose answer equals the reference's
-    changed: int  # rows whose answer differs from the reference's
+    agreement: float  # share of answers equal to the reference's (rows; NER: tokens, see `Units`)
+    changed: int  # answers that differ from the reference's
     metric: float | None  # on the rows with gold answers (None: there are none)
     cost_ms: dict[str, float] = field(default_factory=dict)  # "BxS" -> ms, estimated once export timed the stages
 
@@ -127,7 +131,7 @@ def delta_grid(margins: np.ndarray, max_points: int = 200) -> np.ndarray:
 
 def calibrate(reference: Sequence[Any], margins: np.ndarray, first: Sequence[Any], last: Sequence[Any],
               budgets: Budgets, gold: Sequence[Any] | None = None, metric: Metric | None = None,
-              seed: int = 0, max_points: int = 200) -> Calibration:
+              seed: int = 0, max_points: int = 200, units: Units | None = None) -> Calibration:
     """Choose a two-stage cascade's delta; see the module docstring.
 
     Args:
@@ -140,6 +144,7 @@ def calibrate(reference: Sequence[Any], margins: np.ndarray, first: Sequence[Any
         seed: seeds the split into the choosing and the confirming half (gold rows and the
             others are each split in two, so both halves hold some of each).
         max_points: the most deltas tried.
+        units: what agreement counts in a row (default: the answer whole, `whole_answer`).
 
     >>> ref, first, last = [0, 1, 1, 0] * 5, [0, 1, 0, 0] * 5, [0, 1, 1, 0] * 5
     >>> cal = calibrate(ref, np.array([0.9, 0.8, 0.1, 0.7] * 5), first, last, Budgets(1.0, 0.0), ref)
@@ -152,7 +157,7 @@ def calibrate(reference: Sequence[Any], margins: np.ndarray, first: Sequence[Any
         raise BertedgeError(f"cannot calibrate a cascade on {n} reference, {len(margins)} margin, {len(first)} "
                             f"stage-1 and {len(last)} last-stage answers",
                             "give one answer and margin per row, on 2 or more rows")
-    rows = _Rows(reference, first, last, gold, metric or _accuracy)
+    rows = _Rows(reference, first, last, gold, metric or _accuracy, units or whole_answer)
     grid = delta_grid(margins, max_points)
     everyone = np.arange(n)
     curve = tuple(rows.point(everyone, margins, float(d)) for d in grid)
@@ -169,7 +174,7 @@ def calibrate(reference: Sequence[Any], margins: np.ndarray, first: Sequence[Any
 
 def calibrate_chain(reference: Sequence[Any], margins: Sequence[np.ndarray], answers: Sequence[Sequence[Any]],
                     budgets: Budgets, gold: Sequence[Any] | None = None, metric: Metric | None = None,
-                    seed: int = 0, max_points: int = 200) -> ChainCalibration:
+                    seed: int = 0, max_points: int = 200, units: Units | None = None) -> ChainCalibration:
     """Calibrate a chain of stages from the back (see the module docstring).
 
     Args:
@@ -188,7 +193,7 @@ def calibrate_chain(reference: Sequence[Any], margins: Sequence[np.ndarray], ans
                             "give answers for 2 or more stages and margins for each stage but the last")
     tail, steps = list(answers[-1]), list[Calibration]()
     for k in range(len(margins) - 1, -1, -1):
-        step = calibrate(reference, margins[k], answers[k], tail, budgets, gold, metric, seed, max_points)
+        step = calibrate(reference, margins[k], answers[k], tail, budgets, gold, metric, seed, max_points, units)
         steps.insert(0, step)
         if step.delta is None:
             return ChainCalibration(None, tuple(steps))
@@ -199,6 +204,15 @@ def calibrate_chain(reference: Sequence[Any], margins: Sequence[np.ndarray], ans
 
 def _same(a: Any, b: Any) -> bool:
     return bool(np.array_equal(np.asarray(a, dtype=object), np.asarray(b, dtype=object)))
+
+
+def whole_answer(answer: Any, reference: Any) -> tuple[int, int]:
+    """A row's answer counts once: equal or not.
+
+    >>> whole_answer((3, 5), (3, 5)), whole_answer("a", "b")
+    ((1, 1), (0, 1))
+    """
+    return int(_same(answer, reference)), 1
 
 
 def _accuracy(predictions: Sequence[Any], gold: Sequence[Any]) -> float:
@@ -222,19 +236,24 @@ def split_halves(n: int, gold: Sequence[Any] | None, seed: int) -> tuple[np.ndar
 
 
 class _Rows:
-    """The per-row facts every delta reuses: which answers equal the reference, and the gold."""
+    """The per-row facts every delta reuses: how many units of each stage's answer equal the
+    reference's, and the gold."""
 
     def __init__(self, reference: Sequence[Any], first: Sequence[Any], last: Sequence[Any],
-                 gold: Sequence[Any] | None, metric: Metric) -> None:
+                 gold: Sequence[Any] | None, metric: Metric, units: Units) -> None:
         self.first, self.last, self.reference, self.metric = list(first), list(last), list(reference), metric
-        self.first_same = np.array([_same(a, r) for a, r in zip(first, reference, strict=True)], dtype=bool)
-        self.last_same = np.array([_same(a, r) for a, r in zip(last, reference, strict=True)], dtype=bool)
+        first_units = [units(a, r) for a, r in zip(first, reference, strict=True)]
+        last_units = [units(a, r) for a, r in zip(last, reference, strict=True)]
+        self.first_same = np.array([same for same, _ in first_units], dtype=np.int64)
+        self.last_same = np.array([same for same, _ in last_units], dtype=np.int64)
+        self.units = np.array([n for _, n in first_units], dtype=np.int64)
         self.gold = list(gold) if gold is not None else [None] * len(self.first)
 
     def point(self, rows: np.ndarray, margins: np.ndarray, delta: float) -> CurvePoint:
         escalate = escalates(margins[rows], delta)
         same = np.where(escalate, self.last_same[rows], self.first_same[rows])
-        return CurvePoint(delta, float(escalate.mean()), float(same.mean()), int((~same).sum()),
+        total = int(self.units[rows].sum())
+        return CurvePoint(delta, float(escalate.mean()), float(same.sum() / max(total, 1)), int(total - same.sum()),
                           self._metric(rows, escalate))
 
     def half(self, rows: np.ndarray, margins: np.ndarray, delta: float, budgets: Budgets) -> HalfFigures:

@@ -6,7 +6,8 @@ Built after every other candidate, from their files and verdicts:
   (`ArtifactKind.first_stage`: static INT8, onnxruntime's or NNCF's on OpenVINO), whether or not
   it met the budgets on its own: the cascade exists to fix the answers it is unsure of;
 - last stage: the fastest artifact that passed and is faithful: fp32 parity (fp32, fused), or
-  more of PyTorch's answers kept than stage 1 (per-token INT8, say);
+  more of PyTorch's answers kept than stage 1 (per-token INT8, say); when no delta meets the
+  budgets with it, the next fastest such artifact is tried (up to `MAX_LAST_STAGES`);
 - with `--draft STUDENT_EXPORT_DIR`, a distilled student's artifact goes first (`draft`): a
   chain of three stages when the teacher has a static INT8 one, its deltas calibrated from the
   back (`calibrate_chain`).
@@ -34,7 +35,7 @@ import numpy as np
 from bertedge.runtime.artifacts import CASCADE, artifact_kind
 from bertedge.runtime.cascade import CascadeSpec, CascadeStats
 from bertedge.runtime.stages import SPEC_FILE, OpenedCascade, open_cascade
-from bertedge.toolchain.cascade import Budgets, ChainCalibration, calibrate_chain
+from bertedge.toolchain.cascade import Budgets, ChainCalibration, calibrate_chain, whole_answer
 from bertedge.toolchain.export.compare import Feeds, Outputs, cost_ms, rows, stack
 from bertedge.toolchain.export.draft import StagePlan, copy_draft, of_artifact
 from bertedge.toolchain.export.gate import BuildContext, Reference, time_run
@@ -42,17 +43,23 @@ from bertedge.toolchain.export.report import ArtifactReport, CascadeReport
 from bertedge.toolchain.export.source import example_predictions
 
 TIMED_ROWS = 256  # real texts per timed pass at each shape (2 batches at least)
+MAX_LAST_STAGES = 3  # last-stage candidates tried, fastest first, until one meets the budgets
 
 
 def build_cascade(ctx: BuildContext) -> list[ArtifactReport]:
     """cascade.json (with --cascade, the default): stage 1 (with --draft: the student's, then the
     teacher's static INT8 when there is one), a more faithful last stage, and their deltas."""
-    chain = plan_chain(ctx)
-    if not chain:
+    chains = plan_chains(ctx)
+    for i, chain in enumerate(chains):
+        opened = open_cascade(ctx.out, CascadeSpec(tuple(p.stage for p in chain)), ctx.ref.task, ctx.ref.pad,
+                              threads=ctx.args.threads or None, fix="re-run `bertedge export`")
+        found, count = calibrate_deltas(ctx.ref, opened)
+        if found.deltas is not None or i == len(chains) - 1:
+            break
+        ctx.report.warnings.append(f"cascade: no delta meets the budgets with {chain[-1].name} as the last stage; "
+                                   f"trying {chains[i + 1][-1].name}")
+    else:
         return []
-    opened = open_cascade(ctx.out, CascadeSpec(tuple(p.stage for p in chain)), ctx.ref.task, ctx.ref.pad,
-                          threads=ctx.args.threads or None, fix="re-run `bertedge export`")
-    found, count = calibrate_deltas(ctx.ref, opened)
     report = ArtifactReport.of_kind(CASCADE)
     report.quantization = {"stages": {p.name: p.quantization for p in chain}}
     report.size_mb = round(sum(p.size_mb for p in chain), 3)
@@ -75,20 +82,23 @@ def build_cascade(ctx: BuildContext) -> list[ArtifactReport]:
     return [report]
 
 
-def plan_chain(ctx: BuildContext) -> list[StagePlan]:
-    """The stages, first to last ([] when there is no cascade to build; the report says why)."""
+def plan_chains(ctx: BuildContext) -> list[list[StagePlan]]:
+    """The chains to try, first to last stage, one per last-stage candidate (fastest first, the
+    first whose deltas meet the budgets is built); [] when there is no cascade to build (the
+    report says why)."""
     if not ctx.args.cascade:
         return []
-    first, last = pick_stages(ctx.report.artifacts)
+    first, lasts = pick_stages(ctx.report.artifacts)
     if first is None and ctx.args.draft is None:
         return []
-    if last is None or (ctx.ref.eval_set is None and not ctx.ref.extra):
+    if not lasts or (ctx.ref.eval_set is None and not ctx.ref.extra):
         why = (f"no artifact that passed is more faithful than {first.name if first else 'the draft'}"
-               if last is None else "it needs --eval or --agreement-data rows to choose its delta on")
+               if not lasts else "it needs --eval or --agreement-data rows to choose its delta on")
         ctx.report.warnings.append(f"cascade: not built ({why})")
         return []
-    return [*([copy_draft(ctx)] if ctx.args.draft is not None else []),
-            *([of_artifact(ctx, first.name)] if first is not None else []), of_artifact(ctx, last.name)]
+    head = [*([copy_draft(ctx)] if ctx.args.draft is not None else []),
+            *([of_artifact(ctx, first.name)] if first is not None else [])]
+    return [[*head, of_artifact(ctx, last.name)] for last in lasts[:MAX_LAST_STAGES]]
 
 
 def not_calibrated(ctx: BuildContext, report: ArtifactReport, stage: int) -> ArtifactReport:
@@ -102,9 +112,10 @@ def not_calibrated(ctx: BuildContext, report: ArtifactReport, stage: int) -> Art
     return report
 
 
-def pick_stages(artifacts: Sequence[ArtifactReport]) -> tuple[ArtifactReport | None, ArtifactReport | None]:
-    """(stage 1, last stage) of the export's own artifacts, see the module docstring; None where
-    there is none (with no stage 1, any artifact that passed may be the last)."""
+def pick_stages(artifacts: Sequence[ArtifactReport]) -> tuple[ArtifactReport | None, list[ArtifactReport]]:
+    """(stage 1, the last-stage candidates, fastest first) of the export's own artifacts, see the
+    module docstring; None / [] where there is none (with no stage 1, any artifact that passed may
+    be the last)."""
     def invariant(a: ArtifactReport) -> bool:
         return a.batch_invariance is not None and a.batch_invariance.passed
 
@@ -114,7 +125,7 @@ def pick_stages(artifacts: Sequence[ArtifactReport]) -> tuple[ArtifactReport | N
     lasts = [a for a in artifacts if a.passed and a.file and a.cost_ms is not None and a is not first
              and artifact_kind(a.name).cpu_candidate and artifact_kind(a.name).engine != CASCADE
              and (first is None or not artifact_kind(a.name).lossy or a.label_agreement > first.label_agreement)]
-    return first, min(lasts, key=lambda a: float(a.cost_ms or 0.0)) if lasts else None
+    return first, sorted(lasts, key=lambda a: float(a.cost_ms or 0.0))
 
 
 def describe(report: ArtifactReport, first: str) -> str:
@@ -207,9 +218,28 @@ def calibrate_deltas(ref: Reference, opened: OpenedCascade) -> tuple[ChainCalibr
         return float(task.score(list(predictions), subset, labels)[task.metric])
 
     budgets = Budgets(args.min_agreement, args.max_accuracy_drop)
+    per_token = any(np.asarray(v).ndim == 3 for out in (*ref.ref_real[:1], *ref.ref_extra[:1]) for v in out.values())
     found_chain = calibrate_chain(answers[0], [np.asarray(m) for m in margins], answers[1:], budgets, gold, metric,
-                                  seed=args.seed)
+                                  seed=args.seed, units=token_labels if per_token else whole_answer)
     return found_chain, len(answers[0])
+
+
+def token_labels(answer: Any, reference: Any) -> tuple[int, int]:
+    """Per-token labels (NER) count token by token, as the gate counts them (`agreement_counts`):
+    an --eval example's word tags, or an agreement row's `row_answers` ((label ids...),).
+
+    >>> token_labels(((1, 0, 2),), ((1, 1, 2),)), token_labels(["O", "B-PER"], ["O", "B-PER"])
+    ((2, 3), (2, 2))
+    """
+    def tokens(x: Any) -> Sequence[Any] | None:
+        if isinstance(x, tuple) and len(x) == 1 and isinstance(x[0], tuple):
+            return x[0]
+        return x if isinstance(x, list) else None
+
+    a, r = tokens(answer), tokens(reference)
+    if a is None or r is None or len(a) != len(r):
+        return whole_answer(answer, reference)
+    return sum(x == y for x, y in zip(a, r, strict=True)), len(r)
 
 
 def example_margins(outputs: Sequence[Outputs], ref: Reference) -> list[float]:
