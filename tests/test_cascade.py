@@ -293,6 +293,22 @@ def test_ner_agreement_counts_tokens_as_the_gate_does() -> None:
     assert rows.curve[0].agreement == 0.0 and rows.delta is not None and rows.delta > 0.9
 
 
+def test_a_cascade_that_escalates_nothing_is_never_recommended() -> None:
+    """delta 0 makes a cascade its stage 1 plus overhead: timing noise must not recommend it."""
+    from bertedge.toolchain.export import ArtifactReport, recommend
+    from bertedge.toolchain.export.report import CascadeReport
+
+    stage1, cascade = ArtifactReport.of_kind("int8-openvino"), ArtifactReport.of_kind("cascade")
+    for row, ms in ((stage1, 1.0), (cascade, 0.9)):
+        row.passed, row.cost_ms = True, ms
+    cal = calibrate([0, 1] * 4, np.full(8, 0.9), [0, 1] * 4, [0, 1] * 4, Budgets(1.0, 0.0))
+    cascade.cascade = CascadeReport([{"artifact": "int8-openvino", "delta": 0.0}, {"artifact": "fused", "delta": 0.0}],
+                                    8, cal)
+    assert cal.delta == 0.0 and recommend([stage1, cascade]) == "int8-openvino"
+    cascade.cascade.stages[0]["delta"] = 0.2
+    assert recommend([stage1, cascade]) == "cascade"
+
+
 def test_calibration_refuses_mismatched_inputs() -> None:
     with pytest.raises(BertedgeError, match="cannot calibrate"):
         calibrate([0, 1], np.array([0.1]), [0, 1], [0, 1], Budgets())

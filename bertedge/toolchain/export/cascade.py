@@ -135,6 +135,8 @@ def describe(report: ArtifactReport, first: str) -> str:
     text = (f"delta {cal.delta:.4g}: {cal.choose.escalated:.1%} escalated, agreement {cal.choose.agreement:.4f} "
             f"(choosing half) / {cal.confirm.agreement:.4f} (other half"
             f"{')' if cal.confirmed else ', over budget: not confirmed)'}")
+    if cal.delta == 0.0:
+        text += f"; {first} keeps the budgets alone, so this cascade (it plus overhead) is never recommended"
     alone, both = cost_ms(c.first_stage_ms), cost_ms(report.timings_ms)
     if alone and both:
         verdict = "not faster than" if both >= alone else "faster than"

@@ -267,8 +267,10 @@ def _changed_text(r: ArtifactReport, min_agreement: float) -> str:
 def recommend(artifacts: Sequence[ArtifactReport]) -> str:
     """The fastest passing CPU candidate (`ArtifactKind.cpu_candidate`) by measured cost at the
     target shapes; ties go to the one built first. Untimed: the lossy kinds in table order, then
-    the others, the last-listed (most optimized) first."""
-    passed = [a for a in artifacts if a.passed and artifact_kind(a.name).cpu_candidate]
+    the others, the last-listed (most optimized) first. A cascade whose stage 1 escalates nothing
+    (delta 0) is that stage plus overhead: its stage is recommended, never it."""
+    passed = [a for a in artifacts if a.passed and artifact_kind(a.name).cpu_candidate
+              and not (a.cascade is not None and a.cascade.stages and a.cascade.stages[0].get("delta") == 0.0)]
     timed = [a for a in passed if a.cost_ms is not None]
     if timed:
         return min(timed, key=lambda a: float(a.cost_ms or 0.0)).name
