@@ -51,9 +51,39 @@ def terminate_cleanly(signals: tuple[int, ...] = (signal.SIGTERM,)) -> Iterator[
     previous = {s: signal.signal(s, handler) for s in signals}
     try:
         yield
+    except Exception as e:  # a signal inside an extension's import or call comes back wrapped
+        stop = wrapped_stop(e)
+        if stop is None:
+            raise
+        raise stop from None
     finally:
         for s, before in previous.items():
             signal.signal(s, before)
+
+
+def wrapped_stop(error: BaseException) -> Terminated | None:
+    """The `Terminated` behind `error`, if a library turned one into its own exception (a SIGTERM
+    while onnxruntime's C extension initializes surfaces as "ImportError: initialization failed").
+
+    >>> try:
+    ...     try:
+    ...         raise Terminated(143)
+    ...     except Terminated:
+    ...         raise ImportError("initialization failed")
+    ... except ImportError as e:
+    ...     wrapped_stop(e).code
+    143
+    >>> wrapped_stop(ValueError("no")) is None
+    True
+    """
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, Terminated):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def signal_name(code: object) -> str:
