@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from bertedge.runtime.artifacts import CASCADE
+from bertedge.runtime.artifacts import CASCADE, inference_precision
 from bertedge.runtime.data import Columns, TextExamples, load_text_classification, seeded_subset
 from bertedge.runtime.features import length_sorted_batches, load_tokenizer, pad_batch, pad_id
 from bertedge.runtime.meta import read_model_meta
@@ -92,8 +92,9 @@ class Contender:
 
 
 def ort_contender(name: str, path: Path, threads: int, recipe: str, build_s: float = 0.0,
-                  engine: str = "onnxruntime") -> Contender:
-    session = make_session(path, threads=threads, fix="rebuild the artifact", engine=engine)
+                  engine: str = "onnxruntime", kind: str | None = None) -> Contender:
+    session = make_session(path, threads=threads, fix="rebuild the artifact", engine=engine,
+                           inference_precision=inference_precision(kind))  # a bf16 kind runs in bf16, as predict runs it
     names = [i.name for i in session.get_inputs()]
 
     def run(feeds: Feeds) -> np.ndarray:
@@ -192,7 +193,8 @@ def bertedge_contenders(model_dir: Path, export_dir: Path | None, work: Path, th
             continue
         engine = artifact.get("engine", "onnxruntime")
         recipe = f"bertedge export, recommended '{kind}' on {engine}: {json.dumps(artifact.get('quantization'))}"
-        out.append(ort_contender(f"bertedge-{kind}", export_dir / artifact["file"], threads, recipe, build_s, engine))
+        out.append(ort_contender(f"bertedge-{kind}", export_dir / artifact["file"], threads, recipe, build_s, engine,
+                                 kind))
     return out
 
 

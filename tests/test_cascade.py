@@ -287,9 +287,9 @@ def test_ner_agreement_counts_tokens_as_the_gate_does() -> None:
     from bertedge.toolchain.export.cascade import token_labels
 
     ref, first = [((1, 1, 1, 1),)] * 10, [((1, 1, 1, 0),)] * 10
-    tokens = calibrate(ref, np.full(10, 0.9), first, ref, Budgets(0.7, 100.0), units=token_labels)
+    tokens = calibrate(ref, np.full(10, 0.9), first, ref, Budgets(0.5, 100.0), units=token_labels)
     assert tokens.delta == 0.0 and tokens.curve[0].agreement == 0.75 and tokens.curve[0].changed == 10
-    rows = calibrate(ref, np.full(10, 0.9), first, ref, Budgets(0.7, 100.0))
+    rows = calibrate(ref, np.full(10, 0.9), first, ref, Budgets(0.5, 100.0))
     assert rows.curve[0].agreement == 0.0 and rows.delta is not None and rows.delta > 0.9
 
 

@@ -7,7 +7,9 @@ way from each distinct stage-1 margin to the next, thinned to at most `max_point
 stage-1 margin is below delta takes the last stage's answer, the others keep stage 1's. The
 curve (delta -> share escalated -> agreement with the reference -> metric) is reported on all
 rows; delta is chosen as the smallest grid point meeting both budgets on one seeded half of the
-rows and confirmed on the other half (both halves' figures are reported). Agreement counts what
+rows, with half the agreement budget's slack in reserve (`Budgets.with_headroom`; without it
+when no delta meets that), and confirmed on the other half at the budgets themselves (both
+halves' figures are reported). Agreement counts what
 export's gate counts (`units`): a row's answer whole by default, NER's tokens one by one, so a
 cascade's agreement and an artifact's compare like for like.
 
@@ -35,6 +37,7 @@ from bertedge.runtime.cascade import ALWAYS, escalates
 Metric = Callable[[Sequence[Any], Sequence[Any]], float]  # (predictions, gold) -> 0..1, higher is better
 # (answer, reference answer) -> (units equal, units compared): what agreement counts in a row
 Units = Callable[[Any, Any], tuple[int, int]]
+HEADROOM = 0.5  # share of the agreement budget's slack a delta may use on the choosing half
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,16 @@ class Budgets:
 
     min_agreement: float = 0.995  # share of the reference's answers kept, 0..1
     max_metric_drop: float = 0.5  # metric points (100 x the 0..1 metric) below the reference's
+
+    def with_headroom(self) -> Budgets:
+        """The agreement budget with half its slack kept in reserve: what a delta must meet on the
+        choosing half first, so one that only just passes there (and so likely fails the other
+        half) is not taken while a safer one exists.
+
+        >>> Budgets(0.999, 0.5).with_headroom().min_agreement
+        0.9995
+        """
+        return Budgets(round(1.0 - (1.0 - self.min_agreement) * HEADROOM, 12), self.max_metric_drop)
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.min_agreement) and 0 <= self.min_agreement <= 1
@@ -162,11 +175,11 @@ def calibrate(reference: Sequence[Any], margins: np.ndarray, first: Sequence[Any
     everyone = np.arange(n)
     curve = tuple(rows.point(everyone, margins, float(d)) for d in grid)
     choose, confirm = split_halves(n, gold, seed)
-    for d in grid:
-        figures = rows.half(choose, margins, float(d), budgets)
-        if figures.passed:
-            check = rows.half(confirm, margins, float(d), budgets)
-            return Calibration(float(d), check.passed, curve, figures, check)
+    for target in (budgets.with_headroom(), budgets):
+        for d in grid:
+            if rows.half(choose, margins, float(d), target).passed:
+                figures, check = (rows.half(half, margins, float(d), budgets) for half in (choose, confirm))
+                return Calibration(float(d), check.passed, curve, figures, check)
     top = float(grid[-1])
     return Calibration(None, False, curve, rows.half(choose, margins, top, budgets),
                        rows.half(confirm, margins, top, budgets))

@@ -50,6 +50,10 @@ from bertedge.toolchain.export.source import (
 
 Timer = Callable[[int, int], float]  # (batch, sequence) -> p50 milliseconds of one call at that shape
 
+# texts each artifact's batch-invariance check puts alone, in a batch of 32 and padded: on the demo
+# model, bf16-openvino moved 7.5e-6 on 8 (passing 1e-5), 2.7e-4 on 32 and 6.1e-4 on 64
+INVARIANCE_PROBES = 32
+
 
 def ort_runner(path: Path, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0,
                engine: str = ONNXRUNTIME, inference_precision: str = "f32") -> Run:
@@ -130,7 +134,7 @@ class Reference:
         report.answers_changed, report.answers_compared = total - same, total
         report.metric = self._metric(got_real)
         unpadded = rows(self.real)
-        probes = unpadded[:: max(1, len(unpadded) // 8)][:8]
+        probes = unpadded[:: max(1, len(unpadded) // INVARIANCE_PROBES)][:INVARIANCE_PROBES]
         report.batch_invariance = batch_invariance(run, probes, unpadded, self.pad, self.width, per_token,
                                                    self.args.seed, self.args.invariance_tol)
         report.validated, report.validated_on = True, self.cpu
