@@ -408,3 +408,24 @@ def test_one_row_of_training_data_says_what_is_wrong(tmp_path: Path) -> None:
     with pytest.raises(BertedgeError, match="no training rows are left") as e:
         check_trainable(train)
     assert "'?'" not in str(e.value)
+
+
+def test_a_qa_export_without_labels_packages_and_predicts(exports: dict[str, Path], tmp_path: Path) -> None:
+    """`finetune --task qa` writes no labels (bertedge.json `labels: []`, no id2label): the manifest
+    allows none for QA (it refused every real QA model's bundle), and still one for NER."""
+    export = shutil.copytree(exports["qa"], tmp_path / "export")
+    meta = json.loads((export / "bertedge.json").read_text())
+    config = json.loads((export / "config.json").read_text())
+    meta["labels"] = []
+    for key in ("id2label", "label2id"):
+        config.pop(key, None)
+    (export / "bertedge.json").write_text(json.dumps(meta))
+    (export / "config.json").write_text(json.dumps(config))
+    report = json.loads((export / "export-report.json").read_text())
+    for name in ("bertedge.json", "config.json"):  # as export would have recorded them
+        report["metadata_sha256"][name] = hashlib.sha256((export / name).read_bytes()).hexdigest()
+    (export / "export-report.json").write_text(json.dumps(report))
+    bundle = package(PackageArgs(export, tmp_path / "b")).root
+    assert json.loads((bundle / "manifest.json").read_text())["labels"] == []
+    answers = Predictor(bundle).predict([("Where does John live?", "John lives in Paris .")])
+    assert len(answers) == 1 and "answer" in answers[0]

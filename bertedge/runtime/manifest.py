@@ -44,7 +44,7 @@ REQUIRED_KEYS = ("format", "format_version", "task", "labels", "max_length", "mo
                  "inputs", "files")
 PRECISIONS = tuple(dict.fromkeys(k.precision for k in ARTIFACT_KINDS.values()))  # fp32, int8, bf16, fp16
 MAX_FILES = 16  # a bundle is 3 or 4 files; an archive holds at most this many members
-MIN_LABELS = {"classification": 2}  # a classifier needs two classes; NER and QA one label
+MIN_LABELS = {"classification": 2, "qa": 0}  # a classifier needs two classes, NER one label; QA has none
 OUTPUT_RANK = {"classification": 2, "ner": 3, "qa": 2}  # (batch, labels), (batch, seq, labels), (batch, seq)
 LABELS_KEY = "bertedge.labels"  # ONNX metadata_props entry package writes: the labels, as JSON
 SHA256_HEX = frozenset("0123456789abcdef")
@@ -252,15 +252,19 @@ def cascade_problems(m: dict[str, Any]) -> tuple[tuple[str, ...] | None, list[st
 
 
 def labels_problems(labels: Any, task: Any = None) -> list[str]:
-    """Labels: a list of unique, non-empty strings, as many as the task needs."""
-    if not isinstance(labels, list) or not labels:
+    """Labels: a list of unique, non-empty strings, as many as the task needs (QA: none).
+
+    >>> labels_problems([], "qa"), labels_problems([], "ner")
+    ([], ['labels must be a non-empty list of strings (got [])'])
+    """
+    least = MIN_LABELS.get(task, 1) if isinstance(task, str) else 1
+    if not isinstance(labels, list) or (not labels and least > 0):
         return [f"labels must be a non-empty list of strings (got {shown(labels)})"]
     if not all(isinstance(x, str) and x for x in labels):
         return [f"labels must all be non-empty strings (got {shown(labels)})"]
     repeated = duplicate_labels(labels)
     if repeated:
         return [f"labels repeat {listing([shown(x) for x in repeated], ', ')}"]
-    least = MIN_LABELS.get(task, 1) if isinstance(task, str) else 1
     if len(labels) < least:
         return [f"task {task!r} needs at least {least} labels (got {len(labels)})"]
     return []
