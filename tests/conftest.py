@@ -2,10 +2,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from hypothesis import settings
 from tiny import make_tiny_model, sentiment_rows, write_csv
+
+if TYPE_CHECKING:
+    from bertedge.toolchain.export import ExportReport
 
 # Property tests: the CI gate replays the same derandomized examples every run (a red CI means
 # the change broke something, never that a new random draw found an old bug). To explore new
@@ -50,3 +54,20 @@ def sentiment_csv(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]
     d = tmp_path_factory.mktemp("data")
     return (write_csv(d / "train.csv", sentiment_rows(200, seed=1)),
             write_csv(d / "eval.csv", sentiment_rows(60, seed=2)))
+
+
+@pytest.fixture(scope="session")
+def cascade_export(tiny_bert: Path, sentiment_csv: tuple[Path, Path],
+                   tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ExportReport]:
+    """One static-INT8 export of the tiny BERT with --eval and --agreement-data (a cascade row),
+    two target shapes and its footprint measured: read-only (copy before changing it), shared by
+    the cascade, trade-off picture and footprint tests."""
+    from bertedge.toolchain.export import ExportArgs, Optimization, Quantization, export
+
+    train, dev = sentiment_csv
+    out = tmp_path_factory.mktemp("cascade") / "export"
+    report = export(ExportArgs(tiny_bert, out, optimization=Optimization.NONE, quantize=Quantization.STATIC,
+                               eval_file=dev, calibration=train, calibration_rows=40, agreement_data=train,
+                               agreement_rows=100, sensitivity=False, targets=((1, 16), (4, 32)),
+                               timing_seconds=0.02, timing_rounds=1, threads=1, footprint=True))
+    return out, report

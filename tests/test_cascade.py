@@ -390,18 +390,6 @@ TEXTS = [text for text, _ in sentiment_rows(30, seed=5)] + [
     "the story is the story is the story", "brilliant and wonderful and great and excellent"]
 
 
-@pytest.fixture(scope="module")
-def cascade_export(tiny_bert: Path, sentiment_csv: tuple[Path, Path],
-                   tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ExportReport]:
-    """A static-INT8 export of the tiny BERT with --eval and --agreement-data: its cascade row."""
-    train, dev = sentiment_csv
-    out = tmp_path_factory.mktemp("cascade") / "export"
-    report = export(ExportArgs(tiny_bert, out, optimization=Optimization.NONE, quantize=Quantization.STATIC,
-                               eval_file=dev, calibration=train, calibration_rows=40, agreement_data=train,
-                               agreement_rows=100, sensitivity=False, timing_seconds=0.02, timing_rounds=1, threads=1))
-    return out, report
-
-
 @dataclass(frozen=True)
 class Bundles:
     cascade: Path

@@ -13,7 +13,12 @@ from tiny import make_tiny_model
 
 from bertedge.errors import BertedgeError
 from bertedge.runtime.tasks import MARGIN_MASK
-from bertedge.toolchain.export import ExportArgs, load_agreement_texts, load_calibration, load_source
+from bertedge.toolchain.export import (
+    ExportArgs,
+    load_agreement_texts,
+    load_calibration,
+    load_source,
+)
 
 
 def rows(batches: list[dict]) -> int:

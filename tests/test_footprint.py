@@ -21,26 +21,10 @@ from bertedge.toolchain.embeddings import SUFFIX, embedding_gathers, quantize_em
 from bertedge.toolchain.export import (
     ExportArgs,
     ExportReport,
-    Optimization,
-    Quantization,
-    export,
     render,
 )
 
 WORD_TABLE = "model.bert.embeddings.word_embeddings.weight"
-
-
-@pytest.fixture(scope="module")
-def footprint_export(tiny_bert: Path, sentiment_csv: tuple[Path, Path],
-                     tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ExportReport]:
-    """A static-INT8 export of the tiny BERT with a cascade, footprint measured (the suite's default is off)."""
-    train, dev = sentiment_csv
-    out = tmp_path_factory.mktemp("footprint") / "export"
-    report = export(ExportArgs(tiny_bert, out, optimization=Optimization.NONE, quantize=Quantization.STATIC,
-                               eval_file=dev, calibration=train, calibration_rows=40, agreement_data=train,
-                               agreement_rows=100, sensitivity=False, openvino="off", timing_rounds=1, threads=1,
-                               footprint=True))
-    return out, report
 
 
 def feeds(rows: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -61,11 +45,11 @@ def tables(path: Path) -> dict[str, onnx.TensorProto]:
     return {i.name: i for i in onnx.load(str(path)).graph.initializer}
 
 
-def test_word_table_becomes_int8_rows_with_a_scale_each(footprint_export: tuple[Path, ExportReport],
+def test_word_table_becomes_int8_rows_with_a_scale_each(cascade_export: tuple[Path, ExportReport],
                                                         tmp_path: Path) -> None:
     """Only the table input_ids indexes is rewritten; each row is its fp32 row within half a step;
     the file shrinks; answers stay close to the fp32 table's and ignore batch mates."""
-    src = footprint_export[0] / "model.onnx"
+    src = cascade_export[0] / "model.onnx"
     model = onnx.load(str(src))
     assert list(embedding_gathers(model)) == [WORD_TABLE]  # not the position or segment tables
     table = numpy_helper.to_array(tables(src)[WORD_TABLE])
@@ -89,10 +73,10 @@ def test_word_table_becomes_int8_rows_with_a_scale_each(footprint_export: tuple[
     assert quantize_embeddings(onnx.load(str(src)), keep_fp32={"/model/bert/embeddings/word_embeddings/Gather"}) == []
 
 
-def test_every_onnxruntime_int8_recipe_stores_the_word_table_int8(footprint_export: tuple[Path, ExportReport],
+def test_every_onnxruntime_int8_recipe_stores_the_word_table_int8(cascade_export: tuple[Path, ExportReport],
                                                                  tmp_path: Path) -> None:
     """Dynamic per-token and static (the export's gated file) alike; a recipe can keep it fp32."""
-    out, report = footprint_export
+    out, report = cascade_export
     static = report.artifact("int8-static")
     assert static is not None and static.passed and static.quantization is not None
     assert static.quantization["int8_embeddings"] and static.batch_invariance is not None
@@ -118,7 +102,7 @@ def test_every_onnxruntime_int8_recipe_stores_the_word_table_int8(footprint_expo
     assert any("keep-fp32=head+embeddings" in label for label in static_ladder)
 
 
-def test_nncf_already_stores_openvino_embedding_tables_int8(footprint_export: tuple[Path, ExportReport],
+def test_nncf_already_stores_openvino_embedding_tables_int8(cascade_export: tuple[Path, ExportReport],
                                                            tmp_path: Path) -> None:
     """Why the OpenVINO kinds need no rewrite: NNCF's static recipe and its weights-only rung both
     keep the word table as int8 (Constant i8 -> Convert -> Multiply by a scale per row)."""
@@ -129,7 +113,7 @@ def test_nncf_already_stores_openvino_embedding_tables_int8(footprint_export: tu
     rows = [{k: v[i:i + 1, :8] for k, v in feeds(8, 8, seed=1).items()} for i in range(8)]
     for recipe in (openvino_int8.Recipe(8), openvino_int8.Recipe(weights_only=True)):
         xml = tmp_path / "ir.xml"
-        openvino_int8.quantize(footprint_export[0] / "model.onnx", xml, rows, recipe)
+        openvino_int8.quantize(cascade_export[0] / "model.onnx", xml, rows, recipe)
         gather = next(op for op in ov.Core().read_model(str(xml)).get_ordered_ops()
                       if op.get_friendly_name() == "/model/bert/embeddings/word_embeddings/Gather")
         source = gather.input_value(0).get_node()
@@ -138,9 +122,9 @@ def test_nncf_already_stores_openvino_embedding_tables_int8(footprint_export: tu
         assert str(source.get_element_type()) == "<Type: 'int8_t'>", recipe.label()
 
 
-def test_export_reports_cold_start_and_peak_rss_per_artifact(footprint_export: tuple[Path, ExportReport],
+def test_export_reports_cold_start_and_peak_rss_per_artifact(cascade_export: tuple[Path, ExportReport],
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    out, report = footprint_export
+    out, report = cascade_export
     measured = {a.name: a for a in report.artifacts if a.file and artifact_kind(a.name).cpu_candidate}
     assert {"fp32", "int8-static", "cascade"} <= set(measured), report.warnings
     for a in measured.values():
@@ -158,15 +142,15 @@ def test_export_reports_cold_start_and_peak_rss_per_artifact(footprint_export: t
     assert not ExportArgs(Path("m"), Path("o")).footprint
 
 
-def test_a_footprint_that_cannot_be_measured_is_a_warning(footprint_export: tuple[Path, ExportReport],
+def test_a_footprint_that_cannot_be_measured_is_a_warning(cascade_export: tuple[Path, ExportReport],
                                                           tmp_path: Path) -> None:
     from bertedge.runtime.meta import read_model_meta
     from bertedge.toolchain.export.footprint import measure_footprints
 
     out = tmp_path / "export"
-    shutil.copytree(footprint_export[0], out)
+    shutil.copytree(cascade_export[0], out)
     (out / "model.onnx").write_bytes(b"not a graph")  # its SHA-256 no longer matches the report
-    report = copy.deepcopy(footprint_export[1])
+    report = copy.deepcopy(cascade_export[1])
     report.artifacts = [a for a in report.artifacts if a.name == "fp32"]
     fp32 = report.artifacts[0]
     fp32.cold_start_s = fp32.peak_rss_mb = None

@@ -27,19 +27,6 @@ from bertedge.toolchain.export.report import CascadeReport
 DEMO_REPORT = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "export-report-sst2-cascade.json"
 
 
-@pytest.fixture(scope="module")
-def tiny_export(tiny_bert: Path, sentiment_csv: tuple[Path, Path],
-                tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ExportReport]:
-    """A static-INT8 export of the tiny BERT with a cascade row, timed at two target shapes."""
-    train, dev = sentiment_csv
-    out = tmp_path_factory.mktemp("plot") / "export"
-    report = export(ExportArgs(tiny_bert, out, optimization=Optimization.NONE, quantize=Quantization.STATIC,
-                               eval_file=dev, calibration=train, calibration_rows=40, agreement_data=train,
-                               agreement_rows=100, sensitivity=False, targets=((1, 16), (4, 32)),
-                               timing_seconds=0.02, timing_rounds=1, threads=1, openvino="off"))
-    return out, report
-
-
 def png_size(path: Path) -> tuple[int, int]:
     """(width, height) from a PNG's IHDR chunk; fails on anything that is not a PNG."""
     head = path.read_bytes()[:24]
@@ -48,8 +35,8 @@ def png_size(path: Path) -> tuple[int, int]:
     return width, height
 
 
-def test_export_draws_the_tradeoff_and_prices_the_cascade_curve(tiny_export: tuple[Path, ExportReport]) -> None:
-    out, report = tiny_export
+def test_export_draws_the_tradeoff_and_prices_the_cascade_curve(cascade_export: tuple[Path, ExportReport]) -> None:
+    out, report = cascade_export
     width, height = png_size(out / TRADEOFF_FILE)
     assert 1000 <= width <= 3000 and 600 <= height <= 2500 and (out / TRADEOFF_FILE).stat().st_size > 20_000
     row = report.artifact("cascade")
