@@ -22,7 +22,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from bertedge.errors import BertedgeError
+from bertedge.errors import BertedgeError, find_in_chain
 
 # errno values that mean "this place cannot take the output", not a bug
 WRITE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG,
@@ -52,38 +52,13 @@ def terminate_cleanly(signals: tuple[int, ...] = (signal.SIGTERM,)) -> Iterator[
     try:
         yield
     except Exception as e:  # a signal inside an extension's import or call comes back wrapped
-        stop = wrapped_stop(e)
+        stop = find_in_chain(e, Terminated)  # e.g. "ImportError: initialization failed" from onnxruntime
         if stop is None:
             raise
         raise stop from None
     finally:
         for s, before in previous.items():
             signal.signal(s, before)
-
-
-def wrapped_stop(error: BaseException) -> Terminated | None:
-    """The `Terminated` behind `error`, if a library turned one into its own exception (a SIGTERM
-    while onnxruntime's C extension initializes surfaces as "ImportError: initialization failed").
-
-    >>> try:
-    ...     try:
-    ...         raise Terminated(143)
-    ...     except Terminated:
-    ...         raise ImportError("initialization failed")
-    ... except ImportError as e:
-    ...     wrapped_stop(e).code
-    143
-    >>> wrapped_stop(ValueError("no")) is None
-    True
-    """
-    seen: set[int] = set()
-    cause: BaseException | None = error
-    while cause is not None and id(cause) not in seen:
-        if isinstance(cause, Terminated):
-            return cause
-        seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__
-    return None
 
 
 def signal_name(code: object) -> str:

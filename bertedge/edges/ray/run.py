@@ -24,7 +24,7 @@ from bertedge.edges.ray.actors import (
 from bertedge.edges.ray.args import BundleTransport, DistributedArgs, DistributedReport
 from bertedge.edges.ray.inputs import parse_files, read_special, resolve_id_column
 from bertedge.edges.ray.writer import write_errors, write_output
-from bertedge.errors import BertedgeError
+from bertedge.errors import BertedgeError, find_in_chain
 from bertedge.runtime.outputs import Terminated, atomic_output, signal_name, terminate_cleanly
 
 WINDOW_BATCHES = 8  # rows per actor call = 8 inference batches, as the local engine's read window
@@ -135,15 +135,7 @@ def user_error_in(error: BaseException) -> BertedgeError | None:
     """The BertedgeError inside a (possibly Ray-wrapped) exception chain, if any."""
     from ray.exceptions import RayTaskError
 
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        if isinstance(current, BertedgeError):
-            return current
-        seen.add(id(current))
-        cause = current.cause if isinstance(current, RayTaskError) else None
-        current = cause or current.__cause__ or current.__context__
-    return None
+    return find_in_chain(error, BertedgeError, lambda e: e.cause if isinstance(e, RayTaskError) else None)
 
 
 def run_job(args: DistributedArgs, special: dict[int, bytes], id_column: str | None, int_ids: bool,
