@@ -11,6 +11,8 @@ Contenders (sequence classification):
                            the engine the export report names (onnxruntime or openvino)
   bertedge-cascade         export's cascade row, when it built one (recommended or not): stage 1
                            answers the rows it is sure of, later stages the rest (`run_cascade`)
+  bertedge-cascade-<dir>   the cascade row of each `--also-export DIR` (another export of the same
+                           model, e.g. one with `--draft`), so two cascades are timed in one process
 
 Every contender runs the same numpy feeds through its own model call (the ONNX ones through an
 onnxruntime session from `bertedge.runtime.sessions`, `--threads` intra-op threads, one inter-op),
@@ -26,7 +28,11 @@ each of `--invariance-texts` seeded dev sentences alone, in a batch with 31 othe
 128 tokens; the worst |probability difference| against the text alone and the answers changed
 are reported beside the speed (a contender can be fast because its answer depends on its batch).
 Contenders are interleaved over --rounds rounds and the medians reported: ratios from one run
-hold on a noisy machine, absolute times do not.
+hold on a noisy machine, absolute times do not. Each contender's timings run in a fresh process
+that rebuilds it (`--in-process` to time them all here): with torch's, onnxruntime's and
+OpenVINO's thread pools in one process, batch-1 calls ran up to 2x slower, by how much depending
+on which contenders were loaded. Before its batch-1 timing each contender runs every timed
+sentence once, untimed.
 
     python benchmarks/head_to_head.py --model runs/demo/model --export runs/demo/export \\
         --data dev.tsv --text-column content --threads 2
@@ -39,6 +45,9 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import pickle
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -70,6 +79,7 @@ BIG_BATCHES = 8  # 32x128 batches a pooling contender (a cascade) runs per timed
 TARGETS = {"vs_best_peer_32x128": 1.2, "vs_best_peer_batch1": 1.1}
 INVARIANCE_WIDTH = 128  # each probed text is also padded to this many tokens (export's check)
 RESULTS = Path(__file__).resolve().parent / "results"
+CHILD = "--time-one"  # the argument that makes this script time one contender (`child`)
 
 
 @dataclass
@@ -86,6 +96,7 @@ class Contender:
     # runs several batches in one call, as `predict` does (a cascade pools their escalated rows)
     run_many: Callable[[Sequence[Feeds]], object] | None = None
     invariance: BatchInvariance | None = None  # alone vs in a batch of 32 vs padded, export's check
+    spec: dict[str, Any] = field(default_factory=dict)  # how a fresh process rebuilds it (`rebuild`)
 
 
 # ----------------------------------------------------------------------------- contenders
@@ -100,7 +111,8 @@ def ort_contender(name: str, path: Path, threads: int, recipe: str, build_s: flo
     def run(feeds: Feeds) -> np.ndarray:
         return np.asarray(session.run(None, {n: feeds[n] for n in names})[0], dtype=np.float32)
 
-    return Contender(name, run, str(path), recipe, build_s)
+    return Contender(name, run, str(path), recipe, build_s,
+                     spec={"how": "session", "name": name, "path": str(path), "engine": engine, "kind": kind})
 
 
 def torch_eager(model_dir: Path, threads: int) -> Contender:
@@ -118,7 +130,8 @@ def torch_eager(model_dir: Path, threads: int) -> Contender:
         with torch.inference_mode():
             return model(**{n: torch.from_numpy(feeds[n]) for n in names}).logits.numpy()
 
-    return Contender(EAGER, run, str(model_dir), "transformers, fp32, torch.inference_mode", time.perf_counter() - start)
+    return Contender(EAGER, run, str(model_dir), "transformers, fp32, torch.inference_mode", time.perf_counter() - start,
+                     spec={"how": "torch", "path": str(model_dir)})
 
 
 def optimum_int8(model_dir: Path, work: Path, threads: int, vnni: bool) -> list[Contender]:
@@ -143,8 +156,9 @@ def optimum_int8(model_dir: Path, work: Path, threads: int, vnni: bool) -> list[
     return out
 
 
-def openvino_nncf(model_onnx: Path, calibration: Sequence[Feeds], threads: int) -> Contender | None:
-    """The OpenVINO user's path: read the ONNX file, NNCF static INT8 for transformers, compile."""
+def openvino_nncf(model_onnx: Path, calibration: Sequence[Feeds], threads: int, work: Path) -> Contender | None:
+    """The OpenVINO user's path: read the ONNX file, NNCF static INT8 for transformers, compile
+    (the quantized IR is saved under `work` for `--isolate`'s child processes)."""
     try:
         import nncf
         import openvino as ov
@@ -155,7 +169,22 @@ def openvino_nncf(model_onnx: Path, calibration: Sequence[Feeds], threads: int) 
     model = core.read_model(str(model_onnx))
     quantized = nncf.quantize(model, nncf.Dataset(list(calibration)), model_type=nncf.ModelType.TRANSFORMER,
                               subset_size=len(calibration))
-    compiled = core.compile_model(quantized, "CPU", {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"})
+    xml = work / "openvino-nncf" / "model.xml"
+    xml.parent.mkdir(parents=True, exist_ok=True)
+    ov.save_model(quantized, str(xml), compress_to_fp16=False)
+    recipe = f"openvino {ov.get_version().split('-')[0]} + nncf {nncf.__version__} quantize(model_type=TRANSFORMER), " \
+             f"{len(calibration)} calibration sentences"
+    peer = openvino_peer(xml, threads)
+    peer.file, peer.recipe, peer.build_s = str(model_onnx), recipe, time.perf_counter() - start
+    return peer
+
+
+def openvino_peer(xml: Path, threads: int) -> Contender:
+    """The NNCF IR compiled as an OpenVINO user compiles it: its defaults (bf16 where the CPU has
+    it), a latency hint, `threads` threads."""
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"})
     request = compiled.create_infer_request()
     names = [p.get_any_name() for p in compiled.inputs]
 
@@ -163,9 +192,7 @@ def openvino_nncf(model_onnx: Path, calibration: Sequence[Feeds], threads: int) 
         request.infer({n: feeds[n] for n in names})
         return np.array(request.get_output_tensor(0).data, dtype=np.float32)
 
-    recipe = f"openvino {ov.get_version().split('-')[0]} + nncf {nncf.__version__} quantize(model_type=TRANSFORMER), " \
-             f"{len(calibration)} calibration sentences"
-    return Contender(OPENVINO_PEER, run, str(model_onnx), recipe, time.perf_counter() - start)
+    return Contender(OPENVINO_PEER, run, str(xml), "", spec={"how": "openvino-peer", "path": str(xml)})
 
 
 def bertedge_contenders(model_dir: Path, export_dir: Path | None, work: Path, threads: int,
@@ -198,7 +225,21 @@ def bertedge_contenders(model_dir: Path, export_dir: Path | None, work: Path, th
     return out
 
 
-def cascade_contender(export_dir: Path, row: dict[str, Any], threads: int, pad: int, recommended: bool) -> Contender:
+def other_cascades(dirs: Sequence[Path], threads: int, pad: int) -> list[Contender]:
+    """The cascade row of each `--also-export` folder, named after the folder."""
+    out = []
+    for d in dirs:
+        report = json.loads((d / "export-report.json").read_text(encoding="utf-8"))
+        row = next((a for a in report["artifacts"] if a["name"] == CASCADE and a.get("file")), None)
+        if row is None:
+            raise SystemExit(f"--also-export {d}: its export built no cascade (see its export-report.json)")
+        out.append(cascade_contender(d, row, threads, pad, recommended=report["recommended"] == CASCADE,
+                                     name=f"bertedge-cascade-{d.name}"))
+    return out
+
+
+def cascade_contender(export_dir: Path, row: dict[str, Any], threads: int, pad: int, recommended: bool,
+                      name: str = "bertedge-cascade") -> Contender:
     """An export's cascade run through the runtime's `run_cascade`, one call per timed batch (its
     escalations pooled within it), as `Predictor` runs a cascade bundle."""
     from bertedge.runtime.cascade import CascadeSpec
@@ -218,7 +259,8 @@ def cascade_contender(export_dir: Path, row: dict[str, Any], threads: int, pad: 
     chain = " -> ".join(f"{s.artifact} ({s.engine})" for s in spec.stages)
     recipe = (f"bertedge cascade {chain}, delta {', '.join(f'{d:.4g}' for d in spec.deltas)}; "
               f"{'recommended' if recommended else 'built, not recommended'}; passed={row.get('passed')}")
-    return Contender("bertedge-cascade", run, str(export_dir / row["file"]), recipe, run_many=run_many)
+    return Contender(name, run, str(export_dir / row["file"]), recipe, run_many=run_many,
+                     spec={"how": "cascade", "name": name, "path": str(export_dir), "row": row, "pad": pad})
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -254,8 +296,10 @@ def p50_ms(call: Call, warmup: int, seconds: float) -> float:
 
 
 def batch1_p50_ms(c: Contender, singles: Sequence[Feeds]) -> float:
-    """Median latency over real sentences, one at a time, each at its own length."""
-    for feeds in singles[:5]:
+    """Median latency over real sentences, one at a time, each at its own length, after one
+    untimed pass over them all (every length seen once, as in a process that has been serving:
+    OpenVINO's first call at a new shape costs more than the next)."""
+    for feeds in singles:
         c.run(feeds)
     times = []
     for feeds in singles:
@@ -278,15 +322,62 @@ def measure(contenders: Sequence[Contender], singles: Sequence[Feeds], bigs: Seq
                 logits = np.zeros((rows, out.shape[1]), dtype=np.float32)
             logits[idx] = out
         c.logits = logits
-    for r in range(args.rounds):
-        say(f"round {r + 1}/{args.rounds}")
-        for c in contenders:
-            c.ms.setdefault(BATCH1, []).append(batch1_p50_ms(c, singles))
-            if c.run_many is None:
-                c.ms.setdefault(BIG, []).append(p50_ms(_bound(c, bigs[0]), args.warmup, args.duration))
-            else:
-                c.ms.setdefault(BIG, []).append(p50_ms(_pooled(c.run_many, bigs), args.warmup, args.duration)
-                                                / len(bigs))
+    saved = Path(tempfile.mkdtemp(prefix="head_to_head-feeds-")) / "feeds.pkl"
+    saved.write_bytes(pickle.dumps({"singles": list(singles), "bigs": list(bigs)}))
+    try:
+        for r in range(args.rounds):
+            say(f"round {r + 1}/{args.rounds}")
+            for c in contenders:
+                got = time_isolated(c, saved, args) if args.isolate else time_contender(c, singles, bigs, args)
+                for shape, ms in got.items():
+                    c.ms.setdefault(shape, []).append(ms)
+    finally:
+        shutil.rmtree(saved.parent, ignore_errors=True)
+
+
+def time_contender(c: Contender, singles: Sequence[Feeds], bigs: Sequence[Feeds], args: argparse.Namespace
+                   ) -> dict[str, float]:
+    """Batch-1 p50 on real sentences and 32x128 p50: one batch per call (`bigs[0]`), or, for a
+    contender that runs several batches per call as `predict` does (a cascade pools their
+    escalated rows), all of `bigs` per call and the time divided."""
+    big = (p50_ms(_bound(c, bigs[0]), args.warmup, args.duration) if c.run_many is None
+           else p50_ms(_pooled(c.run_many, bigs), args.warmup, args.duration) / len(bigs))
+    return {BATCH1: batch1_p50_ms(c, singles), BIG: big}
+
+
+def time_isolated(c: Contender, feeds: Path, args: argparse.Namespace) -> dict[str, float]:
+    """`time_contender` in a fresh process that rebuilds `c` from its spec: no other contender's
+    thread pools (torch's, onnxruntime's, OpenVINO's) share the process. In one process they
+    slowed each other's batch-1 calls by up to 2x, and by how much depended on which ran before."""
+    command = [sys.executable, str(Path(__file__).resolve()), CHILD, json.dumps(c.spec), str(feeds),
+               str(args.threads), str(args.warmup), str(args.duration)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"timing {c.name} in its own process failed:\n{done.stderr[-2000:]}")
+    return {k: float(v) for k, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
+
+
+def rebuild(spec: dict[str, Any], threads: int) -> Contender:
+    """The contender `spec` describes (`Contender.spec`), built again in this process."""
+    how, path = spec["how"], Path(spec["path"])
+    if how == "torch":
+        return torch_eager(path, threads)
+    if how == "openvino-peer":
+        return openvino_peer(path, threads)
+    if how == "cascade":
+        return cascade_contender(path, spec["row"], threads, int(spec["pad"]), recommended=False, name=spec["name"])
+    return ort_contender(spec["name"], path, threads, "", engine=spec["engine"], kind=spec["kind"])
+
+
+def child(argv: list[str]) -> None:
+    """`head_to_head.py --time-one SPEC FEEDS THREADS WARMUP SECONDS`: one contender's timings as
+    a JSON line on stdout (see `time_isolated`)."""
+    spec, feeds, threads, warmup, seconds = argv
+    data = pickle.loads(Path(feeds).read_bytes())
+    warnings.simplefilter("ignore")
+    c = rebuild(json.loads(spec), int(threads))
+    got = time_contender(c, data["singles"], data["bigs"], argparse.Namespace(warmup=int(warmup), duration=float(seconds)))
+    print(json.dumps(got))
 
 
 def probe_invariance(contenders: Sequence[Contender], probes: Sequence[Feeds], pool: Sequence[Feeds], pad: int,
@@ -399,6 +490,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, required=True, help="fine-tuned Hugging Face folder (e.g. runs/demo/model)")
     p.add_argument("--export", type=Path, default=None, help="existing bertedge export folder (default: export now)")
+    p.add_argument("--also-export", type=Path, action="append", default=[],
+                   help="another export folder of the same model whose cascade is timed too (repeatable)")
     p.add_argument("--data", type=Path, required=True, help="labelled eval file, e.g. SST-2's dev.tsv (the one `export --eval` gated on)")
     p.add_argument("--calibration", type=Path, default=None, help="texts for export's calibration (default: --data)")
     p.add_argument("--text-column", default="text,sentence,content")
@@ -409,6 +502,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=3.0, help="seconds of 32x128 calls per contender and round")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
+    p.add_argument("--in-process", dest="isolate", action="store_false",
+                   help="time every contender in this process (default: each timing in a fresh process of its own)")
     p.add_argument("--invariance-texts", type=int, default=64,
                    help="dev sentences each contender answers alone, in a batch of 32 and padded to 128")
     p.add_argument("--invariance-tol", type=float, default=1e-5,
@@ -439,8 +534,8 @@ def main(argv: list[str]) -> dict[str, Any]:
     args = parse(argv)
     say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     cpu = cpu_info()
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
-                if k != "results_dir"}  # where it was written: no machine's path in the record
+    settings = {k: [str(x) for x in v] if isinstance(v, list) else str(v) if isinstance(v, Path) else v
+                for k, v in vars(args).items() if k != "results_dir"}  # where it was written: no machine's path
     for k, v in settings.items():
         say(f"{k:16s} {v}")
     columns = Columns(text=tuple(args.text_column.split(",")), label=tuple(args.label_column.split(",")))
@@ -467,9 +562,10 @@ def main(argv: list[str]) -> dict[str, Any]:
         if not args.no_optimum:
             contenders += optimum_int8(args.model, work, args.threads, bool(cpu.get("avx512_vnni")))
         if not args.no_openvino:
-            peer = openvino_nncf(*_openvino_inputs(args, columns, tokenizer, info.max_length, pad), args.threads)
+            peer = openvino_nncf(*_openvino_inputs(args, columns, tokenizer, info.max_length, pad), args.threads, work)
             contenders += [peer] if peer is not None else []
         contenders += bertedge_contenders(args.model, args.export, work, args.threads, args, columns, pad)
+        contenders += other_cascades(args.also_export, args.threads, pad)
         say("batch invariance ...")
         probe_invariance(contenders, probes, pool, pad, width, args)
         measure(contenders, singles, bigs, batches, order, len(encodings), args, say)
@@ -489,4 +585,7 @@ def main(argv: list[str]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    if sys.argv[1:2] == [CHILD]:
+        child(sys.argv[2:])
+    else:
+        main(sys.argv[1:])

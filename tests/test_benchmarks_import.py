@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -43,9 +44,11 @@ def test_mypy_finds_no_missing_names() -> None:
 
 
 def test_head_to_head_reports_each_contenders_batch_invariance(tiny_bert: Path, sentiment_csv: tuple[Path, Path],
+                                                               cascade_export: tuple[Path, Any],
                                                                tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
-    """On the tiny model (no Optimum or OpenVINO peers): export's invariance check beside each speed."""
+    """On the tiny model (no Optimum or OpenVINO peers): export's invariance check beside each speed,
+    and another export's cascade (`--also-export`) timed as one more contender."""
     from bertedge.toolchain.export import ExportArgs, Optimization, Quantization, export
 
     _, dev = sentiment_csv
@@ -60,8 +63,10 @@ def test_head_to_head_reports_each_contenders_batch_invariance(tiny_bert: Path, 
     result = module.main(["--model", str(tiny_bert), "--export", str(tmp_path / "export"), "--data", str(dev),
                           "--results-dir", str(tmp_path / "results"), "--no-optimum", "--no-openvino", "--rounds", "1",
                           "--duration", "0.01", "--warmup", "1", "--batch1-rows", "3", "--invariance-texts", "4",
-                          "--threads", "1"])
-    assert set(result["contenders"]) == {"torch-eager", "bertedge-fp32"}
+                          "--threads", "1", "--also-export", str(cascade_export[0])])
+    other = f"bertedge-cascade-{cascade_export[0].name}"
+    assert set(result["contenders"]) == {"torch-eager", "bertedge-fp32", other}
+    assert result["contenders"][other]["recipe"].startswith("bertedge cascade ") and other in result["targets"]
     for row in result["contenders"].values():
         inv = row["batch_invariance"]
         assert inv["texts"] == 4 and inv["batch"] == 32 and inv["padded_to"] == 128 and inv["answers_changed"] == 0

@@ -1,4 +1,4 @@
-"""bf16 inference precision as export candidates: bf16-openvino and int8-openvino-bf16.
+"""bf16 inference precision as export candidates: bf16-openvino, int8-openvino-bf16 and int8-openvino-fast-bf16.
 
 One tiny export (module-scoped, --invariance-tol 5e-3) serves every test. On a CPU without bf16
 in OpenVINO (no AVX512_BF16, AMX or AVX2-VNNI-2, e.g. an Intel AVX-512 CI runner) the export
@@ -106,6 +106,11 @@ def test_the_bf16_kinds_are_rows_of_the_table() -> None:
     assert [inference_precision(k) for k in ("bf16-openvino", "int8-openvino-bf16", "int8-openvino", "fp32")] == \
         ["bf16", "bf16", "f32", "f32"]
     assert "bf16" in PRECISIONS  # a bf16 manifest's precision is in range
+    fast = ARTIFACT_KINDS["int8-openvino-fast-bf16"]
+    assert (fast.engine, fast.precision, fast.first_stage, fast.inference_precision) == (OPENVINO, "int8", True, "bf16")
+    assert fast.files == ("model-int8-openvino-fast-bf16.xml", "model-int8-openvino-fast-bf16.bin")
+    assert [c.kind for c in candidates.CANDIDATES].index("int8-openvino-fast-bf16") > \
+        [c.kind for c in candidates.CANDIDATES].index("int8-openvino-fast")  # built after the IR it copies
 
 
 def test_left_out_with_the_reason_where_openvino_or_bf16_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -114,6 +119,9 @@ def test_left_out_with_the_reason_where_openvino_or_bf16_is_missing(monkeypatch:
                                report=SimpleNamespace(warnings=[], artifact=lambda name: None))
 
     builds = (bf16_candidates.build_bf16_openvino, bf16_candidates.build_int8_openvino_bf16)
+    # no int8-openvino-fast built (no cascade, or the kept recipe is the fastest): nothing to copy, nothing to say
+    quiet = context()
+    assert bf16_candidates.build_int8_openvino_fast_bf16(cast(BuildContext, quiet)) == [] and not quiet.report.warnings
     monkeypatch.setattr(sessions, "openvino_runs", lambda precision, core=None: precision != "bf16")
     ctx = context()
     assert [b(cast(BuildContext, ctx)) for b in builds] == [[], []]
@@ -157,6 +165,10 @@ def test_export_builds_and_gates_them_or_says_why_not(bf16_export: tuple[Path, E
     assert plain.size_mb > 0.9 * (out / "model.onnx").stat().st_size / 1e6  # weights kept fp32
     saved = json.loads((out / "export-report.json").read_text())
     assert {"bf16-openvino", "int8-openvino-bf16"} <= {a["name"] for a in saved["artifacts"]}
+    fast, fast_bf16 = report.artifact("int8-openvino-fast"), report.artifact("int8-openvino-fast-bf16")
+    assert fast is not None or fast_bf16 is None  # a bf16 copy only of an IR export built
+    if fast is not None and fast_bf16 is not None and fast.quantization is not None:
+        assert fast_bf16.quantization == {**fast.quantization, "inference_precision": "bf16"}
 
 
 @needs_bf16

@@ -53,7 +53,7 @@ from bertedge.cli.common import columns_from, csv_list, data_options, user_error
 @click.option("--openvino", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="Also try NNCF static INT8 on the OpenVINO engine (auto: when bertedge[openvino] is "
                    "installed and --calibration is given; on: required), and where the CPU runs bf16, "
-                   "bf16-openvino and int8-openvino-bf16.")
+                   "bf16-openvino, int8-openvino-bf16 and int8-openvino-fast-bf16.")
 @click.option("--cascade/--no-cascade", default=True, show_default=True,
               help="Also build a cascade: static INT8 answers the texts it is sure of, a more faithful "
                    "artifact the rest (delta calibrated on --eval / --agreement-data rows).")

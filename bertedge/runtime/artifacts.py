@@ -78,6 +78,9 @@ ARTIFACT_KINDS: dict[str, ArtifactKind] = {k.name: k for k in (
     ArtifactKind("int8-openvino-bf16", ("model-int8-openvino-bf16.xml", "model-int8-openvino-bf16.bin"), OPENVINO,
                  "int8", True, True, "int8-openvino's NNCF static INT8 IR, what is not quantized run in bf16",
                  first_stage=True, inference_precision="bf16"),
+    ArtifactKind("int8-openvino-fast-bf16", ("model-int8-openvino-fast-bf16.xml", "model-int8-openvino-fast-bf16.bin"),
+                 OPENVINO, "int8", True, True, "int8-openvino-fast's IR, what is not quantized run in bf16 "
+                 "(a cascade's stage 1)", first_stage=True, inference_precision="bf16"),
     ArtifactKind("fp16", ("model-fp16.onnx",), ONNXRUNTIME, "fp16", True, False,
                  "ONNX fp16 (for the CUDA execution provider)"),
     ArtifactKind("cascade", ("cascade.json",), CASCADE, "int8", True, True,
@@ -93,7 +96,7 @@ def artifact_kind(name: str) -> ArtifactKind:
     >>> artifact_kind("int3")
     Traceback (most recent call last):
     ...
-    bertedge.errors.BertedgeError: unknown artifact kind 'int3' (known: fp32, fused, int8, int8-static, int8-openvino, int8-openvino-fast, bf16-openvino, int8-openvino-bf16, fp16, cascade) -- pick one of the known kinds
+    bertedge.errors.BertedgeError: unknown artifact kind 'int3' (known: fp32, fused, int8, int8-static, int8-openvino, int8-openvino-fast, bf16-openvino, int8-openvino-bf16, int8-openvino-fast-bf16, fp16, cascade) -- pick one of the known kinds
     """
     try:
         return ARTIFACT_KINDS[name]

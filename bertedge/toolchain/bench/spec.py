@@ -106,7 +106,7 @@ def known_backends() -> tuple[Backend, ...]:
     backend with no change here.
 
     >>> print(", ".join(b.name for b in known_backends()))
-    torch, fp32, fused, int8, int8-static, int8-openvino, int8-openvino-fast, bf16-openvino, int8-openvino-bf16, cascade, cuda, cuda-fp16, tensorrt
+    torch, fp32, fused, int8, int8-static, int8-openvino, int8-openvino-fast, bf16-openvino, int8-openvino-bf16, int8-openvino-fast-bf16, cascade, cuda, cuda-fp16, tensorrt
     """
     where = {ONNXRUNTIME: "CPU EP", CASCADE: "each stage on its engine"}
     cpu = tuple(Backend(k.name, k.engine, k.name, CPU if k.engine == ONNXRUNTIME else "", k.precision,

@@ -9,7 +9,9 @@ own files:
 
 - `bf16-openvino`: the fp32 ONNX graph as an OpenVINO IR (weights kept fp32), run in bf16;
 - `int8-openvino-bf16`: a copy of `int8-openvino`'s NNCF static INT8 IR, what is not quantized
-  run in bf16; static scales, so it may start a cascade (`ArtifactKind.first_stage`).
+  run in bf16; static scales, so it may start a cascade (`ArtifactKind.first_stage`);
+- `int8-openvino-fast-bf16`: the same for `int8-openvino-fast` (the ladder's fastest
+  batch-invariant recipe, built for a cascade's stage 1), where export built one.
 
 Both are gated like every lossy artifact (metric, agreement, batch invariance). bf16 is not
 batch-invariant at the default --invariance-tol 1e-5 (on the demo a text's probabilities moved
@@ -71,7 +73,21 @@ def build_bf16_openvino(ctx: BuildContext) -> list[ArtifactReport]:
 def build_int8_openvino_bf16(ctx: BuildContext) -> list[ArtifactReport]:
     """model-int8-openvino-bf16.xml + .bin: a copy of int8-openvino's IR, gated as run in bf16
     (left out when int8-openvino kept no IR)."""
-    name, base = "int8-openvino-bf16", "int8-openvino"
+    return bf16_copy(ctx, "int8-openvino-bf16", "int8-openvino")
+
+
+def build_int8_openvino_fast_bf16(ctx: BuildContext) -> list[ArtifactReport]:
+    """model-int8-openvino-fast-bf16.xml + .bin: a copy of int8-openvino-fast's IR (the ladder's
+    fastest batch-invariant recipe, built for a cascade's stage 1), gated as run in bf16; left out
+    when export built no int8-openvino-fast (no cascade, or the kept recipe is already the fastest:
+    then int8-openvino-bf16 is this)."""
+    if ctx.report.artifact("int8-openvino-fast") is None:
+        return []
+    return bf16_copy(ctx, "int8-openvino-fast-bf16", "int8-openvino-fast")
+
+
+def bf16_copy(ctx: BuildContext, name: str, base: str) -> list[ArtifactReport]:
+    """Kind `name`: a copy of NNCF IR `base`, gated as run in bf16 (left out when `base` kept no IR)."""
     if not can_build(ctx, name):
         return []
     source = ctx.report.artifact(base)

@@ -19,7 +19,11 @@ from dataclasses import dataclass
 
 from bertedge.errors import BertedgeError
 from bertedge.toolchain.export.args import Optimization
-from bertedge.toolchain.export.bf16 import build_bf16_openvino, build_int8_openvino_bf16
+from bertedge.toolchain.export.bf16 import (
+    build_bf16_openvino,
+    build_int8_openvino_bf16,
+    build_int8_openvino_fast_bf16,
+)
 from bertedge.toolchain.export.cascade import build_cascade
 from bertedge.toolchain.export.gate import BuildContext, size_mb
 from bertedge.toolchain.export.graphs import export_fp32, fuse, to_fp16
@@ -91,6 +95,7 @@ CANDIDATES: list[Candidate] = [
     Candidate("int8-openvino-fast", build_openvino_fast),  # after its ladder: a cascade's stage 1
     Candidate("bf16-openvino", build_bf16_openvino),  # CPUs that run bf16 in OpenVINO only
     Candidate("int8-openvino-bf16", build_int8_openvino_bf16),  # after int8-openvino: a copy of its IR
+    Candidate("int8-openvino-fast-bf16", build_int8_openvino_fast_bf16),  # after int8-openvino-fast: a copy of its IR
     Candidate("fp16", build_fp16),
     Candidate("cascade", build_cascade),  # last: its stages are the artifacts above
 ]
