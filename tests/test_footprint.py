@@ -156,3 +156,23 @@ def test_a_footprint_that_cannot_be_measured_is_a_warning(cascade_export: tuple[
     fp32.cold_start_s = fp32.peak_rss_mb = None
     measure_footprints(ExportArgs(Path("m"), out, footprint=True), report, out, read_model_meta(out))
     assert fp32.cold_start_s is None and any(w.startswith("fp32: footprint not measured") for w in report.warnings)
+
+
+def test_bench_sizes_what_a_backend_loads_every_stage_and_ir_weights(cascade_export: tuple[Path, ExportReport]) -> None:
+    """bench's MB column: a cascade is its stages' files (its cascade.json is a few hundred bytes),
+    an OpenVINO IR its .xml and .bin."""
+    from bertedge.toolchain.bench import BenchArgs, bench
+
+    out, report = cascade_export
+    row = report.artifact("cascade")
+    assert row is not None and row.cascade is not None
+    names = ["cascade", *(k for k in ("int8-openvino",) if (out / artifact_kind(k).graph).is_file())]
+    rep = bench(BenchArgs(out, backends=tuple(names), batch_sizes=(1,), seq_lens=(8,), runs=2, warmup=0, threads=1,
+                          cold_start=False, plots=False))
+    sizes = {b.name: b.size_mb for b in rep.backends}
+    stage_files = [f for s in row.cascade.stages for f in s["files"]]
+    assert sizes["cascade"] == pytest.approx(sum((out / f).stat().st_size for f in stage_files) / 1e6
+                                             + (out / "cascade.json").stat().st_size / 1e6)
+    if "int8-openvino" in sizes:
+        assert sizes["int8-openvino"] == pytest.approx(sum((out / f).stat().st_size
+                                                           for f in artifact_kind("int8-openvino").files) / 1e6)

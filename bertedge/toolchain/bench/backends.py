@@ -45,6 +45,7 @@ class Loaded:
     notes: list[str] = field(default_factory=list)
     keep: Any = None  # the session or model, kept alive while timing
     run_outputs: Callable[[Feeds], dict[str, np.ndarray]] | None = None  # every graph output, by name
+    weights: tuple[Path, ...] = ()  # every file it loaded beyond `file` (an IR's .bin, a cascade's stages): its size
 
 
 def _os_threads() -> int | None:
@@ -137,7 +138,8 @@ def load_openvino(source: Source, backend: Backend, threads: int) -> Loaded:
     run, run_outputs = _host_runs(session, names)
     used = int(session.compiled.get_property("INFERENCE_NUM_THREADS"))
     return Loaded(run, lambda feeds: _host_call(session, {n: feeds[n] for n in names}), session.get_providers(),
-                  used, "OpenVINO INFERENCE_NUM_THREADS", load_s, path, keep=session, run_outputs=run_outputs)
+                  used, "OpenVINO INFERENCE_NUM_THREADS", load_s, path, keep=session, run_outputs=run_outputs,
+                  weights=(path.with_suffix(".bin"),))
 
 
 def load_cascade(source: Source, backend: Backend, threads: int) -> Loaded:
@@ -167,7 +169,8 @@ def load_cascade(source: Source, backend: Backend, threads: int) -> Loaded:
 
     providers = list(dict.fromkeys(p for s in opened.sessions for p in s.get_providers()))
     return Loaded(lambda feeds: run_outputs(feeds)[first_output], lambda feeds: lambda: opened.run_batch(dict(feeds)),
-                  providers, threads, "requested (every stage)", load_s, path, keep=opened, run_outputs=run_outputs)
+                  providers, threads, "requested (every stage)", load_s, path, keep=opened, run_outputs=run_outputs,
+                  weights=tuple(source.root / f for stage in spec.stages for f in stage.files))
 
 
 def _host_runs(session: Any, names: Sequence[str]) -> tuple[Callable[[Feeds], np.ndarray],

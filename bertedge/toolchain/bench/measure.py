@@ -39,9 +39,11 @@ def _rss_mb() -> float | None:
         return None
 
 
-def _size_mb(source: Source, backend: Backend, file: Path | None) -> float | None:
-    if file is not None:
-        return file.stat().st_size / 1e6
+def _size_mb(source: Source, loaded: Loaded) -> float | None:
+    """What the backend loads from disk: its file and the files beside it (an IR's weights, a
+    cascade's stages), or the torch folder's weights."""
+    if loaded.file is not None:
+        return sum(f.stat().st_size for f in (loaded.file, *loaded.weights) if f.is_file()) / 1e6
     if source.torch_dir is None:
         return None
     weights = [p for p in source.torch_dir.iterdir() if p.suffix in (".safetensors", ".bin")]
@@ -128,7 +130,7 @@ def bench_backend(backend: Backend, source: Source, inputs: dict[tuple[int, int]
     loaded = LOADERS[backend.engine](source, backend, threads)
     result.file = str(loaded.file) if loaded.file else (str(source.torch_dir) if source.torch_dir else None)
     result.precision = (source.precisions.get(loaded.file.name, "") if loaded.file else "") or backend.precision
-    result.size_mb = _size_mb(source, backend, loaded.file)
+    result.size_mb = _size_mb(source, loaded)
     result.providers_used, result.threads_used, result.threads_how = loaded.providers, loaded.threads, loaded.threads_how
     result.load_s = loaded.load_s
     if backend.gpu and loaded.providers and loaded.providers[0] != backend.provider:
