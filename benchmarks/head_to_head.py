@@ -12,7 +12,7 @@ Contenders (sequence classification):
   bertedge-cascade         export's cascade row, when it built one (recommended or not): stage 1
                            answers the rows it is sure of, later stages the rest (`run_cascade`)
   bertedge-cascade-<dir>   the cascade row of each `--also-export DIR` (another export of the same
-                           model, e.g. one with `--draft`), so two cascades are timed in one process
+                           model, e.g. one with `--draft`), so two cascades are timed in one run
 
 Every contender runs the same numpy feeds through its own model call (the ONNX ones through an
 onnxruntime session from `bertedge.runtime.sessions`, `--threads` intra-op threads, one inter-op),
@@ -158,7 +158,7 @@ def optimum_int8(model_dir: Path, work: Path, threads: int, vnni: bool) -> list[
 
 def openvino_nncf(model_onnx: Path, calibration: Sequence[Feeds], threads: int, work: Path) -> Contender | None:
     """The OpenVINO user's path: read the ONNX file, NNCF static INT8 for transformers, compile
-    (the quantized IR is saved under `work` for `--isolate`'s child processes)."""
+    (the quantized IR is saved under `work`, where each timing's fresh process compiles it again)."""
     try:
         import nncf
         import openvino as ov
