@@ -30,7 +30,7 @@ are reported beside the speed (a contender can be fast because its answer depend
 Contenders are interleaved over --rounds rounds and the medians reported: ratios from one run
 hold on a noisy machine, absolute times do not. Each contender's timings run in a fresh process
 that rebuilds it (`--in-process` to time them all here): with torch's, onnxruntime's and
-OpenVINO's thread pools in one process, batch-1 calls ran up to 2x slower, by how much depending
+OpenVINO's thread pools in one process, batch-1 calls ran 1.5-3x slower, by how much depending
 on which contenders were loaded. Before its batch-1 timing each contender runs every timed
 sentence once, untimed.
 
@@ -348,7 +348,7 @@ def time_contender(c: Contender, singles: Sequence[Feeds], bigs: Sequence[Feeds]
 def time_isolated(c: Contender, feeds: Path, args: argparse.Namespace) -> dict[str, float]:
     """`time_contender` in a fresh process that rebuilds `c` from its spec: no other contender's
     thread pools (torch's, onnxruntime's, OpenVINO's) share the process. In one process they
-    slowed each other's batch-1 calls by up to 2x, and by how much depended on which ran before."""
+    slowed each other's batch-1 calls 1.5-3x, and by how much depended on which ran before."""
     command = [sys.executable, str(Path(__file__).resolve()), CHILD, json.dumps(c.spec), str(feeds),
                str(args.threads), str(args.warmup), str(args.duration)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
